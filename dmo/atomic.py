@@ -1,0 +1,84 @@
+"""Write files and folders so that a crash or a full disk never leaves half an output behind.
+
+Everything is written under a temporary name in the destination's own folder (same filesystem, so the
+final ``os.replace`` is atomic) and renamed into place only once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from dmo.errors import DmoError
+
+
+def _explain(exc: OSError, target: Path) -> DmoError:
+    if exc.errno == errno.ENOSPC:
+        return DmoError(f"no space left on device while writing {target}: free some disk space and re-run")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DmoError(f"cannot write {target}: permission denied; choose another output folder")
+    return DmoError(f"cannot write {target}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator:
+    """Open a temporary sibling of ``target``; on success it replaces ``target`` atomically."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise _explain(exc, target) from exc
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _explain(exc, target) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> None:
+    with atomic_file(target, "w") as fh:
+        fh.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``target`` when the block exits without error."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise DmoError(f"output folder {target} already exists: remove it or pass --overwrite")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise _explain(exc, target) from exc
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _explain(exc, target) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,353 @@
+"""Config files: expert manifests (``experts/*.yaml``) and search spaces (``search_spaces/*.yaml``).
+
+Both are pydantic models. Loading a file turns any validation problem into one :class:`DmoError` line that
+names the file, the key and the problem. Relative paths inside a file resolve against that file's folder.
+
+A model reference is ``{path: DIR}``, ``{hub: ORG/NAME, revision: REV}``, or a string: a string that starts
+with ``./``, ``../``, ``/`` or ``~`` is a local path, any other string is a hub id.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dmo.errors import DmoError
+from dmo.mixture import Mixture, check_domain_name, dedupe, dirichlet, lattice, uniform
+from dmo.paths import safe_name
+from dmo.presets import preset
+
+#: ``experts: tinyworld`` in a search space means the embedded tiny world (built on first use).
+TINYWORLD = "tinyworld"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    """A model or adapter: a local folder or a hub id (hub ids are only resolved when the user allows it)."""
+
+    path: Path | None = None
+    hub: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            text = str(value)
+            if text.startswith(("./", "../", "/", "~")) or isinstance(value, Path):
+                return {"path": text}
+            return {"hub": text}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelRef:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' or 'hub'")
+        return self
+
+    def resolved(self, root: Path) -> ModelRef:
+        if self.path is None:
+            return self
+        return self.model_copy(update={"path": (root / self.path.expanduser()).resolve()})
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else f"{self.hub}@{self.revision or 'main'}"
+
+
+class TrainedRef(_Strict):
+    """A model trained on an actual mixture: the ground truth a proxy is compared with."""
+
+    mixture: dict[str, float]
+    seed: int = 0
+    path: Path | None = None
+    hub: str | None = None
+
+    def ref(self) -> ModelRef:
+        return ModelRef(path=self.path, hub=self.hub)
+
+
+class ExpertManifest(_Strict):
+    """One base model and one expert per domain, all trained the same way (``kind``, ``budget``)."""
+
+    name: str
+    base: ModelRef
+    kind: Literal["lora", "full"] = "lora"
+    budget: int | None = Field(default=None, gt=0, description="training samples per expert")
+    experts: dict[str, ModelRef]
+    trained: list[TrainedRef] = []
+    trust_remote_code: bool = Field(default=False, description="InternVL checkpoints need it; off by default")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return safe_name(v, "manifest name")
+
+    @field_validator("experts")
+    @classmethod
+    def _domains(cls, v: dict[str, ModelRef]) -> dict[str, ModelRef]:
+        if not v:
+            raise ValueError("list at least one expert")
+        for d in v:
+            check_domain_name(d)
+        return v
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.experts)
+
+    def trained_mixtures(self) -> list[tuple[Mixture, int, ModelRef]]:
+        return [(Mixture.from_mapping(t.mixture, self.domains), t.seed, t.ref()) for t in self.trained]
+
+
+class LatticeSpec(_Strict):
+    resolution: int = Field(gt=0)
+    min_weight: float = Field(default=0.0, ge=0, le=1)
+    max_weight: float = Field(default=1.0, ge=0, le=1)
+    drop_vertices: bool = False
+
+
+class DirichletSpec(_Strict):
+    n: int = Field(gt=0)
+    alpha: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    decimals: int | None = 4
+
+
+class PresetSpec(_Strict):
+    name: str
+    with_uniform: bool = False
+
+
+class MixtureSource(_Strict):
+    """Exactly one generator of candidate mixtures."""
+
+    lattice: LatticeSpec | None = None
+    dirichlet: DirichletSpec | None = None
+    preset: PresetSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_string(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("preset"), str):
+            value = {**value, "preset": {"name": value["preset"], "with_uniform": value.get("with_uniform", False)}}
+            value.pop("with_uniform", None)
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> MixtureSource:
+        given = [k for k in ("lattice", "dirichlet", "preset") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'lattice', 'dirichlet', 'preset', or an explicit list of mixtures")
+        return self
+
+
+class MergeSpec(_Strict):
+    method: str = "linear"
+    params: dict[str, Any] = {}
+    #: Reproduce the DMO paper's coefficients round(w * budget) / budget (no renormalisation, zeros dropped).
+    paper_rounding: bool = False
+
+
+class ObjectiveSpec(_Strict):
+    """How per-benchmark scores become the one number the search maximises."""
+
+    aggregate: Literal["mean", "min", "weighted"] = "mean"
+    weights: dict[str, float] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"aggregate": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _weights_given(self) -> ObjectiveSpec:
+        if self.aggregate == "weighted" and not self.weights:
+            raise ValueError("aggregate 'weighted' needs 'weights: {benchmark: weight}'")
+        return self
+
+    def __call__(self, scores: dict[str, float]) -> float:
+        if not scores:
+            raise DmoError("no benchmark scores to aggregate")
+        if self.aggregate == "min":
+            return min(scores.values())
+        if self.aggregate == "weighted":
+            total = sum(self.weights.get(b, 0.0) for b in scores)
+            if total <= 0:
+                raise DmoError(f"objective weights {self.weights} give no weight to benchmarks {sorted(scores)}")
+            return sum(self.weights.get(b, 0.0) * s for b, s in scores.items()) / total
+        return sum(scores.values()) / len(scores)
+
+
+class SamplerSpec(_Strict):
+    name: Literal["grid", "random", "tpe", "gp", "cmaes", "qmc"] = "tpe"
+    n_trials: int = Field(default=20, gt=0)
+    seed: int = 0
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class ScoringSpec(_Strict):
+    backend: str = "hf"
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    device: str = "auto"
+
+
+class SearchSpace(_Strict):
+    """Domains, the experts that represent them, candidate mixtures, and how to merge, score and search."""
+
+    name: str | None = None
+    domains: list[str]
+    experts: str | None = None
+    mixtures: list[dict[str, float]] | MixtureSource
+    merge: MergeSpec = MergeSpec()
+    benchmarks: list[str] = []
+    objective: ObjectiveSpec = ObjectiveSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    scoring: ScoringSpec = ScoringSpec()
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        if len(v) < 1:
+            raise ValueError("list at least one domain")
+        for d in v:
+            check_domain_name(d)
+        if len(set(v)) != len(v):
+            raise ValueError(f"a domain is listed twice: {v}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else safe_name(v, "space name")
+
+    @model_validator(mode="after")
+    def _check_mixtures(self) -> SearchSpace:
+        self.candidates()  # validates every explicit mixture against the domains now, not mid-study
+        return self
+
+    def candidates(self) -> list[Mixture]:
+        """The candidate mixtures in file order, duplicates removed."""
+        src = self.mixtures
+        if isinstance(src, list):
+            if not src:
+                raise DmoError("'mixtures' is an empty list: give at least one mixture")
+            out = []
+            for i, m in enumerate(src):
+                try:
+                    out.append(Mixture.from_mapping(m, self.domains))
+                except DmoError as exc:
+                    raise DmoError(f"mixtures.{i}: {exc}") from None
+            return dedupe(out)
+        if src.lattice is not None:
+            s = src.lattice
+            return lattice(
+                self.domains, s.resolution, min_weight=s.min_weight, max_weight=s.max_weight,
+                drop_vertices=s.drop_vertices,
+            )
+        if src.dirichlet is not None:
+            s = src.dirichlet
+            return dirichlet(self.domains, s.n, alpha=s.alpha, seed=s.seed, decimals=s.decimals)
+        assert src.preset is not None
+        mixtures = preset(src.preset.name, src.preset.with_uniform)
+        if mixtures and list(mixtures[0].domains) != list(self.domains):
+            raise DmoError(
+                f"preset {src.preset.name!r} has domains {list(mixtures[0].domains)}, "
+                f"but this space lists {self.domains}: list the same domains in the same order"
+            )
+        return mixtures
+
+    def uniform(self) -> Mixture:
+        return uniform(self.domains)
+
+
+_TYPE_MISMATCH = {"list_type", "dict_type", "model_type", "model_attributes_type"}
+_BRANCH_TAG = re.compile(r"[\[\]]|^function-|^MixtureSource$")
+
+
+def _format_error(source: str, exc: ValidationError) -> DmoError:
+    errors = exc.errors()
+    # A union reports one error per branch; the branch whose *type* did not match is noise.
+    specific = [e for e in errors if e["type"] not in _TYPE_MISMATCH]
+    err = (specific or errors)[0]
+    loc = ".".join(str(p) for p in err["loc"] if not _BRANCH_TAG.search(str(p)))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    return DmoError(f"{source}: {loc or 'top level'}: {msg}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DmoError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise DmoError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise DmoError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _format_error(source, exc) from None
+    except DmoError as exc:
+        raise DmoError(f"{source}: {exc}") from None
+
+
+def load_manifest(path: str | Path, check_paths: bool = True) -> ExpertManifest:
+    """Read an expert manifest; local paths become absolute and, with ``check_paths``, must exist."""
+    path = Path(path)
+    manifest: ExpertManifest = _validate(ExpertManifest, _read_yaml(path), str(path))
+    root = path.parent.resolve()
+    base = manifest.base.resolved(root)
+    experts = {d: r.resolved(root) for d, r in manifest.experts.items()}
+    trained = [
+        t.model_copy(update={"path": (root / t.path).resolve()}) if t.path is not None else t for t in manifest.trained
+    ]
+    manifest = manifest.model_copy(update={"base": base, "experts": experts, "trained": trained})
+    if check_paths:
+        for what, ref in [("base", base), *((f"expert {d!r}", r) for d, r in experts.items())]:
+            if ref.path is not None and not ref.path.is_dir():
+                raise DmoError(f"{path}: {what} points at missing folder {ref.path}: fix the path or build it first")
+    for t in manifest.trained:
+        try:
+            Mixture.from_mapping(t.mixture, manifest.domains)
+        except DmoError as exc:
+            raise DmoError(f"{path}: trained: {exc}") from None
+    return manifest
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read a search space; ``experts`` (when a path) becomes absolute, resolved against the file's folder."""
+    path = Path(path)
+    space: SearchSpace = _validate(SearchSpace, _read_yaml(path), str(path))
+    updates: dict[str, Any] = {}
+    if space.name is None:
+        updates["name"] = safe_name(path.stem, "space name")
+    if space.experts and space.experts != TINYWORLD:
+        updates["experts"] = str((path.parent / Path(space.experts).expanduser()).resolve())
+    return space.model_copy(update=updates) if updates else space
+
+
+def parse_space(data: dict[str, Any], source: str = "<space>") -> SearchSpace:
+    return _validate(SearchSpace, data, source)

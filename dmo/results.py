@@ -1,0 +1,154 @@
+"""The results table: one tidy row per (model, benchmark) score, shared by every dmo command.
+
+Stored as JSON lines (``scores.jsonl``) because many processes append to it at once: each row is one
+``write`` of one line under an exclusive ``flock``, fsynced, so a crashed writer can at worst leave a torn
+last line, which readers skip. Reading gives a pandas DataFrame with one ``w_<domain>`` column per domain.
+
+The table doubles as the score cache: a row's ``key`` hashes everything that determines the score
+(model fingerprint, benchmark, limit, generation settings, scorer version); a key already present with
+``status == "ok"`` is never evaluated again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from dmo.atomic import _explain
+from dmo.errors import DmoError
+
+Kind = Literal["proxy", "trained", "expert", "base"]
+KINDS: tuple[str, ...] = ("proxy", "trained", "expert", "base")
+BASE_COLUMNS = [
+    "kind", "group", "mixture", "method", "seed", "benchmark", "metric", "score", "status", "error",
+    "source", "fingerprint", "key", "seconds", "time",
+]
+
+
+@dataclass
+class ScoreRow:
+    kind: Kind
+    mixture: str
+    benchmark: str
+    score: float | None
+    metric: str = ""
+    weights: dict[str, float] = field(default_factory=dict)
+    group: str = ""
+    method: str = ""
+    seed: int | None = None
+    status: Literal["ok", "failed"] = "ok"
+    error: str = ""
+    source: str = ""
+    fingerprint: str = ""
+    key: str = ""
+    seconds: float | None = None
+    time: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DmoError(f"result kind must be one of {KINDS}, got {self.kind!r}")
+
+
+def cache_key(**parts: Any) -> str:
+    """A stable hash of everything that determines a score."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class ResultsTable:
+    """Append-only, multi-process-safe score table at ``path`` (a ``.jsonl`` file)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _locked(self, mode: str) -> Iterator[Any]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, mode)
+        except OSError as exc:
+            raise _explain(exc, self.path) from exc
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX if "a" in mode else fcntl.LOCK_SH)
+            yield fh
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    def append(self, rows: Iterable[ScoreRow]) -> None:
+        lines = "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in rows)
+        if not lines:
+            return
+        with self._locked("a") as fh:
+            try:
+                # A torn line from a crashed writer must not swallow our first row.
+                if fh.tell() > 0:
+                    with open(self.path, "rb") as rd:
+                        rd.seek(-1, os.SEEK_END)
+                        if rd.read(1) != b"\n":
+                            lines = "\n" + lines
+                fh.write(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as exc:
+                raise _explain(exc, self.path) from exc
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        with self._locked("r") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn line of a writer that died mid-write
+                if isinstance(rec, dict) and "kind" in rec:
+                    out.append(rec)
+        return out
+
+    def cached(self, key: str) -> dict[str, Any] | None:
+        """The newest successful row with this cache key, if any."""
+        hit = None
+        for rec in self.records():
+            if rec.get("key") == key and rec.get("status") == "ok":
+                hit = rec
+        return hit
+
+    def cached_keys(self) -> dict[str, dict[str, Any]]:
+        return {r["key"]: r for r in self.records() if r.get("status") == "ok" and r.get("key")}
+
+    def frame(self, latest: bool = True) -> pd.DataFrame:
+        """All rows as a DataFrame; with ``latest``, only the newest row per (key or model, benchmark)."""
+        return to_frame(self.records(), latest=latest)
+
+
+def to_frame(records: list[dict[str, Any]], latest: bool = True) -> pd.DataFrame:
+    if not records:
+        return pd.DataFrame(columns=BASE_COLUMNS)
+    flat = []
+    for rec in records:
+        row = {k: v for k, v in rec.items() if k != "weights"}
+        for d, w in (rec.get("weights") or {}).items():
+            row[f"w_{d}"] = w
+        flat.append(row)
+    df = pd.DataFrame(flat)
+    for col in BASE_COLUMNS:
+        if col not in df:
+            df[col] = None
+    if latest and len(df):
+        ident = df["key"].where(df["key"].astype(bool), df["kind"] + "|" + df["mixture"] + "|" + df["seed"].astype(str))
+        df = df.assign(_id=ident).drop_duplicates(subset=["_id", "benchmark"], keep="last").drop(columns="_id")
+    weight_cols = sorted(c for c in df.columns if c.startswith("w_"))
+    rest = [c for c in df.columns if c not in BASE_COLUMNS and c not in weight_cols]
+    return df[BASE_COLUMNS[:3] + weight_cols + BASE_COLUMNS[3:] + rest].reset_index(drop=True)
