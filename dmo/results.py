@@ -146,8 +146,11 @@ def to_frame(records: list[dict[str, Any]], latest: bool = True) -> pd.DataFrame
     for col in BASE_COLUMNS:
         if col not in df:
             df[col] = None
+    df["seed"] = df["seed"].astype("Int64")
     if latest and len(df):
-        ident = df["key"].where(df["key"].astype(bool), df["kind"] + "|" + df["mixture"] + "|" + df["seed"].astype(str))
+        has_key = df["key"].fillna("").astype(str).str.len() > 0
+        seed = df["seed"].map(lambda v: "" if pd.isna(v) else str(int(v)))
+        ident = df["key"].where(has_key, df["kind"] + "|" + df["mixture"] + "|" + seed)
         df = df.assign(_id=ident).drop_duplicates(subset=["_id", "benchmark"], keep="last").drop(columns="_id")
     weight_cols = sorted(c for c in df.columns if c.startswith("w_"))
     rest = [c for c in df.columns if c not in BASE_COLUMNS and c not in weight_cols]

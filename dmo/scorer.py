@@ -1,0 +1,134 @@
+"""What gets scored, the interface every scoring backend implements, and cached scoring.
+
+A :class:`Target` names one model to evaluate: the base, one expert, a model trained on a mixture, or a
+merged proxy of a mixture. A :class:`Scorer` turns a target into benchmark scores; backends (``hf``,
+``vllm``) register themselves in :data:`SCORERS`. :func:`score_target` puts the results table in front of
+any scorer, so a score that is already known is never computed again, in this process or any other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dmo.errors import DmoError
+from dmo.mixture import Mixture
+from dmo.results import Kind, ResultsTable, ScoreRow, cache_key
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: Kind
+    mixture: Mixture | None = None
+    domain: str | None = None
+    seed: int | None = None
+    method: str = ""
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if self.kind == "base":
+            return "base"
+        if self.kind == "expert":
+            assert self.domain is not None
+            return self.domain
+        assert self.mixture is not None
+        return self.mixture.id
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.mixture.as_dict() if self.mixture is not None else {}
+
+
+@dataclass
+class Evaluation:
+    """A backend's answer for one target: scores per benchmark, and errors for those that failed."""
+
+    scores: dict[str, float]
+    metrics: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class Scorer(Protocol):
+    #: Short backend name recorded in every row's ``source``.
+    name: str
+
+    def fingerprint(self, target: Target) -> str:
+        """Identifies the model's weights: base, experts' contents, method, parameters and weights."""
+        ...
+
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the weights that changes a score (limit, generation settings, versions)."""
+        ...
+
+    def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation: ...
+
+
+SCORERS: dict[str, Callable[..., Scorer]] = {}
+
+
+def register_scorer(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
+    def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
+        SCORERS[name] = factory
+        return factory
+
+    return deco
+
+
+def make_scorer(name: str, **kwargs: Any) -> Scorer:
+    if name not in SCORERS:
+        # Backends live in modules that import heavy stacks; import them only when asked for.
+        import importlib
+
+        try:
+            importlib.import_module(f"dmo.scoring.{name}_backend")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("dmo.scoring"):
+                raise DmoError(f"unknown scoring backend {name!r}: choose one of hf, vllm") from None
+            raise DmoError(f"scoring backend {name!r} needs {exc.name!r}: pip install 'dmo[{name}]'") from None
+    return SCORERS[name](**kwargs)
+
+
+def score_target(
+    scorer: Scorer,
+    table: ResultsTable,
+    target: Target,
+    benchmarks: Sequence[str],
+    group: str = "",
+    on_evaluate: Callable[[Target], None] | None = None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Scores of ``target`` on ``benchmarks``, from the table where known, else evaluated and recorded.
+
+    Returns (scores, errors): a benchmark that failed is recorded as a failed row with its error and left
+    out of ``scores``; the other benchmarks still count.
+    """
+    fp = scorer.fingerprint(target)
+    settings = scorer.settings()
+    keys = {b: cache_key(model=fp, benchmark=b, **settings) for b in benchmarks}
+    known = table.cached_keys()
+    scores = {b: float(known[k]["score"]) for b, k in keys.items() if k in known}
+    todo = [b for b in benchmarks if b not in scores]
+    errors: dict[str, str] = {}
+    if todo:
+        if on_evaluate is not None:
+            on_evaluate(target)
+        t0 = time.perf_counter()
+        result = scorer.evaluate(target, todo)
+        seconds = round(time.perf_counter() - t0, 3)
+        rows = []
+        for b in todo:
+            common: dict[str, Any] = dict(
+                kind=target.kind, mixture=target.label, benchmark=b, weights=target.weights, group=group,
+                method=target.method, seed=target.seed, source=scorer.name, fingerprint=fp, key=keys[b],
+                seconds=seconds, metric=result.metrics.get(b, ""),
+            )
+            if b in result.scores:
+                scores[b] = float(result.scores[b])
+                rows.append(ScoreRow(score=scores[b], **common))
+            else:
+                errors[b] = result.errors.get(b, "no score returned")
+                rows.append(ScoreRow(score=None, status="failed", error=errors[b], **common))
+        table.append(rows)
+    return {b: scores[b] for b in benchmarks if b in scores}, errors
