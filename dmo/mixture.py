@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +42,8 @@ class Mixture:
 
     domains: tuple[str, ...]
     weights: tuple[float, ...]
+    #: Ids round weights to 6 decimals, so a parsed id may be off by up to K * 5e-7; parsing widens this.
+    tolerance: float = field(default=TOLERANCE, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.domains) != len(self.weights):
@@ -60,9 +62,9 @@ class Mixture:
             if w < 0:
                 raise DmoError(f"weight of domain {d!r} is {w}: weights must be >= 0")
         total = math.fsum(self.weights)
-        if abs(total - 1.0) > TOLERANCE:
+        if abs(total - 1.0) > self.tolerance:
             raise DmoError(
-                f"weights {self._pretty()} sum to {total:.8g}, not 1 (tolerance {TOLERANCE:g}); "
+                f"weights {self._pretty()} sum to {total:.8g}, not 1 (tolerance {self.tolerance:g}); "
                 "rescale them so they sum to 1"
             )
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
@@ -71,22 +73,25 @@ class Mixture:
         return "{" + ", ".join(f"{d}: {w:g}" for d, w in zip(self.domains, self.weights)) + "}"
 
     @classmethod
-    def from_mapping(cls, weights: Mapping[str, float], domains: Sequence[str] | None = None) -> Mixture:
+    def from_mapping(
+        cls, weights: Mapping[str, float], domains: Sequence[str] | None = None, tolerance: float = TOLERANCE
+    ) -> Mixture:
         """Build from ``{domain: weight}``; with ``domains``, unknown names are refused and missing ones are 0."""
         if not isinstance(weights, Mapping):
             raise DmoError(f"a mixture must be a mapping domain -> weight, got {weights!r}")
         if domains is None:
-            return cls(tuple(weights), tuple(weights.values()))
+            return cls(tuple(weights), tuple(weights.values()), tolerance)
         unknown = [d for d in weights if d not in domains]
         if unknown:
             raise DmoError(f"unknown domain {unknown[0]!r}: this space has domains {list(domains)}")
-        return cls(tuple(domains), tuple(weights.get(d, 0.0) for d in domains))
+        return cls(tuple(domains), tuple(weights.get(d, 0.0) for d in domains), tolerance)
 
     @classmethod
     def parse(cls, text: str, domains: Sequence[str] | None = None) -> Mixture:
         """Parse ``general=0.25,ocr=0.75`` (command-line form) or a canonical id ``general-0.25+ocr-0.75``."""
         text = text.strip()
         parts: dict[str, float] = {}
+        tolerance = TOLERANCE
         if "=" in text:
             items = [p for p in re.split(r"[,\s]+", text) if p]
             for item in items:
@@ -102,13 +107,18 @@ class Mixture:
                         f"cannot parse mixture {text!r}: write general=0.25,ocr=0.75 or general-0.25+ocr-0.75"
                     )
                 parts[m.group(1)] = _parse_float(m.group(2), text)
-        return cls.from_mapping(parts, domains)
+            tolerance = max(TOLERANCE, len(parts) * 5e-7 + 1e-12)
+        return cls.from_mapping(parts, domains, tolerance)
 
     @property
     def id(self) -> str:
         """Canonical id: domains sorted by name, weights rounded to 6 decimals; safe as a folder name."""
         order = sorted(range(len(self.domains)), key=lambda i: self.domains[i])
         return "+".join(f"{self.domains[i]}-{_format_weight(self.weights[i])}" for i in order)
+
+    def canonical(self) -> Mixture:
+        """The mixture its id stands for (weights rounded to 6 decimals), so equal ids mean equal weights."""
+        return Mixture.parse(self.id, self.domains)
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.domains, self.weights))

@@ -22,8 +22,8 @@ def param_names(domains: Sequence[str]) -> list[str]:
     return [f"u_{d}" for d in domains[:-1]]
 
 
-def from_box(domains: Sequence[str], u: Sequence[float], decimals: int = 6) -> Mixture:
-    """Map u in [0, 1]^(K-1) to a mixture; weights are rounded to ``decimals`` with the last taking the rest."""
+def from_box(domains: Sequence[str], u: Sequence[float]) -> Mixture:
+    """Map u in [0, 1]^(K-1) to a mixture (the last weight takes what is left of the stick)."""
     k = len(domains)
     if len(u) != k - 1:
         raise ValueError(f"need {k - 1} box coordinates for {k} domains, got {len(u)}")
@@ -32,13 +32,7 @@ def from_box(domains: Sequence[str], u: Sequence[float], decimals: int = 6) -> M
         v = 1.0 - (1.0 - min(max(float(ui), 0.0), 1.0)) ** (1.0 / (k - 1 - i))
         weights.append(rest * v)
         rest -= rest * v
-    weights = [round(w, decimals) for w in weights]
-    last = round(1.0 - sum(weights), decimals)
-    if last < 0:  # rounding overshoot of at most K * 1e-decimals; take it from the largest weight
-        j = max(range(len(weights)), key=weights.__getitem__)
-        weights[j] = round(weights[j] + last, decimals)
-        last = 0.0
-    return Mixture(tuple(domains), (*weights, last))
+    return Mixture(tuple(domains), (*weights, max(rest, 0.0)))
 
 
 def to_box(mixture: Mixture) -> list[float]:

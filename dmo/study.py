@@ -111,7 +111,7 @@ def trial_mixture(trial: optuna.Trial, domains: list[str]) -> Mixture:
     u = [trial.suggest_float(n, 0.0, 1.0) for n in param_names(domains)]
     fixed = trial.user_attrs.get(MIXTURE_ATTR)
     # An enqueued candidate is taken verbatim, not through the box round-trip and its float rounding.
-    return Mixture.parse(fixed, domains) if fixed else from_box(domains, u)
+    return Mixture.parse(fixed, domains) if fixed else from_box(domains, u).canonical()
 
 
 def enqueue_candidates(study: optuna.Study, space: SearchSpace) -> int:
