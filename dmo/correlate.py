@@ -7,7 +7,8 @@ score and a trained score (the mean over training seeds):
   all: a proxy is only worth its cost where it beats this;
 - the **seed ceiling**: rho between two training seeds of the same mixtures (how well trained models agree
   with themselves);
-- regret@1: best trained score minus the trained score of the mixture the proxy ranks first.
+- regret@1: best trained score minus the trained score of the mixture the proxy ranks first (averaged over
+  mixtures tied for first place).
 Two summary rows per group: ``mean score`` (rho of the benchmark-averaged scores) and ``mean rho`` (the
 average of the per-benchmark rhos, its CI from the same joint bootstrap).
 """
@@ -193,10 +194,11 @@ def _row(group, method, bench, mixtures, x, y, base, seed_rho, n_boot, seed):
         lo, hi = _ci(boot)
         if base is not None:
             b_lo, b_hi = _ci(_rowwise_spearman(base[sel], y[sel]))
-    pick = int(np.argmax(x))
+    # Mixtures tied for the proxy's first place are equally likely picks: regret is their mean.
+    top = np.flatnonzero(x == np.max(x))
     row = CorrelationRow(
         group, method, bench, len(mixtures), spearman(x, y), lo, hi, kendall(x, y), pearson(x, y),
         spearman(base, y) if base is not None else math.nan, b_lo, b_hi, seed_rho,
-        float(np.max(y) - y[pick]), mixtures[pick], mixtures[int(np.argmax(y))],
+        float(np.max(y) - np.mean(y[top])), mixtures[int(top[0])], mixtures[int(np.argmax(y))],
     )
     return row, boot
