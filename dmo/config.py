@@ -23,6 +23,8 @@ from dmo.presets import preset
 
 #: ``experts: tinyworld`` in a search space means the embedded tiny world (built on first use).
 TINYWORLD = "tinyworld"
+#: ``experts: tinyworld-small``: the small test configuration of the same world.
+TINYWORLD_SMALL = "tinyworld-small"
 
 
 class _Strict(BaseModel):
@@ -344,7 +346,7 @@ def load_space(path: str | Path) -> SearchSpace:
     updates: dict[str, Any] = {}
     if space.name is None:
         updates["name"] = safe_name(path.stem, "space name")
-    if space.experts and space.experts != TINYWORLD:
+    if space.experts and space.experts not in (TINYWORLD, TINYWORLD_SMALL):
         updates["experts"] = str((path.parent / Path(space.experts).expanduser()).resolve())
     return space.model_copy(update=updates) if updates else space
 

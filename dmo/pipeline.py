@@ -1,0 +1,196 @@
+"""Glue from a search space to a running study: resolve the experts, build a scorer, score references.
+
+A :class:`Session` holds one space, its expert manifest, the scorer and the results table at
+``results/<space>/scores.jsonl``. ``experts: tinyworld`` (or ``tinyworld-small``) in a space means the
+embedded tiny world, built (or reused from the cache) on first use, with the ground truth the space needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dmo.config import TINYWORLD, TINYWORLD_SMALL, ExpertManifest, SearchSpace, load_manifest, load_space
+from dmo.errors import DmoError
+from dmo.mixture import Mixture
+from dmo.paths import results_dir
+from dmo.results import ResultsTable
+from dmo.scorer import Scorer, Target, make_scorer, score_target
+from dmo.study import StudyResult, run_study, study_paths
+
+DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "tiny-2d.yaml"
+
+
+def ground_truth_for(space: SearchSpace) -> tuple[str, ...]:
+    """Which of the tiny world's ground-truth sets ("2d", "3d", "4d") a space's candidates come from."""
+    src = space.mixtures
+    if not isinstance(src, list) and src.preset is not None and src.preset.name.startswith("paper-"):
+        return (src.preset.name.removeprefix("paper-"),)
+    return ()
+
+
+@dataclass
+class Session:
+    space: SearchSpace
+    manifest: ExpertManifest
+    scorer: Scorer
+    table: ResultsTable
+    include_path: Path | None = None
+
+    @classmethod
+    def open(
+        cls,
+        space_file: Path | str,
+        sampler: str | None = None,
+        experts: Path | None = None,
+        backend: str | None = None,
+        limit: int | None = None,
+        space: SearchSpace | None = None,
+    ) -> Session:
+        space = space or load_space(space_file)
+        updates: dict[str, Any] = {}
+        if sampler:
+            updates["sampler"] = space.sampler.model_copy(update={"name": sampler})
+        if experts:
+            updates["experts"] = str(Path(experts).resolve())
+        scoring = space.scoring.model_copy(update={k: v for k, v in (("backend", backend), ("limit", limit)) if v})
+        updates["scoring"] = scoring
+        space = space.model_validate({**space.model_dump(), **{k: _dump(v) for k, v in updates.items()}})
+        manifest, include_path = resolve_experts(space)
+        for d in space.domains:
+            if d not in manifest.experts:
+                raise DmoError(f"domain {d!r} of space {space.name!r} has no expert in manifest {manifest.name!r}")
+        scorer = make_scorer(
+            space.scoring.backend, manifest=manifest, include_path=include_path, limit=space.scoring.limit,
+            batch_size=space.scoring.batch_size, device=space.scoring.device,
+        )
+        assert space.name is not None
+        table = ResultsTable(results_dir() / space.name / "scores.jsonl")
+        return cls(space, manifest, scorer, table, include_path)
+
+    def references(self) -> list[Target]:
+        """The base, the space's experts, and every trained model of a mixture in the space."""
+        out = [Target("base")]
+        out += [Target("expert", domain=d) for d in self.space.domains]
+        for mixture, seed, _ in self.manifest.trained_mixtures():
+            extra = [d for d, w in mixture.as_dict().items() if w > 0 and d not in self.space.domains]
+            if not extra:
+                m = Mixture.from_mapping(
+                    {d: w for d, w in mixture.as_dict().items() if d in self.space.domains}, self.space.domains
+                )
+                out.append(Target("trained", mixture=m, seed=seed))
+        return out
+
+    def score(self, targets: list[Target], description: str, progress: bool = True) -> None:
+        """Score targets through the cache, with a progress bar; a failure is recorded, not fatal."""
+        with _bar(progress) as bar:
+            task = bar.add_task(description, total=len(targets))
+            for t in targets:
+                score_target(self.scorer, self.table, t, self.space.benchmarks, group=self.space.name or "")
+                bar.advance(task)
+
+    def run_study(
+        self, n_trials: int | None = None, storage: str | None = None, study_name: str | None = None,
+        progress: bool = True,
+    ) -> StudyResult:
+        paths = study_paths(self.space, storage, study_name)
+        return run_study(self.space, self.scorer, paths, n_trials=n_trials, progress=progress)
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def resolve_experts(space: SearchSpace) -> tuple[ExpertManifest, Path | None]:
+    """The space's expert manifest and lmms-eval include path (the tiny world's tasks, when it is used)."""
+    if space.experts in (TINYWORLD, TINYWORLD_SMALL):
+        from dmo.scoring.tasks import write_tiny_tasks
+        from dmo.tinyworld.build import build_world
+        from dmo.tinyworld.config import WorldConfig
+
+        config = WorldConfig.small() if space.experts == TINYWORLD_SMALL else WorldConfig()
+        world = build_world(config, ground_truth=ground_truth_for(space))
+        tasks = world.root / "tasks"
+        if not tasks.is_dir():
+            write_tiny_tasks(world.root / "data", tasks, list(config.domains), max_new_tokens=config.max_new_tokens)
+        return load_manifest(world.manifest_path), tasks
+    if not space.experts:
+        raise DmoError(f"space {space.name!r} names no expert manifest: add 'experts: FILE' or pass --experts FILE")
+    return load_manifest(space.experts), None
+
+
+class _bar:
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            disable=not enabled,
+        )
+
+    def __enter__(self) -> Progress:
+        self.progress.start()
+        return self.progress
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+
+def print_study_result(console: Console, session: Session, result: StudyResult) -> None:
+    if result.best is None:
+        console.print("no completed trial yet")
+        return
+    console.print(
+        f"best mixture of study [bold]{result.study.study_name}[/]: [bold green]{result.best.id}[/] "
+        f"(objective {result.best_value:.4f}; {result.evaluated} new evaluations, {len(result.study.trials)} trials)"
+    )
+    for b, s in sorted(result.best_scores.items()):
+        console.print(f"  {b}: {s:.4f}")
+    console.print(f"results table: {session.table.path}")
+
+
+def run_demo(console: Console, space_file: Path | None = None, n_trials: int = 12, small: bool = False) -> Path:
+    """The README's main command: world -> references -> preset proxies -> TPE study -> correlation table."""
+    from dmo.correlate import correlate
+    from dmo.report import render_correlation
+
+    t0 = time.perf_counter()
+    space = load_space(space_file or DEFAULT_SPACE)
+    if small and space.experts == TINYWORLD:
+        space = space.model_copy(update={"experts": TINYWORLD_SMALL})
+    session = Session.open(space_file or DEFAULT_SPACE, space=space)
+    console.print(f"[bold]dmo demo[/] on space [bold]{space.name}[/] with experts from {session.manifest.name}")
+    session.score(session.references(), "base, experts, trained mixtures")
+    grid_space = space.model_copy(update={"sampler": space.sampler.model_copy(update={"name": "grid"})})
+    grid = dataclasses.replace(session, space=grid_space).run_study()
+    study = session.run_study(n_trials=n_trials)
+    console.print()
+    table = correlate(session.table.frame())
+    render_correlation(console, table[table["group"] == space.name] if not table.empty else table)
+    _print_choice(console, session, grid, study)
+    console.print(f"done in {time.perf_counter() - t0:.0f} s; results table: [bold]{session.table.path}[/]")
+    return session.table.path
+
+
+def _print_choice(console: Console, session: Session, grid: StudyResult, study: StudyResult) -> None:
+    df = session.table.frame()
+    ok = df[(df["status"] == "ok") & (df["group"].isin([session.space.name, ""]) | (df["kind"] != "proxy"))]
+    trained = ok[ok["kind"] == "trained"]
+    if not trained.empty:
+        per_mix = trained.groupby(["mixture", "benchmark"])["score"].mean().unstack().mean(axis=1)
+        best = per_mix.idxmax()
+        console.print(f"best trained mixture (mean over seeds and benchmarks): [bold]{best}[/] ({per_mix[best]:.4f})")
+        if grid.best is not None and grid.best.id in per_mix:
+            console.print(
+                f"proxy's pick among the trained mixtures: [bold]{grid.best.id}[/], which trained to "
+                f"{per_mix[grid.best.id]:.4f} (regret {per_mix[best] - per_mix[grid.best.id]:.4f})"
+            )
+    if study.best is not None:
+        console.print(
+            f"best proxy found by the {session.space.sampler.name} study anywhere on the simplex: "
+            f"[bold]{study.best.id}[/] (proxy objective {study.best_value:.4f}; not trained, so not verified)"
+        )

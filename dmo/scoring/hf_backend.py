@@ -1,0 +1,168 @@
+"""The ``hf`` scoring backend: one live transformers model per process, proxies switched in place.
+
+The base model is loaded once. Each target (base, expert, trained mixture or merged proxy) is a dense delta
+on top of it, written into the live weights for the duration of one lmms-eval run and restored afterwards
+(:func:`dmo.merge.dense.applied_delta`), so no merged checkpoint is ever written to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmo.config import ExpertManifest
+from dmo.errors import DmoError
+from dmo.merge.lora import LoraAdapter, expert_delta, fingerprint, load_lora, lora_delta
+from dmo.merge.names import KeyMap
+from dmo.mixture import Mixture
+from dmo.scorer import Evaluation, Target, register_scorer
+from dmo.scoring.evaluate import evaluate
+from dmo.scoring.lmms_model import DmoLMM, load_pretrained
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+@register_scorer("hf")
+class HFScorer:
+    name = "hf"
+
+    def __init__(
+        self,
+        manifest: ExpertManifest,
+        include_path: Path | None = None,
+        limit: int | None = None,
+        batch_size: int = 64,
+        device: str = "auto",
+    ) -> None:
+        if manifest.kind != "lora":
+            raise DmoError(
+                f"the hf backend merges LoRA experts; manifest {manifest.name!r} has kind {manifest.kind!r}: "
+                "use 'dmo merge' to write dense proxies"
+            )
+        if manifest.base.path is None:
+            raise DmoError(
+                f"base model {manifest.base} is a hub id: download it and point the manifest's 'base' at the folder"
+            )
+        self.manifest = manifest
+        self.include_path = include_path
+        self.limit = limit
+        self.batch_size = batch_size
+        self.device = _device(device)
+        self._trained: dict[Path, LoraAdapter] = {}
+
+    @cached_property
+    def lmm(self) -> DmoLMM:
+        model, processor = load_pretrained(self.manifest.base.path, device=self.device)
+        return DmoLMM.from_model(model, processor, batch_size=self.batch_size, name=self.manifest.name)
+
+    @cached_property
+    def _names(self) -> KeyMap:
+        return KeyMap.for_config(self.manifest.base.path)
+
+    @cached_property
+    def experts(self) -> dict[str, LoraAdapter]:
+        out = {}
+        for domain, ref in self.manifest.experts.items():
+            if ref.path is None:
+                raise DmoError(f"expert {domain!r} ({ref}) is a hub id: download it and point the manifest at it")
+            out[domain] = load_lora(ref.path, names=self._names)
+        return out
+
+    def _adapter(self, path: Path) -> LoraAdapter:
+        if path not in self._trained:
+            self._trained[path] = load_lora(path, names=self._names)
+        return self._trained[path]
+
+    def _trained_path(self, target: Target) -> Path:
+        assert target.mixture is not None
+        want = Mixture.from_mapping(target.mixture.as_dict(), self.manifest.domains).id
+        for mixture, seed, ref in self.manifest.trained_mixtures():
+            if seed == target.seed and mixture.id == want:
+                if ref.path is None:
+                    raise DmoError(f"trained model {ref} is a hub id: download it first")
+                return ref.path
+        raise DmoError(f"no trained model for mixture {target.mixture.id} seed {target.seed} in the manifest")
+
+    def _parts(self, target: Target) -> tuple[dict[str, LoraAdapter], dict[str, float]]:
+        if target.kind == "expert":
+            assert target.domain is not None
+            return {target.domain: self.experts[target.domain]}, {target.domain: 1.0}
+        if target.kind == "trained":
+            return {"trained": self._adapter(self._trained_path(target))}, {"trained": 1.0}
+        if target.kind == "proxy":
+            assert target.mixture is not None
+            if target.method != "linear":
+                raise DmoError(f"merge method {target.method!r} is not available in the hf backend yet: use linear")
+            weights = {d: w for d, w in target.mixture.as_dict().items() if w != 0}
+            missing = [d for d in weights if d not in self.experts]
+            if missing:
+                raise DmoError(f"no expert for domain {missing[0]!r} in manifest {self.manifest.name!r}")
+            return {d: self.experts[d] for d in weights}, weights
+        return {}, {}
+
+    def fingerprint(self, target: Target) -> str:
+        if target.kind == "base":
+            return f"base:{_folder_id(self.manifest.base.path)}"
+        adapters, weights = self._parts(target)
+        return f"{_folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, target.method or 'linear')}"
+
+    def settings(self) -> dict[str, Any]:
+        import lmms_eval
+
+        return {
+            "backend": self.name,
+            "limit": self.limit,
+            "lmms_eval": getattr(lmms_eval, "__version__", "?"),
+            "generation": "greedy",
+        }
+
+    def _delta(self, target: Target) -> dict[str, torch.Tensor] | None:
+        adapters, weights = self._parts(target)
+        if not adapters:
+            return None
+        if len(adapters) == 1:
+            ((name, adapter),) = adapters.items()
+            return {k: v.mul_(weights[name]) for k, v in expert_delta(adapter).items()}
+        return lora_delta(adapters, weights)
+
+    def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation:
+        lmm = self.lmm
+        lmm.set_proxy(self._delta(target), self.fingerprint(target))
+        try:
+            try:
+                return Evaluation(evaluate(lmm, benchmarks, self.include_path, self.limit))
+            except DmoError:
+                raise
+            except Exception:  # one benchmark broke the joint run: score them one by one to keep the others
+                if len(benchmarks) == 1:
+                    raise
+            scores, errors = {}, {}
+            for b in benchmarks:
+                try:
+                    scores.update(evaluate(lmm, [b], self.include_path, self.limit))
+                except Exception as exc:  # recorded as a failed row, with the reason
+                    errors[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return Evaluation(scores, errors=errors)
+        finally:
+            lmm.clear_proxy()
+
+
+def _folder_id(path: Path | None) -> str:
+    """A cheap identity for a base model folder: the sizes and mtimes of its weight files."""
+    if path is None:
+        return "?"
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
