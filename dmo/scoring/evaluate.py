@@ -1,0 +1,192 @@
+"""Score one proxy on several benchmarks with a single lmms-eval run.
+
+One ``simple_evaluate`` call per proxy: lmms-eval's fixed costs (task loading, dataset opening, request
+building) are paid once per proxy rather than once per benchmark, and the proxy's delta is written into the
+live model once per request type rather than once per benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmo.errors import DmoError
+from dmo.scoring.metrics import MetricSpec, metric_spec, score_from_results
+
+#: dataset builders whose ``data_files`` are local paths (lmms-eval's list, ``lmms_eval.utils._LOCAL_BUILDERS``).
+_LOCAL_BUILDERS = frozenset({"csv", "json", "parquet", "text", "pandas", "arrow"})
+
+
+def evaluate(
+    lmm: Any,
+    benchmarks: Sequence[str],
+    include_path: Path | None,
+    limit: int | None = None,
+    *,
+    metric_map: Mapping[str, MetricSpec] | None = None,
+) -> dict[str, float]:
+    """Evaluate ``lmm`` (an lmms-eval model object) on ``benchmarks``; returns ``{benchmark: score in [0, 1]}``.
+
+    ``include_path`` is a folder of extra task YAMLs (e.g. from :func:`dmo.scoring.tasks.write_tiny_tasks`).
+    lmms-eval's ~2,000 built-in tasks are indexed only when a benchmark is not found there, which saves a few
+    seconds per call. ``limit`` caps the documents per task (the first ``limit``), for tests and smoke runs.
+    Every benchmark is checked (known to lmms-eval, has a score metric, local data present) before anything
+    is evaluated.
+    """
+    benchmarks = list(benchmarks)
+    if not benchmarks:
+        raise DmoError("no benchmarks given: name at least one lmms-eval task to evaluate")
+    duplicates = sorted({b for b in benchmarks if benchmarks.count(b) > 1})
+    if duplicates:
+        raise DmoError(f"benchmark(s) listed twice: {duplicates}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DmoError(f"limit must be a positive whole number of documents per task, got {limit!r}")
+    for benchmark in benchmarks:
+        metric_spec(benchmark, metric_map)  # fail before the (slow) evaluation, not after it
+
+    with _quiet_lmms_eval():
+        task_manager = task_manager_for(benchmarks, include_path)
+        _check_local_data(task_manager, benchmarks)
+        results = _simple_evaluate(lmm, benchmarks, task_manager, limit)
+    if results is None:  # lmms-eval returns None on ranks other than 0; dmo runs one process
+        raise DmoError("lmms-eval returned no results: run dmo's evaluation in a single process")
+    return {b: score_from_results(b, results, metric_map) for b in benchmarks}
+
+
+def task_manager_for(benchmarks: Sequence[str], include_path: Path | None) -> Any:
+    """A TaskManager that knows every benchmark, indexing the built-in tasks only when needed."""
+    from lmms_eval.tasks import TaskManager
+
+    paths = None
+    if include_path is not None:
+        include_path = Path(include_path)
+        if not include_path.is_dir():
+            raise DmoError(f"task folder {include_path} does not exist: write the tasks first (dmo.scoring.tasks)")
+        paths = [str(include_path.resolve())]
+        manager = TaskManager("ERROR", include_path=paths, include_defaults=False)
+        if all(b in manager.all_tasks for b in benchmarks):
+            return manager
+    manager = TaskManager("ERROR", include_path=paths, include_defaults=True)
+    unknown = [b for b in benchmarks if b not in manager.all_tasks]
+    if unknown:
+        where = f"in {include_path} or " if include_path is not None else ""
+        raise DmoError(
+            f"unknown benchmark {unknown[0]!r}: it is not a task {where}among lmms-eval's built-in tasks; "
+            "check the name (see `python -m lmms_eval --tasks list`) or the task folder"
+            + (f" (also unknown: {unknown[1:]})" if len(unknown) > 1 else "")
+        )
+    return manager
+
+
+def _check_local_data(task_manager: Any, benchmarks: Sequence[str]) -> None:
+    """Refuse missing local data files up front: lmms-eval retries a failed dataset load for a minute."""
+    from lmms_eval.utils import load_yaml_config
+
+    for name in _leaf_tasks(task_manager, benchmarks):
+        yaml_path = task_manager.task_index.get(name, {}).get("yaml_path", -1)
+        if yaml_path == -1:
+            continue
+        config = load_yaml_config(yaml_path, mode="simple")
+        if config.get("dataset_path") not in _LOCAL_BUILDERS:
+            continue
+        data_files = (config.get("dataset_kwargs") or {}).get("data_files")
+        for path in _flatten_paths(data_files):
+            full = Path(os.path.dirname(yaml_path), path)
+            if "*" not in path and not full.is_file():
+                raise DmoError(f"benchmark {name!r} needs data file {full}, which does not exist: build the data first")
+
+
+def _leaf_tasks(task_manager: Any, names: Sequence[str]) -> Iterator[str]:
+    """The tasks behind ``names``, expanding groups (whose YAML lists its tasks)."""
+    from lmms_eval.utils import load_yaml_config
+
+    for name in names:
+        entry = task_manager.task_index.get(name, {})
+        if entry.get("type") == "group" and entry.get("yaml_path", -1) != -1:
+            subtasks = load_yaml_config(entry["yaml_path"], mode="simple").get("task") or []
+            yield from _leaf_tasks(task_manager, [t for t in subtasks if isinstance(t, str)])
+        else:
+            yield name
+
+
+def _flatten_paths(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _flatten_paths(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flatten_paths(v)
+
+
+def _simple_evaluate(lmm: Any, benchmarks: Sequence[str], task_manager: Any, limit: int | None) -> dict | None:
+    from lmms_eval.evaluator import simple_evaluate
+
+    # lmms-eval reseeds python, numpy and torch on every call (as its CLI does, so answers match a CLI run);
+    # restore the caller's random state afterwards so a search loop's own sampling is not reset per proxy.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return simple_evaluate(
+                model=lmm,
+                tasks=list(benchmarks),
+                limit=limit,
+                task_manager=task_manager,
+                use_cache=None,  # lmms-eval's response cache keys the model by str(model); dmo caches scores itself
+                cache_requests=False,
+                log_samples=False,
+                bootstrap_iters=0,  # no stderr: dmo needs the point score, and bootstrapping is slow
+                verbosity="ERROR",
+                process_docs_parallel=1,  # scoring a few short answers is faster than starting threads
+            )
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _quiet_lmms_eval() -> Iterator[None]:
+    """Silence lmms-eval's loguru messages and datasets' progress bars for the duration of one evaluation.
+
+    Failures still surface as exceptions; what is hidden is per-call chatter (task loading, request counts,
+    "--limit is for testing" warnings, dataset progress bars) that would repeat for every proxy.
+    """
+    import datasets
+    import lmms_eval.api.task
+    import lmms_eval.evaluator
+    from loguru import logger
+
+    # lmms-eval draws a progress bar per task and per call ("Postprocessing"), passing disable= itself, and tqdm
+    # reads its TQDM_* environment only at import; so swap in a bar that is always off, in those two modules only.
+    bar_modules = (lmms_eval.api.task, lmms_eval.evaluator)
+    original_bars = [module.tqdm for module in bar_modules]
+    for module, bar in zip(bar_modules, original_bars):
+        module.tqdm = functools.partial(_silent_bar, bar)
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets_verbosity = datasets.logging.get_verbosity()
+    logger.disable("lmms_eval")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logger.enable("lmms_eval")
+        datasets.logging.set_verbosity(datasets_verbosity)
+        if bars_were_enabled:
+            datasets.enable_progress_bars()
+        for module, bar in zip(bar_modules, original_bars):
+            module.tqdm = bar
+
+
+def _silent_bar(bar: Any, *args: Any, **kwargs: Any) -> Any:
+    kwargs["disable"] = True
+    return bar(*args, **kwargs)
