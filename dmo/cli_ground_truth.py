@@ -1,0 +1,479 @@
+"""Command line of the ground truth: ``dmo data mix|name``, ``dmo train experts|mixtures|run|register``, ``dmo ingest``.
+
+Kept apart from :mod:`dmo.cli`, which mounts these; like it, only argument parsing and printing live here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dmo.errors import DmoError
+
+data_app = typer.Typer(help="Training sets of data mixtures, in LLaMA-Factory's dataset format.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Ground truth: train experts and models on mixtures with LLaMA-Factory (locally or as a SLURM array).",
+    no_args_is_help=True,
+)
+console = Console()
+err = Console(stderr=True)
+
+_BUDGET_HELP = "Training samples per model (the paper: 102400 = 800 steps x 128)."
+
+
+def _mixtures(texts: list[str], space: Path | None) -> tuple[list, list[str] | None]:
+    """Mixtures from --mixture texts (weights, ids or paper names) and/or a search space's candidates."""
+    from dmo.data_mix import read_name
+
+    domains = None
+    out = []
+    if space is not None:
+        from dmo.config import load_space
+
+        sp = load_space(space)
+        domains = list(sp.domains)
+        out += sp.candidates()
+    for t in texts:
+        out.append(read_name(t, domains))
+    return out, domains
+
+
+def _say(text: str) -> None:
+    console.print(text, soft_wrap=True, highlight=False)
+
+
+def _note(text: str) -> None:
+    err.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------------ dmo data
+
+
+@data_app.command("mix")
+def data_mix(
+    data: Annotated[Path, typer.Option(help="Per-domain data: <domain>/train.jsonl or <domain>.json[l] files.")],
+    out: Annotated[Path, typer.Option(help="LLaMA-Factory dataset folder to write (dataset_info.json and data).")],
+    mixture: Annotated[
+        list[str], typer.Option(help="general=0.25,ocr=0.75, an id, or a paper name (repeatable).")
+    ] = [],  # noqa: B006
+    space: Annotated[Path | None, typer.Option(help="Also every candidate mixture of this search space.")] = None,
+    budget: Annotated[int, typer.Option(help=_BUDGET_HELP, min=1)] = 102_400,
+    seed: Annotated[int, typer.Option(help="Seed of the sub-sampling and shuffling.")] = 0,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="exact: n_i = round(w_i * budget) rows per domain; interleave: LLaMA-Factory's "
+            "interleave_under (random counts of about w_i * budget, no new files)."
+        ),
+    ] = "exact",
+    allow_repeats: Annotated[
+        bool, typer.Option(help="Repeat rows of a domain whose pool is smaller than its count (said when it happens).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a mixture made before with other settings.")] = False,
+    media_dir: Annotated[
+        Path | None, typer.Option(help="Folder that relative image paths start from (default: each file's folder).")
+    ] = None,
+) -> None:
+    """Materialise the training set of each mixture (or its interleave config), with a dataset_info.json entry."""
+    from dmo.data_mix import mix
+
+    mixtures, _ = _mixtures(mixture, space)
+    records = mix(
+        data,
+        out,
+        mixtures,
+        budget,
+        seed=seed,
+        strategy=strategy,  # type: ignore[arg-type]
+        allow_repeats=allow_repeats,
+        overwrite=overwrite,
+        media_dir=media_dir,
+    )
+    table = Table(title=f"{len(records)} mixture(s) in {out} ({strategy}, seed {seed})", title_justify="left")
+    for col in ("name", "mixture id", "samples", "LLaMA-Factory keys"):
+        table.add_column(col)
+    for r in records:
+        keys = ", ".join(f"{k}: {v}" for k, v in r.llamafactory.items())
+        table.add_row(r.name, r.mixture, str(sum(r.counts.values())), keys)
+    console.print(table)
+    for r in records:
+        for n in r.notes():
+            _note(n)
+    if strategy == "interleave":
+        _note(
+            "interleave gives each domain a random count of about w_i * budget, and stops at the first exhausted "
+            "domain; the default 'exact' trains on exactly the mixture the proxy merges"
+        )
+
+
+@data_app.command("name")
+def data_name(
+    text: Annotated[str, typer.Argument(help="A paper name (general-25600++ocr-76800) or a mixture.")],
+    budget: Annotated[int, typer.Option(help=_BUDGET_HELP, min=1)] = 102_400,
+) -> None:
+    """Translate between the paper's names (sample counts) and mixture weights."""
+    from dmo.data_mix import mixture_name, read_name
+
+    m = read_name(text)
+    weights = ", ".join(f"{d}={w:.6g}" for d, w in m.as_dict().items())
+    console.print(f"mixture id: {m.id}\nweights:    {weights}\npaper name: {mixture_name(m, budget)} (budget {budget})")
+
+
+# ------------------------------------------------------------------------------------------------ dmo train
+
+
+def _base(text: str) -> str:
+    """A local folder (made absolute) or a hub id, as LLaMA-Factory's model_name_or_path."""
+    path = Path(text).expanduser()
+    if text.startswith(("./", "../", "/", "~")) or path.exists():
+        if not path.is_dir():
+            raise DmoError(f"base model folder {path} does not exist: give a model folder or a hub id")
+        return str(path.resolve())
+    return text
+
+
+def _recipe(base, template, method, budget, batch, per_device_batch, gpus, set_):
+    from dmo.llamafactory import Recipe, parse_overrides
+
+    return Recipe(
+        base=_base(base),
+        template=template,
+        method=method,
+        budget=budget,
+        global_batch=batch,
+        per_device_batch=per_device_batch,
+        gpus=gpus,
+        overrides=parse_overrides(set_),
+    )
+
+
+def _launch(
+    planned, what, lf_bin, slurm, slurm_script, plan_only, overwrite, gpus, cpus, time_limit, partition, account, sbatch
+) -> None:
+    from dmo.llamafactory import DEFAULT_LF_BIN, default_slurm_script, train_runs, write_slurm
+
+    folder = planned.folder
+    for n in planned.notes:
+        _note(n)
+    _say(f"planned {len(planned.runs)} run(s) in [bold]{folder.root}[/] (configs in {folder.root / 'configs'})")
+    if not planned.validated:
+        _note(
+            f"configs not checked by LLaMA-Factory here ({lf_bin or DEFAULT_LF_BIN} not found); each run checks its own"
+        )
+    if slurm:
+        name = folder.plan().get("name") or folder.root.name
+        script = write_slurm(
+            folder,
+            planned.runs,
+            slurm_script or default_slurm_script(what, name),
+            lf_bin or DEFAULT_LF_BIN,
+            what=what,
+            gpus=gpus,
+            cpus=cpus,
+            time_limit=time_limit,
+            partition=partition,
+            account=account,
+            sbatch=sbatch,
+        )
+        _say(f"SLURM array script: [bold]{script}[/] ({len(planned.runs)} tasks); submit with: sbatch {script}")
+        return
+    if plan_only:
+        _say(f"run them with: dmo train run {folder.root} --lf-bin {lf_bin or DEFAULT_LF_BIN}")
+        return
+    results = train_runs(
+        folder,
+        lf_bin or DEFAULT_LF_BIN,
+        only=[r.name for r in planned.runs],
+        overwrite=overwrite,
+        validate_first=False,
+        echo=_say,
+    )
+    skipped = [r.run.name for r in results if r.skipped]
+    if skipped:
+        _note(f"already finished, not retrained (pass --overwrite to): {', '.join(skipped)}")
+
+
+_DATA = Annotated[Path, typer.Option(help="Per-domain data, or a dataset folder made by 'dmo data mix'.")]
+_OUT = Annotated[Path, typer.Option(help="Run folder: configs, logs, the trained models, plan.json.")]
+_BASE = Annotated[str, typer.Option(help="Base model: a local folder or a hub id.")]
+_TEMPLATE = Annotated[str, typer.Option(help="LLaMA-Factory chat template: qwen2_vl (Qwen2/2.5-VL), intern_vl, ...")]
+_NAME = Annotated[str | None, typer.Option(help="Manifest name (default: the run folder's name).")]
+_MANIFEST = Annotated[
+    Path | None, typer.Option(help="Expert manifest to register into (default: experts/<name>[-interleave].yaml).")
+]
+_METHOD = Annotated[str, typer.Option(help="lora or full.")]
+_BUDGET = Annotated[int, typer.Option(help=_BUDGET_HELP, min=1)]
+_BATCH = Annotated[int, typer.Option(help="Global batch size (steps = budget / batch).", min=1)]
+_PDB = Annotated[int, typer.Option(help="Per-device batch size (accumulation makes up the rest).", min=1)]
+_GPUS = Annotated[int, typer.Option(help="GPUs per run (LLaMA-Factory uses all it sees).", min=1)]
+_DATA_SEED = Annotated[int, typer.Option(help="Seed of the training sets' sub-sampling.")]
+_REPEATS = Annotated[bool, typer.Option(help="Repeat rows of a domain too small for its count.")]
+_SET = Annotated[
+    list[str], typer.Option("--set", help="Extra LLaMA-Factory key=value (repeatable), e.g. use_cpu=true.")
+]
+_LF_BIN = Annotated[
+    Path | None, typer.Option(help="llamafactory-cli of LLaMA-Factory's venv (default: .venv-lf/bin/llamafactory-cli).")
+]
+_SLURM = Annotated[bool, typer.Option(help="Write a SLURM array script instead of training here.")]
+_SCRIPT = Annotated[
+    Path | None, typer.Option(help="Where to write it (default: scripts/slurm/train_<what>-<name>.sbatch).")
+]
+_PLAN_ONLY = Annotated[bool, typer.Option(help="Only write the training sets, configs and plan.")]
+_OVERWRITE = Annotated[bool, typer.Option(help="Retrain runs that have finished before.")]
+_CPUS = Annotated[int, typer.Option(help="SLURM: CPUs per task.", min=1)]
+_TIME = Annotated[str, typer.Option("--time", help="SLURM: time limit per task.")]
+_PARTITION = Annotated[str | None, typer.Option(help="SLURM partition.")]
+_ACCOUNT = Annotated[str | None, typer.Option(help="SLURM account.")]
+_SBATCH = Annotated[list[str], typer.Option(help="Extra #SBATCH option (repeatable), e.g. --sbatch qos=high.")]
+
+
+@train_app.command("experts")
+def train_experts(
+    base: _BASE,
+    data: _DATA,
+    out: _OUT,
+    template: _TEMPLATE = "qwen2_vl",
+    domains: Annotated[str | None, typer.Option(help="Comma-separated domains (default: all in --data).")] = None,
+    name: _NAME = None,
+    manifest: _MANIFEST = None,
+    method: _METHOD = "lora",
+    budget: _BUDGET = 102_400,
+    batch: _BATCH = 128,
+    per_device_batch: _PDB = 4,
+    gpus: _GPUS = 1,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    data_seed: _DATA_SEED = 0,
+    allow_repeats: _REPEATS = False,
+    set_: _SET = [],  # noqa: B006
+    lf_bin: _LF_BIN = None,
+    slurm: _SLURM = False,
+    slurm_script: _SCRIPT = None,
+    plan_only: _PLAN_ONLY = False,
+    overwrite: _OVERWRITE = False,
+    cpus: _CPUS = 8,
+    time_limit: _TIME = "24:00:00",
+    partition: _PARTITION = None,
+    account: _ACCOUNT = None,
+    sbatch: _SBATCH = [],  # noqa: B006
+) -> None:
+    """Train one expert per domain (budget samples of that domain each) and register them in a manifest."""
+    from dmo.data_mix import DataFolder, discover_domains
+    from dmo.llamafactory import check_lf_bin, plan_runs
+
+    recipe = _recipe(base, template, method, budget, batch, per_device_batch, gpus, set_)
+    if not (slurm or plan_only):
+        lf_bin = check_lf_bin(lf_bin)
+    if domains:
+        doms = [d.strip() for d in domains.split(",") if d.strip()]
+    else:
+        folder = DataFolder(data)
+        doms = folder.domains() if folder.is_dmo() else discover_domains(data)
+    planned = plan_runs(
+        "experts",
+        recipe,
+        data=data,
+        out=out,
+        domains=doms,
+        seeds=[seed],
+        data_seed=data_seed,
+        allow_repeats=allow_repeats,
+        manifest=manifest,
+        name=name,
+        lf_bin=lf_bin or _default_lf_bin(),
+    )
+    _launch(
+        planned,
+        "experts",
+        lf_bin,
+        slurm,
+        slurm_script,
+        plan_only,
+        overwrite,
+        gpus,
+        cpus,
+        time_limit,
+        partition,
+        account,
+        sbatch,
+    )
+
+
+@train_app.command("mixtures")
+def train_mixtures(
+    base: _BASE,
+    data: _DATA,
+    out: _OUT,
+    space: Annotated[Path | None, typer.Argument(help="Train every candidate mixture of this search space.")] = None,
+    mixture: Annotated[
+        list[str], typer.Option(help="general=0.25,ocr=0.75, an id, or a paper name (repeatable).")
+    ] = [],  # noqa: B006
+    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds, one model per mixture and seed.")] = "0",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="exact (default: exactly round(w_i * budget) rows per domain) or interleave "
+            "(LLaMA-Factory's interleave_under, the paper's way)."
+        ),
+    ] = "exact",
+    template: _TEMPLATE = "qwen2_vl",
+    name: _NAME = None,
+    manifest: _MANIFEST = None,
+    method: _METHOD = "lora",
+    budget: _BUDGET = 102_400,
+    batch: _BATCH = 128,
+    per_device_batch: _PDB = 4,
+    gpus: _GPUS = 1,
+    data_seed: _DATA_SEED = 0,
+    allow_repeats: _REPEATS = False,
+    set_: _SET = [],  # noqa: B006
+    lf_bin: _LF_BIN = None,
+    slurm: _SLURM = False,
+    slurm_script: _SCRIPT = None,
+    plan_only: _PLAN_ONLY = False,
+    overwrite: _OVERWRITE = False,
+    cpus: _CPUS = 8,
+    time_limit: _TIME = "24:00:00",
+    partition: _PARTITION = None,
+    account: _ACCOUNT = None,
+    sbatch: _SBATCH = [],  # noqa: B006
+) -> None:
+    """Train one model per mixture and seed (the ground truth) and register them in the manifest's trained list."""
+    from dmo.llamafactory import check_lf_bin, plan_runs
+
+    if strategy not in ("exact", "interleave"):
+        raise DmoError(f"unknown mixing strategy {strategy!r}: choose exact or interleave")
+    recipe = _recipe(base, template, method, budget, batch, per_device_batch, gpus, set_)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise DmoError(f"cannot read --seeds {seeds!r}: give whole numbers such as 0,1") from None
+    if not (slurm or plan_only):
+        lf_bin = check_lf_bin(lf_bin)
+    mixtures, _ = _mixtures(mixture, space)
+    planned = plan_runs(
+        "mixtures",
+        recipe,
+        data=data,
+        out=out,
+        mixtures=mixtures,
+        seeds=seed_list,
+        strategy=strategy,
+        data_seed=data_seed,
+        allow_repeats=allow_repeats,
+        manifest=manifest,
+        name=name,
+        lf_bin=lf_bin or _default_lf_bin(),
+    )
+    _launch(
+        planned,
+        "mixtures",
+        lf_bin,
+        slurm,
+        slurm_script,
+        plan_only,
+        overwrite,
+        gpus,
+        cpus,
+        time_limit,
+        partition,
+        account,
+        sbatch,
+    )
+
+
+def _default_lf_bin() -> Path | None:
+    from dmo.llamafactory import DEFAULT_LF_BIN
+
+    return DEFAULT_LF_BIN if DEFAULT_LF_BIN.is_file() else None
+
+
+@train_app.command("run")
+def train_run(
+    folder: Annotated[Path, typer.Argument(help="A run folder planned by 'dmo train experts|mixtures'.")],
+    run: Annotated[list[str], typer.Option(help="Only this run (repeatable; default: every unfinished one).")] = [],  # noqa: B006
+    lf_bin: _LF_BIN = None,
+    overwrite: _OVERWRITE = False,
+) -> None:
+    """Train planned runs (what each SLURM array task calls): check, train, move into place, register."""
+    from dmo.llamafactory import RunFolder, train_runs
+
+    results = train_runs(RunFolder(folder), lf_bin, only=run or None, overwrite=overwrite, echo=_say)
+    for r in results:
+        if r.skipped:
+            console.print(f"{r.run.name}: already finished")
+
+
+@train_app.command("register")
+def train_register(folder: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
+    """Register every finished run of a run folder in its expert manifest(s)."""
+    from dmo.llamafactory import RunFolder, register
+
+    done = register(RunFolder(folder), echo=_note)
+    if not done:
+        console.print(f"nothing finished to register in {folder}")
+    for path, names in done.items():
+        console.print(f"{path}: {len(names)} run(s) registered ({', '.join(names)})")
+
+
+# ------------------------------------------------------------------------------------------------ dmo ingest
+
+
+def ingest_command(
+    root: Annotated[Path, typer.Argument(help="lmms-eval outputs: ROOT/<model>/<benchmark>/**/*_results.json.")],
+    results: Annotated[
+        Path | None, typer.Option(help="Results table (folder or scores.jsonl; default: results/<space>).")
+    ] = None,
+    space: Annotated[
+        Path | None, typer.Option(help="Search space: its domains, name (group) and results folder.")
+    ] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Expert manifest whose domains the mixtures use.")] = None,
+    domains: Annotated[str | None, typer.Option(help="Comma-separated domains of the mixtures.")] = None,
+    group: Annotated[str | None, typer.Option(help="Group recorded in the rows (default: the space's name).")] = None,
+    metric_map: Annotated[
+        Path | None, typer.Option(help="Metric map YAML (default: dmo/scoring/metrics.yaml).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Read and check everything, write nothing.")] = False,
+) -> None:
+    """Read lmms-eval results of the base, experts and trained mixtures into a results table."""
+    from dmo.ingest import ingest
+    from dmo.paths import results_dir
+    from dmo.results import ResultsTable
+    from dmo.scoring.metrics import load_metric_map
+
+    doms: list[str] | None = None
+    name = None
+    if space is not None:
+        from dmo.config import load_space
+
+        sp = load_space(space)
+        doms, name = list(sp.domains), sp.name
+    if manifest is not None:
+        from dmo.config import load_manifest
+
+        doms = load_manifest(manifest, check_paths=False).domains
+    if domains:
+        doms = [d.strip() for d in domains.split(",") if d.strip()]
+    if results is None:
+        if name is None:
+            raise DmoError("say where the scores go: pass --results results/<space> (or --space SPACE.yaml)")
+        results = results_dir() / name
+    path = results / "scores.jsonl" if results.suffix != ".jsonl" else results
+    mm = load_metric_map(metric_map) if metric_map is not None else None
+    new, known = ingest(
+        root,
+        ResultsTable(path),
+        domains=doms,
+        group=group if group is not None else (name or ""),
+        metric_map=mm,
+        dry_run=dry_run,
+    )
+    kinds: dict[str, int] = {}
+    for r in new:
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing new"
+    verb = "would add" if dry_run else "added"
+    console.print(f"{verb} {len(new)} row(s) to {path} ({summary}); {known} already there")

@@ -1,0 +1,599 @@
+"""Training sets of data mixtures, in LLaMA-Factory's dataset format.
+
+A *data folder* is what LLaMA-Factory calls a ``dataset_dir``::
+
+    <out>/dataset_info.json                  one entry per domain pool and per materialised mixture
+    <out>/domains/<domain>.jsonl             each domain's pool, converted once (see below)
+    <out>/mixtures/<name>.jsonl              an exactly mixed training set (strategy "exact")
+    <out>/mixtures/<name>.json               what a mixture is: weights, counts, seed, strategy, repeats
+
+``<name>`` is the DMO paper's naming, sample counts per domain joined by ``++`` (``general-25600++ocr-76800``,
+domains sorted by name, zero counts left out); :func:`dmo.mixture.from_paper_name` reads it back into weights.
+
+**Sources.** A domain's data is one file, in any of the formats LLaMA-Factory reads for SFT with images or the
+tiny world's own: sharegpt (``messages`` with role/content, or ``conversations`` with from/value; optional
+``system`` and ``images``), alpaca (``instruction``/``input``/``output``, optional ``system``/``images``), or dmo
+(``question``/``answer``/``image``, as ``dmo.tinyworld.data`` writes). Every row becomes sharegpt ``messages``
+(role/content) + ``images``, image paths relative to ``<out>`` (LLaMA-Factory resolves them against its
+``media_dir``, which defaults to the dataset folder). Relative image paths in a source resolve against the source
+file's folder. Every image must exist and every row must hold as many ``<image>`` placeholders as images (the
+placeholder is prepended to dmo-format questions), as LLaMA-Factory requires: a source that breaks either is
+refused before anything is written.
+
+**Strategies.** ``exact`` (the default) takes ``n_i = round(w_i * budget)`` rows of domain ``i``: the first ``n_i``
+of a permutation of its pool that depends only on (seed, domain), so a mixture with more of a domain contains every
+row of one with less, and the result is shuffled with the same seed. A domain whose pool is smaller than ``n_i`` is
+refused unless repeats are allowed; then its pool is repeated whole and the rest drawn without replacement (each
+row ``k`` or ``k + 1`` times), and the record and the command say so. ``interleave`` is the DMO paper's way: no new
+file, but LLaMA-Factory's ``mix_strategy: interleave_under`` with ``interleave_probs = w`` over the domain pools,
+which draws each training sample's domain at random, so the per-domain counts are only *about* ``w_i * budget``
+(binomial noise of ``sqrt(budget * w_i * (1 - w_i))`` samples), and sampling stops when the first pool runs out.
+Exact counts are the default because the proxy merges experts with exactly the weights ``w``: the ground truth
+should be trained on exactly that mixture, so that its noise is the training's, not the sampler's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dmo.atomic import _explain, atomic_file
+from dmo.errors import DmoError
+from dmo.mixture import Mixture, check_domain_name, from_paper_name
+
+Strategy = Literal["exact", "interleave"]
+STRATEGIES: tuple[str, ...] = ("exact", "interleave")
+DATASET_INFO = "dataset_info.json"
+#: LLaMA-Factory's image placeholder in message text (``IMAGE_PLACEHOLDER`` in llamafactory.extras.constants).
+IMAGE_PLACEHOLDER = "<image>"
+#: The dataset_info.json description of every file dmo writes: sharegpt, role/content messages, an image list.
+SHAREGPT_ENTRY: dict[str, Any] = {
+    "formatting": "sharegpt",
+    "columns": {"messages": "messages", "images": "images"},
+    "tags": {
+        "role_tag": "role",
+        "content_tag": "content",
+        "user_tag": "user",
+        "assistant_tag": "assistant",
+        "system_tag": "system",
+    },
+}
+#: Source files looked for per domain under a data root, in this order.
+_SOURCE_PATTERNS = (
+    "domains/{d}.jsonl",  # a dmo data folder (this module's output) is a valid source too
+    "{d}/train.jsonl",  # the tiny world's layout: data/<domain>/train.jsonl
+    "{d}/train.json",
+    "{d}.jsonl",
+    "{d}.json",
+)
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+# --------------------------------------------------------------------------------------------------- naming
+
+
+def paper_name(counts: Mapping[str, int]) -> str:
+    """The DMO paper's name of a training set: ``general-25600++ocr-76800`` (sorted, zero counts dropped)."""
+    parts = [f"{check_domain_name(d)}-{int(n)}" for d, n in sorted(counts.items()) if n > 0]
+    if not parts:
+        raise DmoError("a mixture needs at least one sample: every domain count is 0")
+    return "++".join(parts)
+
+
+def mixture_name(mixture: Mixture, budget: int) -> str:
+    return paper_name(mixture.counts(budget))
+
+
+def read_name(name: str, domains: Sequence[str] | None = None) -> Mixture:
+    """A paper name (``general-25600++ocr-76800``) or a mixture id/``a=0.25,b=0.75`` text, as a mixture."""
+    if "=" not in name and ("++" in name or _looks_like_counts(name)):
+        return from_paper_name(name, domains)
+    return Mixture.parse(name, domains)
+
+
+def _looks_like_counts(name: str) -> bool:
+    _, sep, n = name.rpartition("-")
+    return bool(sep) and n.isdigit() and "+" not in name and "." not in n
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Pool:
+    """One domain's rows, converted to sharegpt; ``images`` hold absolute paths until written."""
+
+    domain: str
+    source: Path
+    rows: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def find_sources(root: Path, domains: Sequence[str]) -> dict[str, Path]:
+    """The source file of each domain under ``root`` (see ``_SOURCE_PATTERNS``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DmoError(f"data folder {root} does not exist: give a folder with one dataset per domain")
+    out = {}
+    for d in domains:
+        check_domain_name(d)
+        for pattern in _SOURCE_PATTERNS:
+            path = root / pattern.format(d=d)
+            if path.is_file():
+                out[d] = path
+                break
+        else:
+            tried = ", ".join(p.format(d=d) for p in _SOURCE_PATTERNS)
+            raise DmoError(f"no data for domain {d!r} under {root}: expected one of {tried}")
+    return out
+
+
+def discover_domains(root: Path) -> list[str]:
+    """Domains present under ``root``: sub-folders with a train file, or ``<domain>.json[l]`` files."""
+    root = Path(root)
+    if (root / "domains").is_dir() and (root / DATASET_INFO).is_file():
+        return sorted(p.stem for p in (root / "domains").glob("*.jsonl"))
+    found = set()
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.is_dir() and ((p / "train.jsonl").is_file() or (p / "train.json").is_file()):
+            found.add(p.name)
+        elif p.is_file() and p.suffix in (".jsonl", ".json") and p.name != DATASET_INFO:
+            found.add(p.stem)
+    return sorted(d for d in found if _valid_domain(d))
+
+
+def _valid_domain(name: str) -> bool:
+    try:
+        check_domain_name(name)
+    except DmoError:
+        return False
+    return True
+
+
+def read_pool(path: Path, domain: str, media_dir: Path | None = None) -> Pool:
+    """Read and convert one domain's source file; refuse missing images and placeholder mismatches."""
+    path = Path(path)
+    media = Path(media_dir) if media_dir is not None else path.parent
+    raw = _read_rows(path)
+    if not raw:
+        raise DmoError(f"{path} has no rows: domain {domain!r} needs at least one training example")
+    rows = []
+    missing: list[str] = []
+    for i, rec in enumerate(raw):
+        where = f"{path} row {i + 1}"
+        row = _convert(rec, where)
+        images = []
+        for img in row["images"]:
+            full = Path(img).expanduser()
+            full = full if full.is_absolute() else media / full
+            if not full.is_file():
+                missing.append(str(full))
+            images.append(str(full.resolve()) if full.is_file() else str(full))
+        row["images"] = images
+        n_ph = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in row["messages"])
+        if n_ph != len(images):
+            raise DmoError(
+                f"{where} has {len(images)} image(s) but {n_ph} {IMAGE_PLACEHOLDER} placeholder(s): "
+                f"LLaMA-Factory needs one {IMAGE_PLACEHOLDER} in the text per image"
+            )
+        rows.append(row)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DmoError(f"domain {domain!r} ({path}) refers to missing image file {missing[0]}{more}: fix the paths")
+    return Pool(domain, path, rows)
+
+
+def _read_rows(path: Path) -> list[Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DmoError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DmoError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+        if not isinstance(data, list):
+            raise DmoError(f"{path} must hold a JSON list of examples")
+        return data
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DmoError(f"{path} line {n} is not valid JSON: {exc.msg}") from None
+    return rows
+
+
+def _convert(rec: Any, where: str) -> dict[str, Any]:
+    """One source row as ``{"messages": [{role, content}...], "images": [...]}``."""
+    if not isinstance(rec, dict):
+        raise DmoError(f"{where} is not a JSON object")
+    images = rec.get("images", rec.get("image"))
+    images = [] if images in (None, "", []) else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise DmoError(f"{where}: 'images' must be a list of file paths")
+    system = rec.get("system") or ""
+    if "question" in rec and "answer" in rec:  # dmo / tiny world
+        question = str(rec["question"])
+        if images and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER * len(images) + question
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": str(rec["answer"])}]
+    elif isinstance(rec.get("messages"), list) or isinstance(rec.get("conversations"), list):
+        turns = rec.get("messages") if isinstance(rec.get("messages"), list) else rec["conversations"]
+        messages = []
+        for t in turns:
+            if not isinstance(t, dict):
+                raise DmoError(f"{where}: every message must be an object with role/content (or from/value)")
+            role = t.get("role", t.get("from"))
+            content = t.get("content", t.get("value"))
+            if role not in _SHAREGPT_ROLES or not isinstance(content, str):
+                raise DmoError(
+                    f"{where}: message {t!r} needs role user/assistant/system (or from human/gpt/system) and text"
+                )
+            messages.append({"role": _SHAREGPT_ROLES[role], "content": content})
+    elif "instruction" in rec and "output" in rec:  # alpaca
+        query = "\n".join(str(x) for x in (rec.get("instruction"), rec.get("input")) if x)
+        messages = [{"role": "user", "content": query}, {"role": "assistant", "content": str(rec["output"])}]
+    else:
+        raise DmoError(
+            f"{where}: unknown format (keys {sorted(rec)}): give sharegpt 'messages'/'conversations', alpaca "
+            "'instruction'/'output', or dmo 'question'/'answer'"
+        )
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    roles = [m["role"] for m in messages]
+    if not roles or len(roles) % 2 or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)):
+        raise DmoError(f"{where}: messages must alternate user/assistant, starting with user and ending with assistant")
+    if system:
+        messages = [{"role": "system", "content": str(system)}, *messages]
+    return {"messages": messages, "images": list(images)}
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Draw:
+    """Which pool rows a mixture takes: indices per domain, and the domains that had to repeat rows."""
+
+    indices: dict[str, np.ndarray]
+    repeated: dict[str, dict[str, int]] = field(default_factory=dict)  # domain -> {"pool": n, "requested": m}
+
+
+def domain_order(seed: int, domain: str, n: int) -> np.ndarray:
+    """A permutation of a pool of ``n`` rows that depends only on (seed, domain): nested mixtures share rows."""
+    return np.random.default_rng([int(seed), zlib.crc32(domain.encode())]).permutation(n)
+
+
+def draw(counts: Mapping[str, int], pool_sizes: Mapping[str, int], seed: int, allow_repeats: bool) -> Draw:
+    """Rows per domain for exact counts; repeats only where a pool is too small and they are allowed."""
+    short = {d: (n, pool_sizes[d]) for d, n in counts.items() if n > pool_sizes[d]}
+    if short and not allow_repeats:
+        d, (n, have) = next(iter(sorted(short.items())))
+        others = f" (and {len(short) - 1} more domain(s))" if len(short) > 1 else ""
+        raise DmoError(
+            f"the mixture needs {n} samples of {d!r} but its pool has only {have}{others}: lower --budget, or pass "
+            "--allow-repeats to repeat rows"
+        )
+    out = Draw({})
+    for d, n in counts.items():
+        if n <= 0:
+            continue
+        order = domain_order(seed, d, pool_sizes[d])
+        if n <= len(order):
+            out.indices[d] = order[:n]
+        else:
+            k, rest = divmod(n, len(order))
+            out.indices[d] = np.concatenate([np.tile(order, k), order[:rest]])
+            out.repeated[d] = {"pool": len(order), "requested": int(n)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- data folder
+
+
+@dataclass
+class MixRecord:
+    """What a materialised (or interleaved) mixture is; stored as ``mixtures/<name>[.interleave].json``."""
+
+    name: str
+    mixture: str
+    weights: dict[str, float]
+    budget: int
+    counts: dict[str, int]
+    seed: int
+    strategy: str
+    repeated: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: the LLaMA-Factory keys that train on this mixture (dataset, and mix_strategy/interleave_probs)
+    llamafactory: dict[str, Any] = field(default_factory=dict)
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.strategy != "exact" and self.repeated:
+            total = sum(self.counts.values())
+            stop = min(r["pool"] * total / self.counts[d] for d, r in self.repeated.items())
+            small = ", ".join(
+                f"{d!r} has {r['pool']} rows for about {r['requested']}" for d, r in self.repeated.items()
+            )
+            return [
+                f"{self.name}: {small}: interleave_under stops after about {stop:.0f} of {self.budget} samples and "
+                "training repeats that epoch to reach its steps"
+            ]
+        for d, r in sorted(self.repeated.items()):
+            out.append(
+                f"{self.name}: domain {d!r} has {r['pool']} rows but the mixture needs {r['requested']}: "
+                f"rows repeated ({r['requested'] / r['pool']:.2f}x on average)"
+            )
+        return out
+
+
+class DataFolder:
+    """A LLaMA-Factory dataset folder managed by dmo (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / DATASET_INFO
+
+    def info(self) -> dict[str, Any]:
+        if not self.info_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.info_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DmoError(f"corrupt {self.info_path}: {exc}; remove the folder and run 'dmo data mix' again") from None
+        if not isinstance(data, dict):
+            raise DmoError(f"corrupt {self.info_path}: expected a JSON object")
+        return data
+
+    def is_dmo(self) -> bool:
+        return (self.root / "domains").is_dir() and self.info_path.is_file()
+
+    def domains(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "domains").glob("*.jsonl"))
+
+    def pool_path(self, domain: str) -> Path:
+        return self.root / "domains" / f"{check_domain_name(domain)}.jsonl"
+
+    def record_path(self, name: str, strategy: str) -> Path:
+        return self.root / "mixtures" / (f"{name}.json" if strategy == "exact" else f"{name}.{strategy}.json")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise writers of this folder (dataset_info.json is read-modify-written)."""
+        lock = self.root / ".dmo-data.lock"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fh = open(lock, "a")
+        except OSError as exc:
+            raise _explain(exc, lock) from exc
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    def pool_sizes(self, domains: Sequence[str]) -> dict[str, int]:
+        sizes = {}
+        for d in domains:
+            path = self.pool_path(d)
+            if not path.is_file():
+                raise DmoError(
+                    f"data folder {self.root} has no pool for domain {d!r}: run 'dmo data mix' with its data"
+                )
+            with open(path, "rb") as fh:
+                sizes[d] = sum(1 for line in fh if line.strip())
+        return sizes
+
+    def read_pool_lines(self, domain: str) -> list[str]:
+        return [ln for ln in self.pool_path(domain).read_text().splitlines() if ln.strip()]
+
+    # ---------------------------------------------------------------- writing
+
+    def add_pools(self, pools: Sequence[Pool]) -> list[str]:
+        """Write each pool (unless the same bytes are there already); returns the domains written."""
+        written = []
+        texts = {p.domain: self._pool_text(p) for p in pools}
+        for d, text in texts.items():
+            path = self.pool_path(d)
+            if path.is_file():
+                if path.read_text() == text:
+                    continue
+                raise DmoError(
+                    f"{path} was made from other data than {next(p.source for p in pools if p.domain == d)}: "
+                    "write to a new --out folder (mixtures made from the old pool would no longer match)"
+                )
+        for d, text in texts.items():
+            path = self.pool_path(d)
+            if not path.is_file():
+                with atomic_file(path) as fh:
+                    fh.write(text)
+                written.append(d)
+        return written
+
+    def _pool_text(self, pool: Pool) -> str:
+        lines = []
+        for row in pool.rows:
+            images = [os.path.relpath(p, self.root) for p in row["images"]]
+            lines.append(json.dumps({"messages": row["messages"], "images": images}, ensure_ascii=False))
+        return "\n".join(lines) + "\n"
+
+    def update_info(self, entries: Mapping[str, dict[str, Any]]) -> None:
+        info = self.info()
+        info.update(entries)
+        with atomic_file(self.info_path) as fh:
+            fh.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    def plan_mix(
+        self,
+        mixture: Mixture,
+        budget: int,
+        sizes: Mapping[str, int],
+        *,
+        seed: int = 0,
+        strategy: Strategy = "exact",
+        allow_repeats: bool = False,
+        overwrite: bool = False,
+    ) -> tuple[MixRecord, Draw | None]:
+        """What :meth:`write_mix` will write for one mixture; refuses before anything is written."""
+        if strategy not in STRATEGIES:
+            raise DmoError(f"unknown mixing strategy {strategy!r}: choose exact or interleave")
+        if budget < 1:
+            raise DmoError(f"budget must be a positive number of samples, got {budget}")
+        counts = {d: n for d, n in mixture.counts(budget).items() if n > 0}
+        name = paper_name(counts)
+        picked: Draw | None = None
+        short: dict[str, dict[str, int]] = {}
+        if strategy == "exact":
+            picked = draw(counts, sizes, seed, allow_repeats)
+            lf: dict[str, Any] = {"dataset": name}
+        else:
+            total = sum(counts.values())
+            doms = sorted(counts)
+            # interleave_under stops at the first exhausted pool; say so when that comes before the budget
+            short = {d: {"pool": int(sizes[d]), "requested": n} for d, n in counts.items() if n > sizes[d]}
+            lf = {
+                "dataset": ",".join(doms),
+                "mix_strategy": "interleave_under",
+                "interleave_probs": ",".join(f"{counts[d] / total:.6g}" for d in doms),
+            }
+        record = MixRecord(
+            name=name,
+            mixture=mixture.id,
+            weights=mixture.as_dict(),
+            budget=budget,
+            counts=counts,
+            seed=seed,
+            strategy=strategy,
+            repeated=picked.repeated if picked is not None else short,
+            llamafactory=lf,
+        )
+        rec_path = self.record_path(name, strategy)
+        if rec_path.is_file() and not overwrite:
+            try:
+                old = json.loads(rec_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != asdict(record):
+                seed_text = f" (seed {old.get('seed')})" if isinstance(old, dict) else ""
+                raise DmoError(
+                    f"{rec_path} already describes {name} with other settings{seed_text}: pass --overwrite or use "
+                    "another --out folder"
+                )
+        return record, picked
+
+    def write_mix(self, record: MixRecord, picked: Draw | None) -> None:
+        rec_path = self.record_path(record.name, record.strategy)
+        if picked is not None:
+            data_path = self.root / "mixtures" / f"{record.name}.jsonl"
+            if not (rec_path.is_file() and data_path.is_file() and json.loads(rec_path.read_text()) == asdict(record)):
+                lines = {d: self.read_pool_lines(d) for d in picked.indices}
+                rows = [lines[d][i] for d in sorted(picked.indices) for i in picked.indices[d]]
+                order = np.random.default_rng([int(record.seed), 0x6D6978]).permutation(len(rows))
+                with atomic_file(data_path) as fh:
+                    fh.write("\n".join(rows[i] for i in order) + "\n")
+            if record.name not in self.info():
+                self.update_info({record.name: {"file_name": f"mixtures/{record.name}.jsonl", **SHAREGPT_ENTRY}})
+        with atomic_file(rec_path) as fh:
+            fh.write(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+
+
+def source_pools(
+    source: Path, domains: Sequence[str], media_dir: Path | None
+) -> tuple[dict[str, Pool] | None, dict[str, int]]:
+    """Read (and check) the domains' pools from ``source``: (pools, sizes); pools is None for a dmo folder."""
+    src = DataFolder(source)
+    if src.is_dmo():
+        return None, src.pool_sizes(domains)
+    pools = {d: read_pool(p, d, media_dir) for d, p in find_sources(source, domains).items()}
+    return pools, {d: len(p) for d, p in pools.items()}
+
+
+def prepare(
+    source: Path,
+    out: Path,
+    domains: Sequence[str] | None = None,
+    media_dir: Path | None = None,
+    pools: Mapping[str, Pool] | None = None,
+) -> DataFolder:
+    """Make ``out`` a dmo data folder holding the pools of ``domains`` read from ``source``.
+
+    Everything is read and checked before anything is written. ``source`` may itself be a dmo data folder.
+    """
+    source, folder = Path(source), DataFolder(out)
+    src = DataFolder(source)
+    if domains is None:
+        domains = src.domains() if src.is_dmo() else discover_domains(source)
+        if not domains:
+            raise DmoError(
+                f"found no domain datasets under {source}: expected <domain>/train.jsonl or <domain>.json[l] files"
+            )
+    if src.is_dmo() and src.root == folder.root:
+        missing = [d for d in domains if not folder.pool_path(d).is_file()]
+        if missing:
+            raise DmoError(f"data folder {folder.root} has no pool for domain {missing[0]!r}: run 'dmo data mix' first")
+        return folder
+    if pools is None:
+        media = src.root if src.is_dmo() else media_dir
+        pools = {d: read_pool(p, d, media) for d, p in find_sources(source, domains).items()}
+    with folder.locked():
+        written = folder.add_pools([pools[d] for d in domains])
+        info = folder.info()
+        if written or any(d not in info for d in domains):
+            folder.update_info({d: {"file_name": f"domains/{d}.jsonl", **SHAREGPT_ENTRY} for d in domains})
+    return folder
+
+
+def mix(
+    source: Path,
+    out: Path,
+    mixtures: Sequence[Mixture],
+    budget: int,
+    *,
+    seed: int = 0,
+    strategy: Strategy = "exact",
+    allow_repeats: bool = False,
+    overwrite: bool = False,
+    media_dir: Path | None = None,
+) -> list[MixRecord]:
+    """``dmo data mix``: convert the domains the mixtures use, then materialise or describe each mixture.
+
+    Every mixture is checked (sources, images, pool sizes, existing records) before any file is written.
+    """
+    if not mixtures:
+        raise DmoError("no mixtures given: pass --mixture general=0.25,ocr=0.75 (repeatable) or --space FILE")
+    if budget < 1:
+        raise DmoError(f"budget must be a positive number of samples, got {budget}")
+    domains = sorted({d for m in mixtures for d, n in m.counts(budget).items() if n > 0})
+    if not domains:
+        raise DmoError(f"every mixture rounds to 0 samples at budget {budget}: raise --budget")
+    pools, sizes = source_pools(Path(source), domains, media_dir)
+    folder = DataFolder(out)
+    plans = [
+        folder.plan_mix(
+            m, budget, sizes, seed=seed, strategy=strategy, allow_repeats=allow_repeats, overwrite=overwrite
+        )
+        for m in mixtures
+    ]
+    folder = prepare(Path(source), out, domains, media_dir, pools)
+    with folder.locked():
+        for record, picked in plans:
+            folder.write_mix(record, picked)
+    return [record for record, _ in plans]
