@@ -25,6 +25,12 @@ world_app = typer.Typer(help="The embedded tiny synthetic world (data, base mode
 spaces_app = typer.Typer(help="Search spaces: domains and candidate mixtures.")
 app.add_typer(world_app, name="world")
 app.add_typer(spaces_app, name="spaces")
+# Ground truth (mixture datasets, LLaMA-Factory training, lmms-eval ingestion) lives in its own module.
+from dmo.cli_ground_truth import data_app, ingest_command, train_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.command("ingest")(ingest_command)
 console = Console()
 err = Console(stderr=True)
 
@@ -82,12 +88,22 @@ def study(
     experts: Annotated[Path | None, typer.Option(help="Expert manifest, overriding the space's.")] = None,
     backend: Annotated[str | None, typer.Option(help="Scoring backend: hf or vllm (default: the space's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items of each benchmark.")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Local worker processes on the study (more can join from other hosts).")
+    ] = 1,
 ) -> None:
-    """Run or resume an Optuna study over the space's mixture weights."""
+    """Run, resume or join an Optuna study over the space's mixture weights."""
     from dmo.pipeline import Session, print_study_result
 
     session = Session.open(space_file, sampler=sampler, experts=experts, backend=backend, limit=limit)
-    result = session.run_study(n_trials=n_trials, storage=storage, study_name=study_name)
+    if workers > 1:
+        from dmo.workers import run_workers
+
+        result = run_workers(
+            session.space, session.scorer, workers, n_trials=n_trials, storage=storage, study_name=study_name
+        )
+    else:
+        result = session.run_study(n_trials=n_trials, storage=storage, study_name=study_name)
     print_study_result(console, session, result)
 
 
@@ -95,19 +111,61 @@ def study(
 def correlate(
     results: Annotated[Path, typer.Argument(help="A results folder (results/<space>) or its scores.jsonl.")],
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.", min=1)] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the permutations.")] = 0,
+    n_perm: Annotated[int, typer.Option(help="Permutations for the p-values (exact if n! <= this).", min=1)] = 1000,
+    top_k: Annotated[int, typer.Option(help="k of the top-k overlap.", min=1)] = 3,
 ) -> None:
     """Rank correlation of proxy scores with trained-mixture scores, per benchmark, with baselines."""
     from dmo.correlate import correlate as run
     from dmo.report import render_correlation
+
+    table = run(_results_frame(results), n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k)
+    render_correlation(console, table, fmt)
+
+
+def _results_frame(results: Path):
     from dmo.results import ResultsTable
 
     path = results / "scores.jsonl" if results.is_dir() else results
     if not path.exists():
         raise DmoError(f"no results table at {path}: run 'dmo study' or 'dmo demo' first")
-    table = run(ResultsTable(path).frame(), n_boot=n_boot, seed=seed)
-    render_correlation(console, table, fmt)
+    return ResultsTable(path).frame()
+
+
+@app.command()
+def compare(
+    results: Annotated[Path, typer.Argument(help="A results folder (results/<space>) or its scores.jsonl.")],
+    benchmark: Annotated[str | None, typer.Option(help="Only this benchmark (or 'mean score').")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
+    all_mixtures: Annotated[
+        bool, typer.Option("--all", help="Also list mixtures that have only a proxy or only a trained score.")
+    ] = False,
+) -> None:
+    """Proxy and trained score side by side per mixture and benchmark, sorted, with ranks."""
+    from dmo.compare import compare as run
+    from dmo.report import render_compare
+
+    render_compare(console, run(_results_frame(results), benchmark=benchmark, include_all=all_mixtures), fmt)
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="A results folder (results/<space>) or its scores.jsonl.")],
+    output: Annotated[Path | None, typer.Option(help="HTML file to write (default: RESULTS/report.html).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage of the studies (default: RESULTS/study.db if present).")
+    ] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.", min=1)] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the permutations.")] = 0,
+    n_perm: Annotated[int, typer.Option(help="Permutations for the p-values.", min=1)] = 1000,
+    top_k: Annotated[int, typer.Option(help="k of the top-k overlap.", min=1)] = 3,
+) -> None:
+    """Write one self-contained HTML report (plots embedded) about a results folder."""
+    from dmo.html_report import write_report
+
+    path = write_report(results, output, storage=storage, n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k)
+    console.print(f"report: [bold]{path}[/]")
 
 
 @app.command()
@@ -120,6 +178,66 @@ def demo(
     from dmo.pipeline import run_demo
 
     run_demo(console, space_file, n_trials=n_trials, small=small)
+
+
+@app.command()
+def merge(
+    experts: Annotated[Path, typer.Option(help="Expert manifest (experts/*.yaml).")],
+    weights: Annotated[str, typer.Option(help="Mixture, e.g. general=0.25,ocr=0.75 (missing domains are 0).")],
+    out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
+    method: Annotated[
+        str, typer.Option(help="linear, task_arithmetic, ties, dare, dare_ties, robustmerge.")
+    ] = "linear",
+    as_: Annotated[str, typer.Option("--as", help="dense: a full model; adapter: one PEFT LoRA adapter.")] = "dense",
+    param: Annotated[
+        list[str] | None, typer.Option(help="Method parameter name=value (repeatable), e.g. density=0.5, scale=0.8.")
+    ] = None,
+    paper_rounding: Annotated[
+        bool,
+        typer.Option(help="The DMO paper's coefficients round(w*budget)/budget (zeros dropped, not renormalised)."),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Regex of tensors to merge (repeatable; default all).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Regex of tensors that keep the base value (repeatable; replaces the paper's defaults; "
+            "'none' merges everything)."
+        ),
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Output dtype (default: the base's).")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="Worker threads (default: one per CPU).")] = None,
+    allow_bin: Annotated[bool, typer.Option(help="Read .bin weights with torch.load(weights_only=True).")] = False,
+) -> None:
+    """Merge a manifest's experts for one mixture into a proxy model (dense) or a LoRA adapter."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dmo.merge.proxy import merge_manifest, parse_params, parse_size
+
+    excludes = [] if exclude == ["none"] else exclude
+    with Progress(
+        TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        stats = merge_manifest(
+            experts, weights, out, method=method, params=parse_params(param), as_=as_,  # type: ignore[arg-type]
+            paper_rounding=paper_rounding, include=include or None, exclude=excludes, dtype=dtype,
+            max_shard_size=parse_size(max_shard_size), overwrite=overwrite, device=device, threads=threads,
+            allow_bin=allow_bin, progress=progress,
+        )  # fmt: skip
+    if stats.excluded_adapted:
+        console.print(f"kept the base value of {len(stats.excluded_adapted)} adapted tensors (include/exclude), "
+                      f"e.g. {stats.excluded_adapted[0]}", highlight=False)  # fmt: skip
+    console.print(f"{stats.out}: {stats.summary()}", highlight=False)
 
 
 def main() -> None:

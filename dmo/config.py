@@ -204,6 +204,20 @@ class ScoringSpec(_Strict):
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=64, gt=0)
     device: str = "auto"
+    #: ``replay`` backend only: the recorded results table to answer from, and whether the nearest recorded
+    #: mixture may answer for one that was not recorded (dmo/scoring/replay_backend.py).
+    table: str | None = None
+    nearest: bool = False
+
+    @model_validator(mode="after")
+    def _replay_only(self) -> ScoringSpec:
+        if self.backend != "replay" and (self.table is not None or self.nearest):
+            raise ValueError("'table' and 'nearest' are options of the replay backend only (backend: replay)")
+        return self
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments for the backend's factory besides the common ones."""
+        return {"table": self.table, "nearest": self.nearest} if self.backend == "replay" else {}
 
 
 class SearchSpace(_Strict):
@@ -348,6 +362,9 @@ def load_space(path: str | Path) -> SearchSpace:
         updates["name"] = safe_name(path.stem, "space name")
     if space.experts and space.experts not in (TINYWORLD, TINYWORLD_SMALL):
         updates["experts"] = str((path.parent / Path(space.experts).expanduser()).resolve())
+    if space.scoring.table:
+        table = str((path.parent / Path(space.scoring.table).expanduser()).resolve())
+        updates["scoring"] = space.scoring.model_copy(update={"table": table})
     return space.model_copy(update=updates) if updates else space
 
 

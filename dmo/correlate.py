@@ -7,14 +7,22 @@ score and a trained score (the mean over training seeds):
   all: a proxy is only worth its cost where it beats this;
 - the **seed ceiling**: rho between two training seeds of the same mixtures (how well trained models agree
   with themselves);
+- the **regression baseline** (RegMix-style): a ridge regression on the mixture weights and their pairwise
+  products, fitted on the *other* trained mixtures and predicting each held-out one (leave-one-out); its rho
+  with the truth is what a few trained mixtures buy without any proxy;
 - regret@1: best trained score minus the trained score of the mixture the proxy ranks first (averaged over
-  mixtures tied for first place).
+  mixtures tied for first place);
+- a two-sided permutation p-value of the proxy's rho (seeded; exact enumeration when n! <= n_perm), with
+  scipy.stats.permutation_test's definition, so the two agree exactly on the same seed;
+- top-k overlap: the share of the trained top k found in the proxy's top k, in expectation over random
+  tie-breaking (NaN when there are no more than k mixtures, where it is trivially 1).
 Two summary rows per group: ``mean score`` (rho of the benchmark-averaged scores) and ``mean rho`` (the
-average of the per-benchmark rhos, its CI from the same joint bootstrap).
+average of the per-benchmark rhos, its CI and p-value from the same joint bootstrap and permutations).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -44,6 +52,13 @@ class CorrelationRow:
     regret_at_1: float
     proxy_pick: str
     trained_best: str
+    # Added after the columns above so that positional readers of old CSVs keep working.
+    spearman_p: float = math.nan
+    topk_overlap: float = math.nan
+    k: int = 3
+    regression_spearman: float = math.nan
+    regression_lo: float = math.nan
+    regression_hi: float = math.nan
 
 
 def _nan_if_constant(fn, x: np.ndarray, y: np.ndarray) -> float:
@@ -87,11 +102,135 @@ def _ci(samples: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def permutation_indices(n: int, n_perm: int, seed: int) -> tuple[np.ndarray, bool]:
+    """Permutations of ``range(n)`` for a permutation test, and whether they are all n! of them (exact test).
+
+    Drawn as scipy.stats.permutation_test draws them for one sample (``permutation_type="pairings"``,
+    ``rng=seed``, one batch), so the p-values below equal scipy's on the same seed.
+    """
+    if n_perm >= math.factorial(n):
+        return np.array(list(itertools.permutations(range(n))), dtype=np.intp).reshape(-1, n), True
+    return np.random.default_rng(seed).permuted(np.tile(np.arange(n), (n_perm, 1)), axis=-1), False
+
+
+def permutation_pvalue(null: np.ndarray, observed: float, exact: bool) -> float:
+    """Two-sided p-value of ``observed`` against its permutation ``null`` (scipy's definition)."""
+    if not math.isfinite(observed):
+        return math.nan
+    null = np.asarray(null, float)
+    adjustment = 0 if exact else 1
+    gamma = abs(np.finfo(float).eps * 100 * observed)
+    less = (np.count_nonzero(null <= observed + gamma) + adjustment) / (len(null) + adjustment)
+    greater = (np.count_nonzero(null >= observed - gamma) + adjustment) / (len(null) + adjustment)
+    return float(min(1.0, max(0.0, 2 * min(less, greater))))
+
+
+def spearman_permutation_test(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of Spearman's rho (NaN when rho is undefined)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rho = spearman(x, y)
+    if math.isnan(rho):
+        return math.nan
+    perms, exact = permutation_indices(len(x), n_perm, seed)
+    return permutation_pvalue(_rowwise_spearman(x[perms], np.broadcast_to(y, perms.shape)), rho, exact)
+
+
+def _top_share(v: np.ndarray, k: int) -> np.ndarray:
+    """Probability of each item to be among the k largest when ties are broken uniformly at random."""
+    kth = np.sort(v)[::-1][k - 1]
+    above, tied = v > kth, v == kth
+    out = above.astype(float)
+    out[tied] = (k - above.sum()) / tied.sum()
+    return out
+
+
+def topk_overlap(x: np.ndarray, y: np.ndarray, k: int = 3) -> float:
+    """Expected share of y's top k that is also in x's top k, ties broken at random; NaN if len <= k."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if k < 1 or len(x) <= k:
+        return math.nan
+    return float(np.sum(_top_share(x, k) * _top_share(y, k)) / k)
+
+
+#: Ridge penalties tried by the regression baseline; the one with the least inner leave-one-out error wins.
+RIDGE_ALPHAS = np.logspace(-6, 3, 19)
+
+
+def regression_features(weights: np.ndarray) -> np.ndarray:
+    """The weights and their pairwise products (RegMix's regression inputs, with interactions)."""
+    w = np.asarray(weights, float)
+    pairs = [w[:, i] * w[:, j] for i, j in itertools.combinations(range(w.shape[1]), 2)]
+    return np.column_stack([w, *pairs]) if pairs else w
+
+
+def _standardise(x: np.ndarray, x_new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and scale the training features (dropping constant ones); the same transform for x_new."""
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    keep = sd > 1e-12
+    return (x[:, keep] - mu[keep]) / sd[keep], (x_new[:, keep] - mu[keep]) / sd[keep]
+
+
+def ridge_loo_mse(x: np.ndarray, y: np.ndarray, alphas: np.ndarray = RIDGE_ALPHAS) -> np.ndarray:
+    """Leave-one-out mean squared error of a ridge fit for each penalty, in closed form (no refits).
+
+    The features are standardised once on all of (x, y); with an unpenalised intercept the hat matrix is
+    H = 1/m + Xc (Xc'Xc + a I)^-1 Xc' and the held-out residual of point i is e_i / (1 - H_ii).
+    """
+    xs, _ = _standardise(x, x[:0])
+    yc = y - y.mean()
+    u, s, _ = np.linalg.svd(xs, full_matrices=False)
+    uty = u.T @ yc
+    out = np.empty(len(alphas))
+    for j, alpha in enumerate(alphas):
+        shrink = s**2 / (s**2 + alpha)
+        h = (u**2) @ shrink + 1.0 / len(y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[j] = np.mean(((yc - u @ (shrink * uty)) / (1.0 - h)) ** 2)
+    return out
+
+
+def ridge_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float | None = None) -> np.ndarray:
+    """Ridge regression on standardised features with an unpenalised intercept, evaluated at ``x_new``.
+
+    Without ``alpha``, the penalty of :data:`RIDGE_ALPHAS` with the least leave-one-out error on (x, y) is used.
+    """
+    xs, xn = _standardise(x, x_new)
+    if xs.shape[1] == 0:
+        return np.full(len(x_new), y.mean())
+    if alpha is None:
+        mse = ridge_loo_mse(x, y)
+        ok = np.isfinite(mse)
+        alpha = float(RIDGE_ALPHAS[ok][np.argmin(mse[ok])]) if ok.any() else float(RIDGE_ALPHAS[-1])
+    u, s, vt = np.linalg.svd(xs, full_matrices=False)
+    beta = vt.T @ (s / (s**2 + alpha) * (u.T @ (y - y.mean())))
+    return y.mean() + xn @ beta
+
+
+def regression_loo(weights: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Leave-one-out predictions of a ridge regression from mixture weights to trained scores.
+
+    Each mixture's score is predicted by a model fitted on the other mixtures only, as a RegMix-style
+    predictor fitted on a few trained mixtures would predict an untrained one. None below 4 mixtures.
+    """
+    y = np.asarray(y, float)
+    n = len(y)
+    if n < 4:
+        return None
+    x = regression_features(np.nan_to_num(np.asarray(weights, float)).reshape(n, -1))
+    if x.shape[1] == 0 or not (np.ptp(x, axis=0) > 1e-12).any():
+        return None  # no weights to regress on (the mean of the others would be perfectly anti-ranked)
+    out = np.empty(n)
+    for i in range(n):
+        rest = np.arange(n) != i
+        out[i] = ridge_predict(x[rest], y[rest], x[i : i + 1])[0]
+    return out
+
+
 def _pivot(df: pd.DataFrame, index: str | list[str]) -> pd.DataFrame:
     return df.pivot_table(index=index, columns="benchmark", values="score", aggfunc="mean")
 
 
-def correlate(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def correlate(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, n_perm: int = 1000, k: int = 3) -> pd.DataFrame:
     """One row per (group, method, benchmark) plus the two summary rows; see the module docstring."""
     ok = df[(df["status"] == "ok") & df["score"].notna()].copy()
     ok["score"] = ok["score"].astype(float)
@@ -101,16 +240,18 @@ def correlate(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
     t_mean = _pivot(trained, "mixture")
     t_seeds = _pivot(trained, ["mixture", "seed"])
     experts = _pivot(ok[ok["kind"] == "expert"], "mixture")
+    opts = _Options(n_boot, seed, n_perm, k)
     rows: list[CorrelationRow] = []
     proxies = ok[ok["kind"] == "proxy"]
     for (group, method), part in proxies.groupby(["group", "method"], sort=True):
         p = _pivot(part, "mixture")
         weights = part.drop_duplicates("mixture").set_index("mixture")[[c for c in part if c.startswith("w_")]]
+        weights = weights.loc[:, weights.notna().any()]
         benches = [b for b in p.columns if b in t_mean.columns]
         mix = sorted(set(p.index) & set(t_mean.index))
         if not mix or not benches:
             continue
-        per_bench_boot = []
+        per_bench_boot, per_bench_null = [], []
         bench_rows = []
         for b in benches:
             sub = [m for m in mix if pd.notna(p.at[m, b]) and pd.notna(t_mean.at[m, b])]
@@ -118,10 +259,14 @@ def correlate(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
                 continue
             x, y = p.loc[sub, b].to_numpy(), t_mean.loc[sub, b].to_numpy()
             base = _expert_mix(weights.loc[sub], experts, b)
-            row, boot = _row(str(group), str(method), b, sub, x, y, base, _seed_rho(t_seeds, sub, b), n_boot, seed)
+            reg = regression_loo(weights.loc[sub].to_numpy(), y)
+            row, boot, null = _row(str(group), str(method), b, sub, x, y, base, reg, _seed_rho(t_seeds, sub, b), opts)
             bench_rows.append(row)
-            if boot is not None and len(sub) == len(mix):
-                per_bench_boot.append(boot)
+            if len(sub) == len(mix):
+                if boot is not None:
+                    per_bench_boot.append(boot)
+                if null is not None:
+                    per_bench_null.append(null)
         rows.extend(bench_rows)
         full = [m for m in mix if p.loc[m, benches].notna().all() and t_mean.loc[m, benches].notna().all()]
         if len(full) >= 2:
@@ -130,19 +275,62 @@ def correlate(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
             if not experts.empty and all(b in experts.columns for b in benches):
                 parts = [_expert_mix(weights.loc[full], experts, b) for b in benches]
                 base = None if any(q is None for q in parts) else np.mean(parts, axis=0)
+            reg = regression_loo(weights.loc[full].to_numpy(), y)
             seeds = _seed_rho(t_seeds, full, benches)
-            row, _ = _row(str(group), str(method), MEAN_SCORE, full, x, y, base, seeds, n_boot, seed)
+            row, _, _ = _row(str(group), str(method), MEAN_SCORE, full, x, y, base, reg, seeds, opts)
             rows.append(row)
         if bench_rows:
-            boot_mean = np.nanmean(np.vstack(per_bench_boot), axis=0) if per_bench_boot else np.array([])
-            lo, hi = _ci(boot_mean) if len(boot_mean) else (math.nan, math.nan)
-            rows.append(CorrelationRow(
-                str(group), str(method), MEAN_RHO, min(r.n for r in bench_rows), _mean(bench_rows, "spearman"),
-                lo, hi, _mean(bench_rows, "kendall"), _mean(bench_rows, "pearson"),
-                _mean(bench_rows, "baseline_spearman"), math.nan, math.nan, _mean(bench_rows, "seed_spearman"),
-                _mean(bench_rows, "regret_at_1"), "", "",
-            ))
+            rows.append(_mean_rho_row(str(group), str(method), bench_rows, per_bench_boot, per_bench_null, opts))
     return pd.DataFrame([asdict(r) for r in rows])
+
+
+@dataclass(frozen=True)
+class _Options:
+    n_boot: int
+    seed: int
+    n_perm: int
+    k: int
+
+
+def _mean_rho_row(
+    group: str,
+    method: str,
+    bench_rows: list[CorrelationRow],
+    boots: list[np.ndarray],
+    nulls: list[np.ndarray],
+    opts: _Options,
+) -> CorrelationRow:
+    """The average of the per-benchmark rows; CI and p-value from resamples shared by the benchmarks."""
+    boot_mean = np.nanmean(np.vstack(boots), axis=0) if boots else np.array([])
+    lo, hi = _ci(boot_mean) if len(boot_mean) else (math.nan, math.nan)
+    p_value = math.nan
+    if nulls and len(nulls) == len(bench_rows):
+        # Every benchmark covers the same mixtures, so one permutation of them is applied to all at once.
+        exact = opts.n_perm >= math.factorial(bench_rows[0].n)
+        with np.errstate(invalid="ignore"):
+            p_value = permutation_pvalue(np.nanmean(np.vstack(nulls), axis=0), _mean(bench_rows, "spearman"), exact)
+    return CorrelationRow(
+        group,
+        method,
+        MEAN_RHO,
+        min(r.n for r in bench_rows),
+        _mean(bench_rows, "spearman"),
+        lo,
+        hi,
+        _mean(bench_rows, "kendall"),
+        _mean(bench_rows, "pearson"),
+        _mean(bench_rows, "baseline_spearman"),
+        math.nan,
+        math.nan,
+        _mean(bench_rows, "seed_spearman"),
+        _mean(bench_rows, "regret_at_1"),
+        "",
+        "",
+        spearman_p=p_value,
+        topk_overlap=_mean(bench_rows, "topk_overlap"),
+        k=opts.k,
+        regression_spearman=_mean(bench_rows, "regression_spearman"),
+    )
 
 
 def _mean(rows: list[CorrelationRow], attr: str) -> float:
@@ -180,25 +368,52 @@ def _seed_rho(t_seeds: pd.DataFrame, mixtures: list[str], bench: str | list[str]
     return spearman(pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy())
 
 
-def _row(group, method, bench, mixtures, x, y, base, seed_rho, n_boot, seed):
-    """One table row and its bootstrap rhos.
+def _row(group, method, bench, mixtures, x, y, base, reg, seed_rho, opts: _Options):
+    """One table row, its bootstrap rhos and its permutation null distribution.
 
-    The resamples depend only on (number of mixtures, n_boot, seed), so benchmarks over the same mixtures
-    share them, which is what makes the ``mean rho`` CI a joint bootstrap.
+    The resamples depend only on (number of mixtures, n_boot or n_perm, seed), so benchmarks over the same
+    mixtures share them, which is what makes the ``mean rho`` CI and p-value joint over benchmarks.
     """
-    boot = None
-    lo = hi = b_lo = b_hi = math.nan
+    boot = null = None
+    lo = hi = b_lo = b_hi = r_lo = r_hi = math.nan
     if len(mixtures) >= 3:
-        sel = bootstrap_indices(len(mixtures), n_boot, seed)
+        sel = bootstrap_indices(len(mixtures), opts.n_boot, opts.seed)
         boot = _rowwise_spearman(x[sel], y[sel])
         lo, hi = _ci(boot)
         if base is not None:
             b_lo, b_hi = _ci(_rowwise_spearman(base[sel], y[sel]))
+        if reg is not None:
+            r_lo, r_hi = _ci(_rowwise_spearman(reg[sel], y[sel]))
+    rho = spearman(x, y)
+    p_value = math.nan
+    if not math.isnan(rho):
+        perms, exact = permutation_indices(len(mixtures), opts.n_perm, opts.seed)
+        null = _rowwise_spearman(x[perms], np.broadcast_to(y, perms.shape))
+        p_value = permutation_pvalue(null, rho, exact)
     # Mixtures tied for the proxy's first place are equally likely picks: regret is their mean.
     top = np.flatnonzero(x == np.max(x))
     row = CorrelationRow(
-        group, method, bench, len(mixtures), spearman(x, y), lo, hi, kendall(x, y), pearson(x, y),
-        spearman(base, y) if base is not None else math.nan, b_lo, b_hi, seed_rho,
-        float(np.max(y) - np.mean(y[top])), mixtures[int(top[0])], mixtures[int(np.argmax(y))],
+        group,
+        method,
+        bench,
+        len(mixtures),
+        rho,
+        lo,
+        hi,
+        kendall(x, y),
+        pearson(x, y),
+        spearman(base, y) if base is not None else math.nan,
+        b_lo,
+        b_hi,
+        seed_rho,
+        float(np.max(y) - np.mean(y[top])),
+        mixtures[int(top[0])],
+        mixtures[int(np.argmax(y))],
+        spearman_p=p_value,
+        topk_overlap=topk_overlap(x, y, opts.k),
+        k=opts.k,
+        regression_spearman=spearman(reg, y) if reg is not None else math.nan,
+        regression_lo=r_lo,
+        regression_hi=r_hi,
     )
-    return row, boot
+    return row, boot, null

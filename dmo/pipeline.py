@@ -16,7 +16,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dmo.config import TINYWORLD, TINYWORLD_SMALL, ExpertManifest, SearchSpace, load_manifest, load_space
+from dmo.config import (
+    TINYWORLD,
+    TINYWORLD_SMALL,
+    ExpertManifest,
+    SearchSpace,
+    load_manifest,
+    load_space,
+    parse_space,
+)
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.paths import results_dir
@@ -61,14 +69,15 @@ class Session:
             updates["experts"] = str(Path(experts).resolve())
         scoring = space.scoring.model_copy(update={k: v for k, v in (("backend", backend), ("limit", limit)) if v})
         updates["scoring"] = scoring
-        space = space.model_validate({**space.model_dump(), **{k: _dump(v) for k, v in updates.items()}})
+        merged = {**space.model_dump(), **{k: _dump(v) for k, v in updates.items()}}
+        space = parse_space(merged, f"{space_file or space.name} with the command-line options")
         manifest, include_path = resolve_experts(space)
         for d in space.domains:
             if d not in manifest.experts:
                 raise DmoError(f"domain {d!r} of space {space.name!r} has no expert in manifest {manifest.name!r}")
         scorer = make_scorer(
             space.scoring.backend, manifest=manifest, include_path=include_path, limit=space.scoring.limit,
-            batch_size=space.scoring.batch_size, device=space.scoring.device,
+            batch_size=space.scoring.batch_size, device=space.scoring.device, **space.scoring.backend_options(),
         )
         assert space.name is not None
         table = ResultsTable(results_dir() / space.name / "scores.jsonl")
@@ -172,7 +181,11 @@ def run_demo(console: Console, space_file: Path | None = None, n_trials: int = 1
     table = correlate(session.table.frame())
     render_correlation(console, table[table["group"] == space.name] if not table.empty else table)
     _print_choice(console, session, grid, study)
+    from dmo.html_report import write_report
+
+    report = write_report(session.table.path.parent)
     console.print(f"done in {time.perf_counter() - t0:.0f} s; results table: [bold]{session.table.path}[/]")
+    console.print(f"report: [bold]{report}[/]")
     return session.table.path
 
 

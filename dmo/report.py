@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from rich import box
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from dmo.errors import DmoError
@@ -25,19 +28,72 @@ def _ci(rho: float, lo: float, hi: float) -> str:
     return f"{_f(rho)} [{_f(lo)}, {_f(hi)}]"
 
 
+def _p(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3f}" if x >= 0.001 else f"{x:.0e}"
+
+
+def _share(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
 def correlation_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of a correlation table (shared by the terminal, Markdown and HTML)."""
+    k = int(table["k"].iloc[0]) if "k" in table and len(table) else 3
     head = [
-        "group", "method", "benchmark", "n", "proxy rho [95% CI]", "tau", "expert-mix rho [95% CI]",
-        "seed rho", "regret@1",
+        "group",
+        "method",
+        "benchmark",
+        "n",
+        "proxy rho [95% CI]",
+        "p",
+        "tau",
+        "r",
+        f"top-{k}",
+        "expert-mix rho [95% CI]",
+        "regression rho [95% CI]",
+        "seed rho",
+        "regret@1",
     ]
     rows = []
     for r in table.itertuples():
-        rows.append([
-            r.group, r.method, r.benchmark, str(r.n), _ci(r.spearman, r.spearman_lo, r.spearman_hi),
-            _f(r.kendall), _ci(r.baseline_spearman, r.baseline_lo, r.baseline_hi), _f(r.seed_spearman),
-            "-" if math.isnan(r.regret_at_1) else f"{r.regret_at_1:.3f}",
-        ])
+        rows.append(
+            [
+                r.group,
+                r.method,
+                r.benchmark,
+                str(r.n),
+                _ci(r.spearman, r.spearman_lo, r.spearman_hi),
+                _p(getattr(r, "spearman_p", math.nan)),
+                _f(r.kendall),
+                _f(r.pearson),
+                _share(getattr(r, "topk_overlap", math.nan)),
+                _ci(r.baseline_spearman, r.baseline_lo, r.baseline_hi),
+                _ci(
+                    getattr(r, "regression_spearman", math.nan),
+                    getattr(r, "regression_lo", math.nan),
+                    getattr(r, "regression_hi", math.nan),
+                ),
+                _f(r.seed_spearman),
+                "-" if math.isnan(r.regret_at_1) else f"{r.regret_at_1:.3f}",
+            ]
+        )
     return head, rows
+
+
+LEGEND = (
+    "p = two-sided permutation p-value of the proxy's rho; r = Pearson; top-k = share of the trained top k in the "
+    "proxy's top k; expert-mix = sum_i w_i * score(expert_i), a free baseline; regression = ridge on the weights "
+    "fitted on the other trained mixtures (RegMix-style, leave-one-out); seed rho = agreement of two training "
+    "seeds (the ceiling); regret@1 = best trained score minus that of the proxy's top mixture."
+)
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def render_correlation(console: Console, table: pd.DataFrame, fmt: str = "table") -> None:
@@ -54,18 +110,144 @@ def render_correlation(console: Console, table: pd.DataFrame, fmt: str = "table"
         return
     head, rows = correlation_rows(table)
     if fmt == "markdown":
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        console.print("\n".join(lines), highlight=False, soft_wrap=True)
+        console.print(markdown_table(head, rows), highlight=False, soft_wrap=True)
         return
-    title = "proxy vs trained mixtures: rank correlation (Spearman rho, bootstrap 95% CI)"
-    t = Table(title=title, title_justify="left")
-    for h in head:
-        t.add_column(h, justify="left" if h in ("group", "method", "benchmark") else "right")
+    title = "proxy vs trained mixtures: rank correlation (Spearman rho \\[bootstrap 95% CI])"
+    # A column that says the same on every row (one space, one merge method) goes into the title instead.
+    drop = [i for i, h in enumerate(head[:2]) if len({r[i] for r in rows}) == 1]
+    if drop:
+        title += " - " + ", ".join(f"{head[i]} {escape(rows[0][i])}" for i in drop)
+    table_ = _correlation_rich(title, head, rows, drop, compact=False)
+    compact = Measurement.get(console, console.options.update_width(10_000), table_).maximum > console.width
+    if compact:  # too wide for this terminal: the CIs, tau and r stay in the other formats
+        table_ = _correlation_rich(title, head, rows, [*drop, head.index("tau"), head.index("r")], compact=True)
+    console.print(table_)
+    console.print(LEGEND, highlight=False)
+    if compact:
+        console.print(
+            "(CIs, tau and r left out to fit this terminal: widen it, or use --format markdown, csv or json)",
+            highlight=False,
+        )
+
+
+#: Shorter headers for the terminal, where width is scarce.
+_SHORT = {
+    "proxy rho [95% CI]": "proxy rho",
+    "expert-mix rho [95% CI]": "expert-mix",
+    "regression rho [95% CI]": "regression",
+}
+_SHORTER = {
+    "proxy rho [95% CI]": "proxy",
+    "expert-mix rho [95% CI]": "exp-mix",
+    "regression rho [95% CI]": "regress",
+    "seed rho": "seed",
+    "regret@1": "regret",
+}
+
+
+def _correlation_rich(title: str, head: list[str], rows: list[list[str]], drop: list[int], compact: bool) -> Table:
+    keep = [i for i in range(len(head)) if i not in drop]
+    names = _SHORTER if compact else _SHORT
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i in keep:
+        h = head[i]
+        left = h in ("group", "method", "benchmark")
+        t.add_column(names.get(h, h), justify="left" if left else "right", overflow="fold", no_wrap=compact or not left)
     for r in rows:
-        t.add_row(*r, style="bold" if r[2] in ("mean score", "mean rho") else None)
-    console.print(t)
+        # CIs go on a second line of their cell (they would double the table's width), or away
+        cells = [escape(r[i].split(" [")[0] if compact else r[i].replace(" [", "\n[")) for i in keep]
+        t.add_row(*cells, style="bold" if r[2] in ("mean score", "mean rho") else None)
+    return t
+
+
+def _num(x, digits: int = 4) -> str:
+    return "-" if x is None or pd.isna(x) else f"{float(x):.{digits}f}"
+
+
+def _int(x) -> str:
+    return "-" if x is None or pd.isna(x) else str(int(x))
+
+
+def _signed(x) -> str:
+    return "-" if x is None or pd.isna(x) else f"{int(x):+d}"
+
+
+COMPARE_HEAD = [
+    "group",
+    "method",
+    "benchmark",
+    "mixture",
+    "trained",
+    "seeds",
+    "proxy",
+    "expert-mix",
+    "trained rank",
+    "proxy rank",
+    "rank diff",
+]
+
+
+def compare_rows(frame: pd.DataFrame) -> list[list[str]]:
+    return [
+        [
+            r.group,
+            r.method,
+            r.benchmark,
+            r.mixture,
+            _num(r.trained),
+            _int(r.seeds),
+            _num(r.proxy),
+            _num(r.expert_mix),
+            _int(r.trained_rank),
+            _int(r.proxy_rank),
+            _signed(r.rank_diff),
+        ]
+        for r in frame.itertuples()
+    ]
+
+
+def render_compare(console: Console, frame: pd.DataFrame, fmt: str = "table") -> None:
+    """Proxy vs trained per mixture: one rich table per (group, method, benchmark), or one flat table."""
+    if fmt not in FORMATS:
+        raise DmoError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "csv":
+        console.print(frame.to_csv(index=False), end="", highlight=False, soft_wrap=True)
+        return
+    if fmt == "json":
+        console.print(frame.to_json(orient="records", indent=2), highlight=False, soft_wrap=True)
+        return
+    if frame.empty:
+        console.print("no mixture has both a proxy score and a trained score yet")
+        return
+    if fmt == "markdown":
+        console.print(markdown_table(COMPARE_HEAD, compare_rows(frame)), highlight=False, soft_wrap=True)
+        return
+    from dmo.correlate import spearman
+
+    for (group, method, bench), part in frame.groupby(["group", "method", "benchmark"], sort=False):
+        both = part.dropna(subset=["proxy", "trained"])
+        rho = spearman(both["proxy"].to_numpy(float), both["trained"].to_numpy(float))
+        title = f"{group} / {method} / {bench}: proxy rho {_f(rho)} over {len(both)} mixtures"
+        t = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for h in COMPARE_HEAD[3:]:
+            if h == "mixture":
+                t.add_column(h, overflow="fold", min_width=16)
+            else:
+                t.add_column(h.replace("expert-", "exp-").replace(" ", "\n"), justify="right", no_wrap=True)
+        for cells, r in zip(compare_rows(part), part.itertuples()):
+            proxy_first = not pd.isna(r.proxy_rank) and int(r.proxy_rank) == 1
+            trained_first = not pd.isna(r.trained_rank) and int(r.trained_rank) == 1
+            style = None
+            if proxy_first and trained_first:
+                style = "bold green"
+            elif proxy_first:
+                style = "bold yellow"
+            elif trained_first:
+                style = "bold"
+            t.add_row(*map(escape, cells[3:]), style=style)
+        console.print(t)
     console.print(
-        "expert-mix = sum_i w_i * score(expert_i), a free baseline; seed rho = agreement of two training seeds "
-        "(the ceiling); regret@1 = best trained score minus that of the proxy's top mixture."
+        "rank 1 = best (ties share the better rank); rank diff = proxy rank - trained rank (positive: the proxy "
+        "under-rates the mixture); exp-mix = the expert-mix baseline sum_i w_i * score(expert_i); bold = best "
+        "trained, yellow = the proxy's pick, green = both."
     )

@@ -90,17 +90,24 @@ class ResultsTable:
         if not lines:
             return
         with self._locked("a") as fh:
+            fd = fh.fileno()
+            start = os.lseek(fd, 0, os.SEEK_END)
             try:
                 # A torn line from a crashed writer must not swallow our first row.
-                if fh.tell() > 0:
+                if start > 0:
                     with open(self.path, "rb") as rd:
                         rd.seek(-1, os.SEEK_END)
                         if rd.read(1) != b"\n":
                             lines = "\n" + lines
-                fh.write(lines)
-                fh.flush()
-                os.fsync(fh.fileno())
+                # Unbuffered, so that a failed write leaves nothing behind to be flushed again at close.
+                data = memoryview(lines.encode())
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
             except OSError as exc:
+                # A full disk must not leave half a row: cut the file back to what it was (we hold the lock).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
                 raise _explain(exc, self.path) from exc
 
     def records(self) -> list[dict[str, Any]]:

@@ -1,6 +1,10 @@
-"""Merged LoRA experts as proxies for models trained on data mixtures.
+"""Merged experts as proxies for models trained on data mixtures.
 
-``lora`` reads experts and builds the exact linear proxy (as one LoRA adapter or as dense deltas), ``dense``
-applies deltas to weights, ``names`` reconciles checkpoint and live parameter names, and ``registry`` holds the
-merge methods by name. Import the submodules directly; this package imports nothing so that it stays cheap.
+``lora`` reads LoRA experts and builds the exact linear proxy in memory (as one LoRA adapter or as dense deltas),
+``dense`` applies deltas to weights, ``names`` reconciles checkpoint and live parameter names, ``registry`` holds the
+merge methods by name (``linear``/``task_arithmetic`` there, ``ties``, ``dare``/``dare_ties`` and ``robustmerge`` in
+their own modules). At checkpoint scale, ``checkpoint`` reads and writes safetensors tensor by tensor, ``stream``
+merges whole checkpoints (full fine-tunes and/or LoRA adapters) into a dense model with bounded memory, and ``proxy``
+writes a proxy as a dense model or one PEFT adapter from an expert manifest (``dmo merge``). Import the submodules
+directly; this package imports nothing so that it stays cheap.
 """

@@ -22,7 +22,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +120,27 @@ class LoraAdapter:
     alpha_pattern: dict[str, float]
     modules: dict[str, LoraModule]
     content_hash: str  # sha256 of the config (canonical JSON) and the weights file bytes
+    #: non-LoRA trainables (``modules_to_save``) keyed by base parameter name; only with ``load_lora(non_lora=True)``
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------- I/O
 
 
-def load_lora(folder: str | Path, names: Callable[[str], str] | None = None) -> LoraAdapter:
+def load_lora(
+    folder: str | Path,
+    names: Callable[[str], str] | None = None,
+    *,
+    non_lora: bool = False,
+    allow_bin: bool = False,
+) -> LoraAdapter:
     """Read and validate a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``non_lora=True`` accepts ``modules_to_save`` and saved embedding layers (full tensors saved alongside): they go
+    into :attr:`LoraAdapter.extra`, for the streaming merge (:mod:`dmo.merge.stream`), which treats them as the
+    expert's value of that parameter (plus its LoRA delta, if the module is adapted too); the LoRA-proxy functions
+    here refuse such adapters. ``allow_bin=True`` reads an ``adapter_model.bin`` when there is
+    no safetensors file, with ``torch.load(weights_only=True)``.
 
     Parameter names are those of the modules PEFT wrapped, plus ``.weight``. Adapters trained under an older
     transformers layout (e.g. Qwen2-VL before transformers 4.52: ``model.layers.*``, ``visual.*``) keep that layout
@@ -138,9 +152,12 @@ def load_lora(folder: str | Path, names: Callable[[str], str] | None = None) -> 
         raise DmoError(f"LoRA expert folder {folder} does not exist or is not a folder")
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     config = _read_config(config_path)
-    _check_config(config, folder)
-    if not weights_path.is_file():
-        has_bin = (folder / "adapter_model.bin").exists()
+    _check_config(config, folder, non_lora)
+    bin_path = folder / "adapter_model.bin"
+    if not weights_path.is_file() and allow_bin and bin_path.is_file():
+        weights_path = bin_path
+    elif not weights_path.is_file():
+        has_bin = bin_path.exists()
         hint = " (there is only a .bin file: re-save it with safe_serialization=True)" if has_bin else ""
         raise DmoError(f"missing {weights_path}: a LoRA expert needs adapter_model.safetensors{hint}")
     try:
@@ -148,9 +165,14 @@ def load_lora(folder: str | Path, names: Callable[[str], str] | None = None) -> 
     except OSError as exc:
         raise DmoError(f"cannot read {weights_path}: {exc.strerror or exc}") from exc
     try:
-        from safetensors.torch import load as load_safetensors
+        if weights_path.suffix == ".bin":
+            import io
 
-        tensors = load_safetensors(data)
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        else:
+            from safetensors.torch import load as load_safetensors
+
+            tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
         raise DmoError(f"corrupt {weights_path}: {exc}; re-copy or re-save the expert") from exc
     digest = hashlib.sha256(b"dmo-lora-v1\0")
@@ -163,6 +185,14 @@ def load_lora(folder: str | Path, names: Callable[[str], str] | None = None) -> 
     use_rslora = bool(config.get("use_rslora", False))
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
+    extra: dict[str, Tensor] = {}
+    if non_lora:
+        tensors = dict(tensors)
+        for key in [k for k in tensors if _is_saved_module(k)]:
+            value = tensors.pop(key)
+            # a saved embedding layer under LoRA is stored as <module>.base_layer.weight
+            param = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
+            extra[names(param) if names is not None else param] = value
     modules = _parse_modules(tensors, weights_path, r, alpha, use_rslora, rank_pattern, alpha_pattern, names)
     return LoraAdapter(
         folder=folder,
@@ -176,6 +206,18 @@ def load_lora(folder: str | Path, names: Callable[[str], str] | None = None) -> 
         alpha_pattern=alpha_pattern,
         modules=modules,
         content_hash=digest.hexdigest(),
+        extra=extra,
+    )
+
+
+def _is_saved_module(key: str) -> bool:
+    """A full tensor of a ``modules_to_save`` module (``base_model.model.<param>``), not a LoRA/DoRA/token one."""
+    return (
+        key.startswith(PEFT_PREFIX)
+        and _LORA_KEY.match(key) is None
+        and ".lora_" not in key
+        and "trainable_tokens" not in key
+        and key.endswith((".weight", ".bias"))
     )
 
 
@@ -211,7 +253,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _check_config(config: Mapping[str, Any], folder: Path) -> None:
+def _check_config(config: Mapping[str, Any], folder: Path, non_lora: bool = False) -> None:
     """Refuse everything that is not a plain LoRA delta; unknown settings are refused unless left at their default."""
     peft_type = str(config.get("peft_type", ""))
     if peft_type.upper() != "LORA":
@@ -223,7 +265,7 @@ def _check_config(config: Mapping[str, Any], folder: Path) -> None:
             "save it with path_initial_model_for_weight_conversion to get a plain LoRA"
         )
     for key, value in config.items():
-        if key in _IGNORED_KEYS or _is_default(key, value):
+        if key in _IGNORED_KEYS or _is_default(key, value) or (non_lora and key == "modules_to_save"):
             continue
         reason = _REASONS[key].format(value=value) if key in _REASONS else f"{key}={value!r}"
         raise DmoError(f"cannot use expert {folder}: {reason} is not supported; merge only plain LoRA experts")
@@ -373,6 +415,7 @@ def lora_delta(adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float]
 
 def expert_delta(adapter: LoraAdapter) -> dict[str, Tensor]:
     """One expert's dense float32 task vector ``s * B @ A`` per base parameter (input to the merge registry)."""
+    _terms({"expert": adapter}, {})  # refuses non-LoRA trainables
     return {
         param: (m.b.to(torch.float32) @ m.a.to(torch.float32)).mul_(m.scale) for param, m in adapter.modules.items()
     }
@@ -407,6 +450,11 @@ def _terms(adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float]) ->
         raise DmoError(f"weight given for unknown expert {unknown[0]!r}; the experts are {sorted(adapters)}")
     terms = []
     for name, adapter in adapters.items():
+        if adapter.extra:
+            raise DmoError(
+                f"expert {name!r} ({adapter.folder}) has non-LoRA trainables ({next(iter(adapter.extra))}): it is not "
+                "a low-rank delta; merge it with the streaming dense merge (dmo merge --as dense)"
+            )
         w = weights.get(name, 0.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise DmoError(f"weight of expert {name!r} is {w!r}: weights must be finite numbers")

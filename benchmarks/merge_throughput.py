@@ -1,0 +1,368 @@
+"""Throughput of dense checkpoint merges: dmo's streaming merge against mergekit, the paper's naive path and a copy.
+
+Generates (locally, never committed) a synthetic checkpoint set shaped like Qwen2-0.5B: a base and 4 experts, bf16,
+each sharded into ~400 MB safetensors files (~0.99 GB per model), plus config.json so that transformers and mergekit
+can load them. Then times, each in a fresh subprocess, cold (the inputs evicted from the page cache with
+``posix_fadvise(DONTNEED)``) and then warm:
+
+* ``copy``: read every input byte once (mmap, the fastest plain read here) and write one model's bytes: the
+  practical limit of any merge that reads everything;
+* ``dmo``: ``merge_checkpoints`` linear, weights summing to 1 (the base is then not read: theta = sum_i w_i theta_i);
+* ``dmo-base``: the same with task-arithmetic scale 0.9, which needs the base too (reads what ``copy`` reads);
+* ``mergekit``: ``mergekit-yaml``'s linear merge of the same files (in-process API after its imports);
+* ``naive``: what the DMO paper's code does: ``from_pretrained`` every model, fp32 task vectors for the whole
+  model, weighted sum, ``save_pretrained``.
+
+Reported per run: process wall time, "work" time (measured inside the process after imports), CPU time (user + sys
+of the whole process), peak RSS (the kernel's high-water mark VmHWM) and peak anonymous memory (RssAnon, sampled
+every 5 ms; file-backed pages, i.e. the memory-mapped inputs, are not anonymous), and ratios to the copy. A second,
+larger size (``--sizes 0.5b,1.5b``) checks that dmo's anonymous memory does not grow with the model.
+
+Run: ``python benchmarks/merge_throughput.py [--sizes 0.5b,1.5b] [--skip naive,mergekit] [--root DIR] [--keep]``.
+Generated checkpoints go to a temporary folder that is deleted at the end unless ``--keep`` or ``--root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+SIZES = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "0.5b": (896, 4864, 24, 14, 2, 151936),
+    "1.5b": (1536, 8960, 28, 12, 2, 151936),
+    "tiny": (64, 256, 2, 4, 2, 1000),
+}
+WEIGHTS = {"e0": 0.4, "e1": 0.3, "e2": 0.2, "e3": 0.1}
+SHARD = 400 * 10**6
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def qwen2_config(size: str) -> dict:
+    hidden, inter, layers, heads, kv, vocab = SIZES[size]
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "hidden_act": "silu", "rope_theta": 1000000.0,
+        "bos_token_id": 1, "eos_token_id": 2,
+    }  # fmt: skip
+
+
+def qwen2_shapes(size: str) -> dict[str, tuple[int, ...]]:
+    hidden, inter, layers, heads, kv, vocab = SIZES[size]
+    head_dim = hidden // heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden), p + "self_attn.q_proj.bias": (heads * head_dim,),
+            p + "self_attn.k_proj.weight": (kv * head_dim, hidden), p + "self_attn.k_proj.bias": (kv * head_dim,),
+            p + "self_attn.v_proj.weight": (kv * head_dim, hidden), p + "self_attn.v_proj.bias": (kv * head_dim,),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        }  # fmt: skip
+    shapes["model.norm.weight"] = (hidden,)
+    return shapes
+
+
+def generate(root: Path, size: str) -> Path:
+    """base/ and e0..e3/ under root/size (reused when complete)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = root / size
+    if (folder / ".complete").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    shapes = qwen2_shapes(size)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for model in ["base", *WEIGHTS]:
+        out = folder / model
+        out.mkdir(parents=True)
+        shards: list[dict] = [{}]
+        size_now = 0
+        for name, shape in shapes.items():
+            n = 2
+            for d in shape:
+                n *= d
+            if shards[-1] and size_now + n > SHARD:
+                shards.append({})
+                size_now = 0
+            # base ~ N(0, 0.02); expert = base + N(0, 0.002): regenerate the base stream for the same values
+            gb = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            value = torch.randn(shape, generator=gb).mul_(0.02)
+            if model != "base":
+                value.add_(torch.randn(shape, generator=g).mul_(0.002))
+            shards[-1][name] = value.to(torch.bfloat16)
+            size_now += n
+        index = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+            index |= dict.fromkeys(shard, file)
+        total = sum(t.numel() * 2 for s in shards for t in s.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1)
+        )
+        (out / "config.json").write_text(json.dumps(qwen2_config(size), indent=1))
+        (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+        del shards
+    (folder / ".complete").write_text(f"{time.perf_counter() - t0:.1f}s\n")
+    return folder
+
+
+def input_files(folder: Path, with_base: bool = True) -> list[Path]:
+    models = (["base"] if with_base else []) + list(WEIGHTS)
+    return [p for m in models for p in sorted((folder / m).glob("*.safetensors"))]
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' clean pages from the page cache (no root needed)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(paths: list[Path]) -> None:
+    buf = bytearray(64 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+# ------------------------------------------------------------------------------------------------ the contenders
+
+
+def child_copy(folder: Path, out: Path) -> dict:
+    """Read all inputs (mmap, chunk copies) and write the base's bytes once."""
+    t0 = time.perf_counter()
+    out.mkdir(parents=True)
+    import numpy as np
+
+    read = written = 0
+    chunk = 8 << 20
+    buf = np.empty(chunk, dtype=np.uint8)
+    for p in input_files(folder):
+        is_base = p.parent.name == "base"
+        fd_out = os.open(out / p.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if is_base else None
+        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            data = np.frombuffer(m, dtype=np.uint8)
+            for i in range(0, len(m), chunk):
+                n = min(chunk, len(m) - i)
+                buf[:n] = data[i : i + n]  # numpy copy: faster than readinto or slicing the mmap here
+                read += n
+                if fd_out is not None:
+                    written += os.write(fd_out, memoryview(buf)[:n])
+            del data
+        if fd_out is not None:
+            os.close(fd_out)
+    return {"work_s": time.perf_counter() - t0, "read": read, "written": written}
+
+
+def child_dmo(folder: Path, out: Path, scale: float = 1.0) -> dict:
+    from dmo.merge.stream import merge_checkpoints
+
+    t0 = time.perf_counter()
+    params = {} if scale == 1.0 else {"scale": scale}
+    experts = {e: folder / e for e in WEIGHTS}
+    stats = merge_checkpoints(folder / "base", experts, WEIGHTS, out, params=params, kind="full")
+    return {"work_s": time.perf_counter() - t0, "read": stats.bytes_read, "written": stats.bytes_written}
+
+
+def child_mergekit(folder: Path, out: Path) -> dict:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(folder / e), "parameters": {"weight": w}} for e, w in WEIGHTS.items()],
+        "dtype": "bfloat16",
+        "out_dtype": "bfloat16",
+    }
+    t0 = time.perf_counter()
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True)
+    run_merge(MergeConfiguration.model_validate(config), str(out), options=options)
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    read = sum(p.stat().st_size for p in input_files(folder, with_base=False))
+    return {"work_s": time.perf_counter() - t0, "read": read, "written": written}
+
+
+def child_naive(folder: Path, out: Path) -> dict:
+    """The DMO paper's path: from_pretrained every model, fp32 task vectors of the whole model, save_pretrained."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    cls = transformers.Qwen2ForCausalLM
+    base = cls.from_pretrained(str(folder / "base"), dtype=torch.bfloat16)
+    base_sd = {k: v.detach().to(torch.float32) for k, v in base.state_dict().items()}
+    task_vectors = []
+    for e in WEIGHTS:
+        model = cls.from_pretrained(str(folder / e), dtype=torch.bfloat16)
+        task_vectors.append({k: v.detach().to(torch.float32) - base_sd[k] for k, v in model.state_dict().items()})
+        del model
+    merged = {k: base_sd[k] + sum(w * tv[k] for w, tv in zip(WEIGHTS.values(), task_vectors)) for k in base_sd}
+    base.load_state_dict({k: v.to(torch.bfloat16) for k, v in merged.items()})
+    base.save_pretrained(str(out))
+    read = sum(p.stat().st_size for p in input_files(folder))
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return {"work_s": time.perf_counter() - t0, "read": read, "written": written}
+
+
+CHILDREN = {
+    "copy": child_copy,
+    "dmo": child_dmo,
+    "dmo-base": lambda f, o: child_dmo(f, o, scale=0.9),
+    "mergekit": child_mergekit,
+    "naive": child_naive,
+}
+
+
+# ------------------------------------------------------------------------------------------------------ measuring
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "RssAnon", "RssFile", "VmRSS"):
+                    out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def run_child(name: str, folder: Path, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--folder", str(folder), "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"VmHWM": 0, "RssAnon": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            s = _status(proc.pid)
+            for k in peak:
+                peak[k] = max(peak[k], s.get(k, 0))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {"error": (stderr.strip().splitlines() or ["?"])[-1], "wall_s": wall}
+    result = json.loads(stdout.strip().splitlines()[-1])
+    # VmHWM, not ru_maxrss: the latter also counts the (torch-sized) parent the child was forked from
+    result |= {
+        "wall_s": wall,
+        "peak_rss": peak["VmHWM"],
+        "peak_anon": peak["RssAnon"],
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0.5b,1.5b", help="comma-separated: " + ", ".join(SIZES))
+    parser.add_argument("--skip", default="", help="contenders to skip: mergekit, naive, dmo-base")
+    parser.add_argument("--root", type=Path, help="keep the generated checkpoints here (reused next time)")
+    parser.add_argument("--keep", action="store_true", help="do not delete the generated checkpoints")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args.folder, args.out)))
+        return
+
+    root = args.root or Path(tempfile.mkdtemp(prefix="dmo-merge-bench-"))
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    rows = []
+    try:
+        for si, size in enumerate(sizes):
+            t0 = time.perf_counter()
+            folder = generate(root, size)
+            print(f"[{size}] checkpoints ready in {time.perf_counter() - t0:.0f} s under {folder}", file=sys.stderr)
+            contenders = ["copy", "dmo", "dmo-base", "mergekit", "naive"] if si == 0 else ["copy", "dmo"]
+            for name in [c for c in contenders if c not in skip]:
+                for cache in ("cold", "warm"):
+                    out = root / f"out-{size}-{name}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    if cache == "cold":
+                        evict(input_files(folder))
+                    else:
+                        warm(input_files(folder))
+                    load = os.getloadavg()[0]
+                    result = run_child(name, folder, out)
+                    shutil.rmtree(out, ignore_errors=True)
+                    result |= {"size": size, "name": name, "cache": cache, "load": load}
+                    rows.append(result)
+                    print(json.dumps(result), file=sys.stderr)
+    finally:
+        if not args.keep and args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    import torch
+
+    copy = {(r["size"], r["cache"]): r for r in rows if r["name"] == "copy" and "error" not in r}
+    print(
+        f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; 4 experts + base, bf16; "
+        f"load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    header = ["size", "contender", "cache", "load", "read GB", "written GB", "wall s", "work s", "CPU s", "peak RSS GB",
+              "peak anon GB", "work/copy", "wall/copy"]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['size']} | {r['name']} | {r['cache']} | {r['load']:.1f} | error: {r['error']} |")
+            continue
+        c = copy.get((r["size"], r["cache"]))
+        ratio_work = f"{r['work_s'] / c['work_s']:.2f}" if c else "-"
+        ratio_wall = f"{r['wall_s'] / c['wall_s']:.2f}" if c else "-"
+        cells = [
+            r["size"], r["name"], r["cache"], f"{r['load']:.1f}", f"{r['read'] / 1e9:.2f}", f"{r['written'] / 1e9:.2f}",
+            f"{r['wall_s']:.2f}", f"{r['work_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['peak_rss'] / 2**30:.2f}",
+            f"{r['peak_anon'] / 2**30:.2f}",
+            ratio_work, ratio_wall,
+        ]  # fmt: skip
+        print("| " + " | ".join(str(x) for x in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""``dmo report``: one self-contained HTML file about a results folder, plots embedded as base64 PNGs.
+
+Contents: the correlation table (with its baselines), per proxy group a scatter of proxy against trained
+score per benchmark (rho in each title), for 3-domain spaces ternary heat maps of proxy and trained scores,
+for each Optuna study in ``<results>/study.db`` its optimisation history and the weights of its best trials,
+and the per-mixture comparison table. Written atomically: a crash never leaves half a report.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dmo.atomic import write_text
+from dmo.compare import compare
+from dmo.correlate import MEAN_SCORE, correlate, spearman
+from dmo.errors import DmoError
+from dmo.mixture import Mixture
+from dmo.report import COMPARE_HEAD, LEGEND, compare_rows, correlation_rows
+
+REPORT_NAME = "report.html"
+TOP_TRIALS = 10
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1300px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.3em; border-bottom: 1px solid #ddd; margin-top: 2em; }
+h3 { font-size: 1.1em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th { background: #f4f4f4; } td.l, th.l { text-align: left; }
+tr.summary td { font-weight: bold; background: #fafafa; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0 1.5em; }
+.note { color: #555; font-size: 0.9em; max-width: 70em; }
+details summary { cursor: pointer; margin: 0.5em 0; }
+"""
+
+
+@dataclass
+class Figure:
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    title: str
+    items: list[str | Figure] = field(default_factory=list)  # HTML snippets and figures, in order
+
+
+def _img(fig: Figure) -> str:
+    data = base64.b64encode(fig.png).decode("ascii")
+    alt = html.escape(fig.title, quote=True)
+    cap = f'<p class="note">{html.escape(fig.caption)}</p>' if fig.caption else ""
+    return f'<h3>{html.escape(fig.title)}</h3>{cap}<img alt="{alt}" src="data:image/png;base64,{data}">'
+
+
+def _table(head: list[str], rows: list[list[str]], left: set[str], summary_col: int | None = None) -> str:
+    cls = {h: ' class="l"' if h in left else "" for h in head}
+    out = ["<table><thead><tr>", *(f"<th{cls[h]}>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for r in rows:
+        summary = summary_col is not None and r[summary_col] in (MEAN_SCORE, "mean rho")
+        out.append('<tr class="summary">' if summary else "<tr>")
+        out += [f"<td{cls[h]}>{html.escape(str(c))}</td>" for h, c in zip(head, r)]
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _domains_of(part: pd.DataFrame) -> list[str]:
+    return [c.removeprefix("w_") for c in part.columns if c.startswith("w_") and part[c].notna().any()]
+
+
+def _scatter_section(ok: pd.DataFrame, corr: pd.DataFrame) -> list[Figure]:
+    from dmo.plots import ScatterPanel, scatter_png
+
+    trained = ok[ok["kind"] == "trained"]
+    if trained.empty:
+        return []
+    # a trained row without a seed is one seed of its own, not dropped
+    trained = trained.assign(seed=trained["seed"].astype("Int64").fillna(-1))
+    per_seed = trained.pivot_table(index=["mixture", "seed"], columns="benchmark", values="score", aggfunc="mean")
+    figures = []
+    for (group, method), part in ok[ok["kind"] == "proxy"].groupby(["group", "method"], sort=True):
+        p = part.pivot_table(index="mixture", columns="benchmark", values="score", aggfunc="mean")
+        benches = [b for b in p.columns if b in per_seed.columns]
+        panels = []
+        for b in [*benches, MEAN_SCORE] if len(benches) > 1 else benches:
+            cols = benches if b == MEAN_SCORE else [b]
+            seeds = per_seed[cols].mean(axis=1, skipna=False).dropna().unstack("seed") if cols else None
+            prox = p[cols].mean(axis=1, skipna=False).dropna()
+            if seeds is None or seeds.empty:
+                continue
+            mix = sorted(set(prox.index) & set(seeds.index))
+            if len(mix) < 2:
+                continue
+            y_all = seeds.loc[mix]
+            x, y = prox.loc[mix].to_numpy(float), y_all.mean(axis=1).to_numpy(float)
+            rho = _lookup(corr, str(group), str(method), b, "spearman")
+            if rho is None:
+                rho = spearman(x, y)
+            title = f"{b}: rho = {_fmt(rho)} (n = {len(mix)})"
+            panels.append(
+                ScatterPanel(title, x, y, y_all.min(axis=1).to_numpy(float), y_all.max(axis=1).to_numpy(float), mix)
+            )
+        if panels:
+            png = scatter_png(panels, suptitle=f"{group} / {method}")
+            figures.append(
+                Figure(
+                    f"Proxy vs trained score: {group} / {method}",
+                    png,
+                    "One dot per mixture with a trained model; y = mean over training seeds, bar = range over seeds. "
+                    "Star: best trained mixture; circle: the proxy's top mixture.",
+                )
+            )
+    return figures
+
+
+def _ternary_section(ok: pd.DataFrame) -> list[Figure]:
+    from dmo.plots import TernaryPanel, ternary_png
+
+    figures = []
+    trained = ok[ok["kind"] == "trained"]
+    for (group, method), part in ok[ok["kind"] == "proxy"].groupby(["group", "method"], sort=True):
+        domains = _domains_of(part)
+        if len(domains) != 3:
+            continue
+        w_cols = [f"w_{d}" for d in domains]
+        tr = trained[trained["benchmark"].isin(part["benchmark"].unique())]
+        tr = tr[
+            tr[w_cols].notna().all(axis=1)
+            & (tr[[c for c in tr.columns if c.startswith("w_")]].fillna(0).sum(axis=1) - tr[w_cols].sum(axis=1))
+            .abs()
+            .lt(1e-6)
+        ]
+        benches = sorted(part["benchmark"].unique())
+        panels = []
+        for b in [MEAN_SCORE, *benches] if len(benches) > 1 else benches:
+            for kind, frame in (("proxy", part), ("trained", tr)):
+                pv = frame.pivot_table(index="mixture", columns="benchmark", values="score", aggfunc="mean")
+                cols = benches if b == MEAN_SCORE else [b]
+                if frame.empty or any(c not in pv.columns for c in cols):
+                    panels.append(TernaryPanel(f"{kind}: {b}", np.zeros((0, 3)), np.zeros(0)))
+                    continue
+                vals = pv[cols].mean(axis=1, skipna=False).dropna()
+                w = frame.drop_duplicates("mixture").set_index("mixture").loc[vals.index, w_cols].to_numpy(float)
+                panels.append(TernaryPanel(f"{kind}: {b} ({len(vals)} mixtures)", w, vals.to_numpy(float)))
+        if any(len(p.values) for p in panels):
+            figures.append(
+                Figure(
+                    f"Scores on the simplex: {group} / {method}",
+                    ternary_png(domains, panels, cols=2),
+                    "Left: merged proxies (every mixture scored, study trials included); right: models trained on "
+                    "mixtures. Colour interpolated between the scored mixtures (dots); star = the highest score.",
+                )
+            )
+    return figures
+
+
+def _study_section(storage: str) -> list[str | Figure]:
+    import optuna
+
+    from dmo.plots import TernaryPanel, history_png, ternary_png, weights_png
+    from dmo.study import MIXTURE_ATTR, make_storage, redact
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    try:
+        store = make_storage(storage)  # sqlite:///, postgresql://, journal:PATH, as for 'dmo study'
+        names = optuna.get_all_study_names(storage=store)
+    except Exception as exc:  # sqlalchemy raises many types; the report goes on without the studies
+        return [
+            f'<p class="note">cannot read the studies in {html.escape(redact(storage))}: '
+            f"{html.escape((str(exc).splitlines() or [''])[0])}</p>"
+        ]
+    items: list[str | Figure] = []
+    for name in sorted(names):
+        study = optuna.load_study(study_name=name, storage=store)
+        done = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value) and t.user_attrs.get(MIXTURE_ATTR)
+        ]
+        if not done:
+            items.append(f"<p>study <b>{html.escape(name)}</b>: no completed trial yet</p>")
+            continue
+        domains = list(study.user_attrs.get("domains") or Mixture.parse(done[0].user_attrs[MIXTURE_ATTR]).domains)
+        mixtures = [Mixture.parse(t.user_attrs[MIXTURE_ATTR], domains) for t in done]
+        items.append(
+            Figure(
+                f"Study {name}: optimisation history",
+                history_png(
+                    [t.number for t in done], [t.value for t in done], f"{name} ({len(done)} completed trials)"
+                ),
+            )
+        )
+        order = sorted(range(len(done)), key=lambda i: (-done[i].value, done[i].number))[:TOP_TRIALS]
+        labels = [f"#{done[i].number}  {done[i].value:.4f}" for i in order]
+        weights = np.array([mixtures[i].weights for i in order])
+        items.append(
+            Figure(
+                f"Study {name}: weights of the {len(order)} best trials",
+                weights_png(domains, labels, weights, f"{name}: best trials (trial number, objective)"),
+            )
+        )
+        if len(domains) == 3:
+            w = np.array([m.weights for m in mixtures])
+            items.append(
+                Figure(
+                    f"Study {name}: where the sampler looked",
+                    ternary_png(
+                        domains,
+                        [
+                            TernaryPanel(
+                                f"{name}: objective of each trial",
+                                w,
+                                np.array([t.value for t in done]),
+                                interpolate=False,
+                            )
+                        ],
+                        cols=1,
+                    ),
+                    "One dot per completed trial, coloured by its objective; star = the best trial.",
+                )
+            )
+        benches = sorted({k.removeprefix("score:") for t in done for k in t.user_attrs if k.startswith("score:")})
+        head = ["rank", "trial", "objective", "mixture", *benches]
+        rows = [
+            [
+                str(r + 1),
+                str(done[i].number),
+                f"{done[i].value:.4f}",
+                done[i].user_attrs[MIXTURE_ATTR],
+                *(_fmt(done[i].user_attrs.get(f"score:{b}"), signed=False) for b in benches),
+            ]
+            for r, i in enumerate(order)
+        ]
+        items.append(f"<h3>Study {html.escape(name)}: best trials</h3>" + _table(head, rows, {"mixture"}))
+    return items
+
+
+def _fmt(x, signed: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:+.2f}" if signed else f"{x:.4f}"
+
+
+def _lookup(corr: pd.DataFrame, group: str, method: str, bench: str, col: str) -> float | None:
+    if corr.empty:
+        return None
+    hit = corr[(corr["group"] == group) & (corr["method"] == method) & (corr["benchmark"] == bench)]
+    return None if hit.empty else float(hit[col].iloc[0])
+
+
+def _table_path(results: Path) -> Path:
+    return results / "scores.jsonl" if results.is_dir() else results
+
+
+def build_report(
+    results: Path, storage: str | None = None, n_boot: int = 1000, seed: int = 0, n_perm: int = 1000, k: int = 3
+) -> str:
+    """The report's HTML text for a results folder (or its ``scores.jsonl``)."""
+    from dmo.results import ResultsTable
+
+    path = _table_path(Path(results))
+    if not path.exists():
+        raise DmoError(f"no results table at {path}: run 'dmo study' or 'dmo demo' first")
+    folder = path.parent
+    df = ResultsTable(path).frame()
+    ok = df[(df["status"] == "ok") & df["score"].notna()].copy()
+    ok["score"] = ok["score"].astype(float)
+    corr = correlate(df, n_boot=n_boot, seed=seed, n_perm=n_perm, k=k)
+
+    sections: list[Section] = []
+    counts = ", ".join(
+        f"{n} {kind}"
+        for kind, n in ok.drop_duplicates(["kind", "mixture", "seed"])["kind"].value_counts().sort_index().items()
+    )
+    failed = int((df["status"] != "ok").sum())
+    overview = Section(
+        "Overview",
+        [
+            f"<p>Results table <code>{html.escape(str(path))}</code>: {len(ok)} scores "
+            f"({html.escape(counts or 'none')} models){f', {failed} failed evaluations' if failed else ''}.</p>"
+        ],
+    )
+    sections.append(overview)
+
+    corr_sec = Section("Rank correlation of proxy and trained scores")
+    if corr.empty:
+        corr_sec.items.append("<p>No mixture has both a proxy score and a trained score yet.</p>")
+    else:
+        head, rows = correlation_rows(corr)
+        corr_sec.items.append(_table(head, rows, {"group", "method", "benchmark"}, summary_col=2))
+        corr_sec.items.append(
+            f'<p class="note">{html.escape(LEGEND)} 95% CIs: bootstrap over mixtures '
+            f"({n_boot} resamples, seed {seed}); p-values: {n_perm} permutations.</p>"
+        )
+    sections.append(corr_sec)
+
+    scatter = _scatter_section(ok, corr)
+    if scatter:
+        sections.append(Section("Proxy against trained score", list(scatter)))
+    ternary = _ternary_section(ok)
+    if ternary:
+        sections.append(Section("Three-domain spaces on the simplex", list(ternary)))
+
+    url = storage or (f"sqlite:///{(folder / 'study.db').resolve()}" if (folder / "study.db").exists() else None)
+    if url:
+        sections.append(Section("Studies", _study_section(url)))
+
+    comp = compare(df)
+    if not comp.empty:
+        body = _table(COMPARE_HEAD, compare_rows(comp), {"group", "method", "benchmark", "mixture"})
+        sections.append(
+            Section(
+                "Per mixture",
+                [
+                    "<details><summary>proxy and trained score of every mixture, with ranks (rank 1 = best; "
+                    "rank diff = proxy rank - trained rank)</summary>" + body + "</details>"
+                ],
+            )
+        )
+
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>dmo report: {html.escape(folder.name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>dmo report: {html.escape(folder.name)}</h1>",
+        f'<p class="note">generated {now}. The proxy is only worth its cost where its rho beats the free '
+        "expert-mix baseline and the regression fitted on trained mixtures; the seed rho is the ceiling.</p>",
+    ]
+    for s in sections:
+        out.append(f"<h2>{html.escape(s.title)}</h2>")
+        out += [_img(i) if isinstance(i, Figure) else i for i in s.items]
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(results: Path, output: Path | None = None, **kwargs) -> Path:
+    """Render the report of a results folder and write it atomically; returns its path."""
+    folder = _table_path(Path(results)).parent
+    target = Path(output) if output else folder / REPORT_NAME
+    text = build_report(Path(results), **kwargs)
+    write_text(target, text)
+    return target

@@ -1,0 +1,1069 @@
+"""Streaming dense merges of whole checkpoints: ``theta_base + merge(theta_i - theta_base)``, tensor by tensor.
+
+:func:`merge_checkpoints` reads the base and the experts (full safetensors checkpoints and/or PEFT LoRA adapters)
+through memory maps, merges every tensor in float32 and writes the result as (sharded) safetensors with the base's
+config, tokenizer and processor files, atomically (a temporary folder renamed into place: an error or Ctrl-C leaves
+nothing behind).
+
+How it stays near the hardware's limit:
+
+* Nothing is loaded whole. Output shards are planned up front (:class:`~dmo.merge.checkpoint.ShardWriter`), so
+  each block of output is written with ``pwrite`` where it belongs as soon as it is computed; anonymous memory is a
+  few cache-sized float32 buffers per thread, independent of model size (whole-tensor methods: see below).
+* ``linear`` / ``task_arithmetic`` run block by block: a cache-sized chunk of each input is converted to float32
+  and accumulated (converting first and then adding is much faster than mixed-dtype in-place adds), LoRA experts
+  contribute one ``addmm`` of their concatenated factors per chunk of rows. With weights ``w`` and scale ``l`` the
+  result is ``c * base + l * sum_full w_i theta_i + l * sum_lora w_i s_i B_i A_i`` with ``c = 1 - l * sum_full w_i``;
+  when ``c`` is 0 (a mixture of full fine-tunes) the base is not read at all.
+* Worker threads (``threads``, default: one per CPU) take blocks in file order while a prefetch thread populates
+  the page tables of the blocks ahead (``MADV_POPULATE_READ``, or ``MADV_WILLNEED`` on old kernels), so reading
+  overlaps computing; finished input ranges are unmapped again (``MADV_DONTNEED``), which keeps the resident set
+  small. On a GPU (``device="cuda"``, the default when one is present) chunks are larger and the arithmetic runs
+  there.
+* Other delta methods (TIES, DARE, DARE-TIES, anything registered) need a whole tensor: they run one tensor at a
+  time and hold ``K + 3`` float32 copies of it (K experts); RobustMerge merges each LoRA module's factors first
+  and then streams like ``linear``.
+
+Which tensors are merged: ``include`` / ``exclude`` are regular expressions searched in the base checkpoint's tensor
+names; a tensor is merged when it matches an include pattern (all do without ``include``) and no exclude pattern,
+otherwise the base value is kept. The default ``exclude`` is the DMO paper's: for LoRA-trained experts
+:data:`PAPER_EXCLUDE` ``["lora"]`` (vision tower, projector, embeddings, head, norms, biases), for full fine-tunes
+``["full"]`` (vision blocks and patch embedding). Non-floating tensors are always copied from the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from dmo.atomic import atomic_dir
+from dmo.errors import DmoError
+from dmo.merge.checkpoint import (
+    Checkpoint,
+    OutTensor,
+    ShardWriter,
+    TensorInfo,
+    copy_side_files,
+    set_config_dtype,
+)
+from dmo.merge.dense import _resolve
+from dmo.merge.lora import LoraAdapter, LoraModule, load_lora
+from dmo.merge.names import KeyMap
+from dmo.merge.registry import Chunked, MergeMethod, get_method
+
+#: The DMO paper's parameters that keep the base value, by how the experts were trained.
+PAPER_EXCLUDE: dict[str, tuple[str, ...]] = {
+    "lora": ("visual", "vision_tower", "multi_modal_projector", "embed_tokens", "lm_head", "norm", "bias"),
+    "full": (r"visual\.blocks", r"visual\.patch_embed", "vision_tower"),
+}
+#: Default largest output shard (bytes), as transformers' ``save_pretrained`` used to.
+DEFAULT_SHARD_SIZE = 5 * 10**9
+#: Elements per compute chunk on the CPU: one float32 chunk fits in a core's L2 cache.
+CPU_CHUNK = 1 << 18
+#: Elements per compute chunk on a GPU.
+GPU_CHUNK = 1 << 24
+#: Elements per block: the unit a thread takes and writes with one pwrite.
+BLOCK = 1 << 22
+#: How many blocks the prefetch thread may run ahead of the workers.
+LOOKAHEAD = 8
+#: Populate the page tables of the blocks ahead from a separate thread.
+PREFETCH = True
+#: Unmap finished input ranges again (keeps the resident set small; the page cache keeps the data).
+RELEASE = True
+#: Linux MADV_POPULATE_READ (5.14+): fault the pages in without touching them from Python.
+MADV_POPULATE_READ = 22
+#: How far apart (relative) two sums of weights may be and still count as 1 when dropping the base term.
+_EXACT = 1e-12
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """What a merge read and wrote and how long it took."""
+
+    out: Path
+    tensors: int
+    merged: int
+    copied: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    device: str
+    threads: int
+    #: adapted parameters (LoRA modules or non-LoRA trainables) that include/exclude kept at the base value
+    excluded_adapted: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    #: seconds spent opening and validating, streaming the tensors, and finishing the folder
+    phases: Mapping[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = max(self.seconds, 1e-9)
+        return (
+            f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in {self.seconds:.2f} s "
+            f"({self.bytes_read / 1e9 / s:.2f} GB/s read, {self.bytes_written / 1e9 / s:.2f} GB/s written; "
+            f"{self.merged} tensors merged, {self.copied} copied from the base)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ experts
+
+
+@dataclass
+class Expert:
+    """One expert with a non-zero weight: a full checkpoint or a LoRA adapter."""
+
+    name: str
+    folder: Path
+    weight: float
+    checkpoint: Checkpoint | None = None
+    adapter: LoraAdapter | None = None
+    #: base tensor name -> LoRA module / non-LoRA value, after name resolution
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.adapter is not None else "full"
+
+    @property
+    def what(self) -> str:
+        return f"expert {self.name!r}"
+
+
+def expert_kind(folder: str | os.PathLike[str]) -> Literal["lora", "full"]:
+    """``"lora"`` for a PEFT adapter folder (``adapter_config.json``), ``"full"`` otherwise."""
+    return "lora" if (Path(folder) / "adapter_config.json").is_file() else "full"
+
+
+def check_weights(names: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:
+    """The non-zero weights, in the experts' order; unknown names and non-finite values are refused."""
+    unknown = [k for k in weights if k not in names]
+    if unknown:
+        raise DmoError(f"weight given for unknown expert {unknown[0]!r}; the experts are {sorted(names)}")
+    out = {}
+    for name in names:
+        w = weights.get(name, 0.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise DmoError(f"weight of expert {name!r} is {w!r}: weights must be finite numbers")
+        if w != 0:
+            out[name] = float(w)
+    if not out:
+        raise DmoError("all mixture weights are 0: the proxy is the base model itself; use the base model instead")
+    return out
+
+
+def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern[str]] | None:
+    if patterns is None:
+        return None
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise DmoError(f"invalid {what} pattern {p!r}: {exc}") from None
+    return out
+
+
+class ParamFilter:
+    """Which base tensors are merged (see the module docstring)."""
+
+    def __init__(self, kind: str, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None):
+        if kind not in PAPER_EXCLUDE:
+            raise DmoError(f"expert kind must be 'lora' or 'full', got {kind!r}")
+        self.include = _compile(include, "include")
+        self.exclude = _compile(PAPER_EXCLUDE[kind] if exclude is None else exclude, "exclude") or []
+
+    def __call__(self, name: str) -> bool:
+        if self.include is not None and not any(p.search(name) for p in self.include):
+            return False
+        return not any(p.search(name) for p in self.exclude)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "include": None if self.include is None else [p.pattern for p in self.include],
+            "exclude": [p.pattern for p in self.exclude],
+        }
+
+
+def _map_names(keys: Iterable[str], base: Checkpoint, what: str) -> dict[str, str]:
+    """Adapter parameter names -> base checkpoint names (exactly, else through transformers' renaming rules)."""
+    keys = dict.fromkeys(keys)
+    if not keys:
+        return {}
+    try:
+        return _resolve(keys, base.tensors.keys(), KeyMap.identity(), what=f"the base model {base.folder}")
+    except DmoError as first:
+        try:
+            keymap = KeyMap.for_config(base.folder)
+        except DmoError:
+            raise DmoError(f"{what}: {first}") from None
+        try:
+            return _resolve(keys, base.tensors.keys(), keymap, what=f"the base model {base.folder}")
+        except DmoError as exc:
+            raise DmoError(f"{what}: {exc}") from None
+
+
+def open_experts(
+    base: Checkpoint, experts: Mapping[str, str | os.PathLike[str]], weights: Mapping[str, float], allow_bin: bool
+) -> list[Expert]:
+    """Open and validate the experts with a non-zero weight against the base."""
+    out: list[Expert] = []
+    try:
+        for name, w in weights.items():
+            folder = Path(experts[name])
+            expert = Expert(name, folder, w)
+            out.append(expert)
+            if expert_kind(folder) == "lora":
+                expert.adapter = load_lora(folder, non_lora=True, allow_bin=allow_bin)
+                where = f"expert {name!r} ({folder})"
+                mapped = _map_names(expert.adapter.modules, base, where)
+                expert.modules = {mapped[k]: m for k, m in expert.adapter.modules.items()}
+                mapped = _map_names(expert.adapter.extra, base, where)
+                expert.extra = {mapped[k]: t for k, t in expert.adapter.extra.items()}
+                _check_adapter(expert, base)
+            else:
+                expert.checkpoint = Checkpoint.open(folder, what=expert.what, allow_bin=allow_bin)
+                _check_full(expert, base)
+    except BaseException:
+        close_experts(out)
+        raise
+    return out
+
+
+def close_experts(experts: Iterable[Expert]) -> None:
+    for e in experts:
+        if e.checkpoint is not None:
+            e.checkpoint.close()
+
+
+def _check_full(expert: Expert, base: Checkpoint) -> None:
+    assert expert.checkpoint is not None
+    mine = expert.checkpoint.tensors
+    for name, info in base.tensors.items():
+        other = mine.get(name)
+        if other is None:
+            raise DmoError(
+                f"{expert.what} ({expert.folder}) lacks tensor {name}, which the base has in {info.file}: it was "
+                "saved from a different model or is incomplete"
+            )
+        if other.shape != info.shape:
+            raise DmoError(
+                f"{expert.what}: tensor {name} has shape {list(other.shape)} in {other.file} but {list(info.shape)} "
+                f"in the base's {info.file}: the expert was trained on a different base model"
+            )
+    extra = [n for n in mine if n not in base.tensors]
+    if extra:
+        raise DmoError(
+            f"{expert.what}: tensor {extra[0]} in {mine[extra[0]].file} does not exist in the base model "
+            f"{base.folder}: the expert was trained on a different base (or with resized embeddings)"
+        )
+
+
+def _check_adapter(expert: Expert, base: Checkpoint) -> None:
+    file = expert.folder / "adapter_model.safetensors"
+    for name, module in expert.modules.items():
+        info = base.tensors[name]
+        if tuple(info.shape) != module.shape:
+            raise DmoError(
+                f"{expert.what}: {file} adapts {module.module} as a {list(module.shape)} weight but the base tensor "
+                f"{name} in {info.file} has shape {list(info.shape)}: the expert was trained on a different base"
+            )
+    for name, value in expert.extra.items():
+        info = base.tensors[name]
+        if tuple(info.shape) != tuple(value.shape):
+            raise DmoError(
+                f"{expert.what}: {file} holds {name} with shape {list(value.shape)} but the base's {info.file} has "
+                f"{list(info.shape)}: the expert was trained on a different base"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise DmoError(f"{expert.what}: tensor {name} in {file} holds NaN or Inf values; fix or drop that expert")
+
+
+# --------------------------------------------------------------------------------------------------------- plans
+
+
+@dataclass
+class _Term:
+    """``coef * value`` where value is a view of a checkpoint tensor (or an in-memory tensor)."""
+
+    coef: float
+    who: str  # "the base" / "expert 'ocr'" (for messages)
+    info: TensorInfo | None
+    source: Checkpoint | None
+    tensor: Tensor | None = None
+    file: Path | None = None
+
+    def flat(self) -> Tensor:
+        t = self.tensor if self.tensor is not None else self.source.view(self.info.name)  # type: ignore[union-attr]
+        return t.reshape(-1)
+
+
+@dataclass
+class _Plan:
+    """How to produce one output tensor."""
+
+    name: str
+    base: TensorInfo
+    out: OutTensor
+    mode: Literal["copy", "linear", "chunked", "whole"]
+    terms: list[_Term] = field(default_factory=list)
+    #: mode "chunked": each merged expert's value of this parameter, in order, and the method's chunked form
+    values: list[_Value] = field(default_factory=list)
+    chunked: Callable[[], Chunked] | None = None
+    _chunker: Chunked | None = None
+    #: builds (B, A) float32 such that the LoRA part of the chunk of rows [r0, r1) is B[r0:r1] @ A
+    lora: Callable[[], tuple[Tensor, Tensor]] | None = None
+    #: computes the merged float32 tensor (mode "whole")
+    whole: Callable[[torch.device], Tensor] | None = None
+    #: bytes a "whole" computation reads
+    read_bytes: int = 0
+    _factors: tuple[Tensor, Tensor] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pending: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel
+
+    @property
+    def cols(self) -> int:
+        lora = self.lora is not None or any(v.lora is not None for v in self.values)
+        return self.base.shape[-1] if lora else 1
+
+    def factors(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        with self._lock:
+            if self._factors is None:
+                assert self.lora is not None
+                b, a = self.lora()
+                self._factors = (b.to(device=device, dtype=torch.float32), a.to(device=device, dtype=torch.float32))
+            return self._factors
+
+
+def _lora_stack(blocks: Sequence[tuple[float, LoraModule]]) -> Callable[[], tuple[Tensor, Tensor]]:
+    """B = [c_1 B_1, ..., c_K B_K] and A = [A_1; ...; A_K] in float32 (built on first use)."""
+
+    def build() -> tuple[Tensor, Tensor]:
+        out_f, in_f = blocks[0][1].shape
+        rank = sum(m.rank for _, m in blocks)
+        b = torch.empty(out_f, rank)
+        a = torch.empty(rank, in_f)
+        start = 0
+        for coef, m in blocks:
+            stop = start + m.rank
+            b[:, start:stop].copy_(m.b).mul_(coef)
+            a[start:stop].copy_(m.a)
+            start = stop
+        return b, a
+
+    return build
+
+
+def _out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None or not info.dtype.is_floating_point:
+        return info.dtype
+    return dtype
+
+
+def _plan_linear(
+    name: str, base: Checkpoint, experts: Sequence[Expert], scale: float
+) -> tuple[Literal["copy", "linear"], list[_Term], Callable[[], tuple[Tensor, Tensor]] | None]:
+    info = base.tensors[name]
+    terms: list[_Term] = []
+    full_sum = 0.0
+    blocks: list[tuple[float, LoraModule]] = []
+    for e in experts:
+        coef = scale * e.weight
+        if e.checkpoint is not None:
+            terms.append(_Term(coef, e.what, e.checkpoint.tensors[name], e.checkpoint))
+            full_sum += coef
+        if name in e.extra:
+            terms.append(_Term(coef, e.what, info, None, tensor=e.extra[name], file=e.folder))
+            full_sum += coef
+        if name in e.modules:
+            m = e.modules[name]
+            blocks.append((coef * m.scale, m))
+    if not terms and not blocks:
+        return "copy", [], None
+    c = 1.0 - full_sum
+    if abs(c) > _EXACT:
+        terms.insert(0, _Term(c, "the base", info, base))
+    return "linear", terms, (_lora_stack(blocks) if blocks else None)
+
+
+def _plan_robust(
+    name: str, base: Checkpoint, experts: Sequence[Expert], method: MergeMethod, params: Mapping[str, Any]
+) -> tuple[Literal["copy", "linear"], list[_Term], Callable[[], tuple[Tensor, Tensor]] | None]:
+    info = base.tensors[name]
+    with_module = [e for e in experts if name in e.modules]
+    with_extra = [e for e in experts if name in e.extra]
+    if with_extra and with_module:
+        raise DmoError(f"{with_extra[0].what} saves {name} in full and other experts adapt it with LoRA: "
+                       "robustmerge cannot merge the two; exclude it or retrain without saving it")  # fmt: skip
+    if with_extra:
+        if len(with_extra) != len(experts):
+            missing = next(e for e in experts if name not in e.extra)
+            raise DmoError(f"{missing.what} does not save {name} although other experts do: robustmerge averages "
+                           "non-LoRA trainables and needs them from every expert")  # fmt: skip
+        total = sum(e.weight for e in experts)
+        terms = [_Term(e.weight / total, e.what, info, None, tensor=e.extra[name], file=e.folder) for e in experts]
+        return "linear", terms, None
+    if not with_module:
+        return "copy", [], None
+    if len(with_module) != len(experts):
+        missing = next(e for e in experts if name not in e.modules)
+        raise DmoError(
+            f"{missing.what} does not adapt {name} although other experts do: robustmerge needs every expert to "
+            "adapt the same modules with the same rank"
+        )
+    modules = [e.modules[name] for e in experts]
+    ranks = {m.rank for m in modules}
+    scales = {m.scale for m in modules}
+    if len(ranks) > 1 or len(scales) > 1:
+        raise DmoError(
+            f"the experts adapt {name} with different ranks {sorted(ranks)} or scalings {sorted(scales)}: robustmerge "
+            "needs LoRA experts trained with the same r and lora_alpha"
+        )
+    weights = torch.tensor([e.weight for e in experts], dtype=torch.float32)
+
+    def build() -> tuple[Tensor, Tensor]:
+        a = torch.stack([m.a.to(torch.float32) for m in modules])
+        b = torch.stack([m.b.to(torch.float32) for m in modules])
+        merged_a, merged_b = method.fn(a, b, weights, **params)
+        return merged_b.mul_(modules[0].scale), merged_a
+
+    return "linear", [_Term(1.0, "the base", info, base)], build
+
+
+@dataclass
+class _Value:
+    """One expert's value of one parameter: a full tensor (checkpoint view or saved module) and/or a LoRA delta."""
+
+    full: _Term | None
+    lora: LoraModule | None
+    who: str
+
+    def delta_into(self, out: Tensor, flat: Tensor | None, b32: Tensor, lo: int, cols: int) -> None:
+        """``out`` (float32, the chunk ``[lo, lo + len(out))``) = this expert's value minus the base."""
+        dev = out.device
+        if flat is not None:
+            src = flat[lo : lo + out.numel()]
+            out.copy_(src if dev.type == "cpu" else src.to(dev, non_blocking=True))
+            out.sub_(b32)
+        else:
+            out.zero_()
+        if self.lora is not None:
+            m = self.lora
+            r0, r1 = lo // cols, (lo + out.numel()) // cols
+            b = m.b[r0:r1].to(device=dev, dtype=torch.float32)
+            out.view(r1 - r0, cols).addmm_(b, m.a.to(device=dev, dtype=torch.float32), alpha=m.scale)
+
+
+def _plan_chunked(
+    name: str, base: Checkpoint, experts: Sequence[Expert], method: MergeMethod, params: Mapping[str, Any]
+) -> tuple[list[_Value], list[_Term], Callable[[], Chunked]] | None:
+    info = base.tensors[name]
+    values: list[_Value] = []
+    terms = [_Term(1.0, "the base", info, base)]
+    for e in experts:
+        full = None
+        if e.checkpoint is not None:
+            full = _Term(1.0, e.what, e.checkpoint.tensors[name], e.checkpoint)
+        elif name in e.extra:
+            full = _Term(1.0, e.what, info, None, tensor=e.extra[name], file=e.folder)
+        if full is not None:
+            terms.append(full)
+        values.append(_Value(full, e.modules.get(name), e.what))
+    if all(v.full is None and v.lora is None for v in values):
+        return None
+    weights = torch.tensor([e.weight for e in experts], dtype=torch.float32)
+    cls = method.chunked
+    assert cls is not None
+    extra = {"name": name} if method.takes_name else {}
+    full = {**method.defaults, **params}  # the function's defaults, which may differ from the class's
+    return values, terms, lambda: cls(weights, info.numel, **extra, **full)
+
+
+def _plan_whole(
+    name: str, base: Checkpoint, experts: Sequence[Expert], method: MergeMethod, params: Mapping[str, Any]
+) -> Callable[[torch.device], Tensor] | None:
+    if not any(e.checkpoint is not None or name in e.modules or name in e.extra for e in experts):
+        return None
+    info = base.tensors[name]
+    weights = torch.tensor([e.weight for e in experts], dtype=torch.float32)
+
+    def compute(device: torch.device) -> Tensor:
+        b32 = base.view(name).to(device=device, dtype=torch.float32)
+        deltas = torch.zeros((len(experts), *info.shape), dtype=torch.float32, device=device)
+        for i, e in enumerate(experts):
+            if e.checkpoint is not None:
+                deltas[i].copy_(e.checkpoint.view(name))
+                deltas[i] -= b32
+            if name in e.extra:
+                deltas[i].copy_(e.extra[name])
+                deltas[i] -= b32
+            if name in e.modules:
+                m = e.modules[name]
+                b_, a_ = m.b.to(device, torch.float32), m.a.to(device, torch.float32)
+                deltas[i].view(b_.shape[0], a_.shape[1]).addmm_(b_, a_, alpha=m.scale)
+        extra = {"name": name} if method.takes_name else {}
+        merged = method.fn(deltas, weights.to(device), **params, **extra)
+        del deltas
+        return merged.add_(b32)
+
+    return compute
+
+
+# ------------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class _Block:
+    plan: _Plan
+    lo: int  # element range of the flattened tensor
+    hi: int
+
+
+class _Runner:
+    def __init__(
+        self,
+        plans: list[_Plan],
+        writer: ShardWriter,
+        device: torch.device,
+        threads: int,
+        chunk: int,
+        block: int,
+        progress: Progress | None,
+    ):
+        self.writer = writer
+        self.device = device
+        self.threads = threads
+        self.chunk = chunk
+        self.progress = progress
+        self.total = len(plans)
+        self.blocks: list[_Block] = []
+        for plan in plans:
+            if plan.mode == "whole":
+                plan._pending = 1
+                self.blocks.append(_Block(plan, 0, plan.numel))
+                continue
+            unit = plan.cols
+            step = max(unit, block // unit * unit)
+            bounds = list(range(0, plan.numel, step)) or [0]
+            plan._pending = len(bounds)
+            for lo in bounds:
+                self.blocks.append(_Block(plan, lo, min(lo + step, plan.numel)))
+        self._next = 0
+        self._taken = 0
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._done: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.bytes_read = 0
+        self._populate = True
+
+    # -- scheduling
+
+    def _take(self) -> _Block | None:
+        with self._cond:
+            if self._stop.is_set() or self._next >= len(self.blocks):
+                return None
+            blk = self.blocks[self._next]
+            self._next += 1
+            self._cond.notify_all()
+            return blk
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._stop.set()
+            self._cond.notify_all()
+
+    def run(self) -> int:
+        workers = [threading.Thread(target=self._work, name=f"dmo-merge-{i}", daemon=True) for i in range(self.threads)]
+        prefetch = threading.Thread(target=self._prefetch, name="dmo-prefetch", daemon=True)
+        if PREFETCH:
+            prefetch.start()
+        for w in workers:
+            w.start()
+        finished = 0
+        try:
+            while any(w.is_alive() for w in workers):
+                try:
+                    name = self._done.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                finished += 1
+                if self.progress is not None:
+                    self.progress(finished, self.total, name)
+            while True:
+                try:
+                    name = self._done.get_nowait()
+                except queue.Empty:
+                    break
+                finished += 1
+                if self.progress is not None:
+                    self.progress(finished, self.total, name)
+        except BaseException as exc:  # Ctrl-C: stop the workers before the output folder is removed
+            self._fail(exc)
+            raise
+        finally:
+            self._stop.set()
+            with self._cond:
+                self._cond.notify_all()
+            for w in workers:
+                w.join()
+            if prefetch.is_alive():
+                prefetch.join()
+        if self._error is not None:
+            raise self._error
+        return finished
+
+    # -- prefetching
+
+    def _prefetch(self) -> None:
+        i = 0
+        try:
+            while i < len(self.blocks):
+                with self._cond:
+                    while not self._stop.is_set() and i >= self._next + LOOKAHEAD:
+                        self._cond.wait(0.1)
+                    if self._stop.is_set():
+                        return
+                    i = max(i, self._next)
+                if i >= len(self.blocks):
+                    return
+                self._advise(self.blocks[i], MADV_POPULATE_READ)
+                i += 1
+        except Exception:  # prefetching is only a hint
+            return
+
+    def _advise(self, blk: _Block, advice: int) -> None:
+        plan = blk.plan
+        for term in plan.terms if plan.mode != "whole" else ():  # (chunked: the base and the full values)
+            if term.source is None or term.info is None:
+                continue
+            size = term.info.dtype.itemsize
+            if advice == MADV_POPULATE_READ and not self._populate:
+                advice = mmap.MADV_WILLNEED
+            try:
+                term.source.advise(term.info.name, blk.lo * size, blk.hi * size, advice)
+            except OSError:
+                if advice == MADV_POPULATE_READ:  # kernel < 5.14: asynchronous read-ahead instead
+                    self._populate = False
+                    with contextlib.suppress(OSError):
+                        term.source.advise(term.info.name, blk.lo * size, blk.hi * size, mmap.MADV_WILLNEED)
+
+    # -- working
+
+    def _work(self) -> None:
+        try:
+            n = self.chunk
+            dev = self.device
+            acc = torch.empty(n, dtype=torch.float32, device=dev)
+            tmp = torch.empty(n, dtype=torch.float32, device=dev)
+            staging: dict[torch.dtype, Tensor] = {}
+            stacks: dict[int, Tensor] = {}
+            while (blk := self._take()) is not None:
+                plan = blk.plan
+                if plan.mode == "copy":
+                    self._copy(blk, staging)
+                elif plan.mode == "linear":
+                    self._linear(blk, acc, tmp, staging)
+                elif plan.mode == "chunked":
+                    self._chunked(blk, acc, staging, stacks)
+                else:
+                    self._whole(blk)
+                if plan.mode != "whole" and RELEASE:
+                    self._advise(blk, mmap.MADV_DONTNEED)
+                with plan._lock:
+                    plan._pending -= 1
+                    done = plan._pending == 0
+                    if done:
+                        plan._factors = None
+                        plan._chunker = None
+                if done:
+                    self._done.put(plan.name)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _stage(self, staging: dict[torch.dtype, Tensor], dtype: torch.dtype, n: int) -> Tensor:
+        buf = staging.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, BLOCK), dtype=dtype)
+            staging[dtype] = buf
+        return buf[:n]
+
+    def _write(self, plan: _Plan, data: Tensor, lo: int) -> None:
+        flat = data.reshape(-1)
+        raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+        mv = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
+        self.writer.write(plan.out, mv, lo * plan.out.dtype.itemsize)
+
+    def _copy(self, blk: _Block, staging: dict[torch.dtype, Tensor]) -> None:
+        plan = blk.plan
+        src = plan.terms[0].flat()[blk.lo : blk.hi]  # the base's tensor
+        with self._lock:
+            self.bytes_read += (blk.hi - blk.lo) * src.element_size()
+        if src.dtype == plan.out.dtype:
+            self._write(plan, src, blk.lo)
+        else:
+            out = self._stage(staging, plan.out.dtype, blk.hi - blk.lo)
+            out.copy_(src)
+            self._write(plan, out, blk.lo)
+
+    def _linear(self, blk: _Block, acc_buf: Tensor, tmp_buf: Tensor, staging: dict[torch.dtype, Tensor]) -> None:
+        plan = blk.plan
+        dev = self.device
+        on_cpu = dev.type == "cpu"
+        out_dtype = plan.out.dtype
+        out = self._stage(staging, out_dtype, blk.hi - blk.lo)
+        cols = plan.cols
+        chunk = max(cols, self.chunk // cols * cols)
+        if chunk > acc_buf.numel():
+            acc_buf = torch.empty(chunk, dtype=torch.float32, device=dev)
+            tmp_buf = torch.empty(chunk, dtype=torch.float32, device=dev)
+        factors = plan.factors(dev) if plan.lora is not None else None
+        flats = [t.flat() for t in plan.terms]
+        nread = 0
+        for lo in range(blk.lo, blk.hi, chunk):
+            hi = min(lo + chunk, blk.hi)
+            n = hi - lo
+            acc = acc_buf[:n]
+            tmp = tmp_buf[:n]
+            started = False
+            for term, flat in zip(plan.terms, flats):
+                src = flat[lo:hi]
+                nread += n * src.element_size()
+                if not on_cpu:
+                    src = src.to(dev, non_blocking=True)
+                if not started:
+                    acc.copy_(src)
+                    if term.coef != 1.0:
+                        acc.mul_(term.coef)
+                    started = True
+                elif src.dtype == torch.float32:
+                    acc.add_(src, alpha=term.coef)
+                else:
+                    tmp.copy_(src)
+                    acc.add_(tmp, alpha=term.coef)
+            if factors is not None:
+                b, a = factors
+                rows = acc.view(n // cols, cols)
+                r0, r1 = lo // cols, hi // cols
+                if started:
+                    rows.addmm_(b[r0:r1], a)
+                else:
+                    torch.mm(b[r0:r1], a, out=rows)
+            check = float(acc.sum())
+            if not math.isfinite(check):
+                self._diagnose(plan, lo, hi, acc)
+            out[lo - blk.lo : hi - blk.lo].copy_(acc)
+        with self._lock:
+            self.bytes_read += nread
+        self._write(plan, out, blk.lo)
+
+    def _chunk_size(self, plan: _Plan) -> int:
+        cols = plan.cols
+        return max(cols, self.chunk // cols * cols)
+
+    def _base_chunk(self, plan: _Plan, flat: Tensor, lo: int, hi: int, out: Tensor) -> Tensor:
+        src = flat[lo:hi]
+        return out[: hi - lo].copy_(src if self.device.type == "cpu" else src.to(self.device, non_blocking=True))
+
+    def _chunker(self, plan: _Plan, acc: Tensor, scratch: Tensor) -> Chunked:
+        """The plan's chunked method, with its statistics pass run once (by the first worker to need it)."""
+        with plan._lock:
+            if plan._chunker is not None:
+                return plan._chunker
+            assert plan.chunked is not None
+            method = plan.chunked()
+            if method.stats:
+                base_flat = plan.terms[0].flat()
+                chunk = min(self._chunk_size(plan), acc.numel(), scratch.numel())
+                chunk = max(plan.cols, chunk // plan.cols * plan.cols)
+                nread = 0
+                for i, value in enumerate(plan.values):
+                    flat = value.full.flat() if value.full is not None else None
+                    for lo in range(0, plan.numel, chunk):
+                        hi = min(lo + chunk, plan.numel)
+                        b32 = self._base_chunk(plan, base_flat, lo, hi, acc)
+                        delta = scratch[: hi - lo]
+                        value.delta_into(delta, flat, b32, lo, plan.cols)
+                        nread += (hi - lo) * (plan.base.dtype.itemsize + (value.full.info.dtype.itemsize if
+                                  value.full is not None and value.full.info is not None else 0))  # fmt: skip
+                        if not math.isfinite(float(delta.sum())):
+                            self._diagnose(plan, lo, hi, delta)
+                        method.observe(i, lo, delta)
+                    method.done(i)
+                with self._lock:
+                    self.bytes_read += nread
+            plan._chunker = method
+            return method
+
+    def _chunked(
+        self, blk: _Block, acc_buf: Tensor, staging: dict[torch.dtype, Tensor], stacks: dict[int, Tensor]
+    ) -> None:
+        plan = blk.plan
+        k = len(plan.values)
+        chunk = self._chunk_size(plan)
+        if acc_buf.numel() < chunk:
+            acc_buf = torch.empty(chunk, dtype=torch.float32, device=self.device)
+        stack = stacks.get(k)
+        if stack is None or stack.shape[1] < chunk:
+            stack = stacks[k] = torch.empty((k, chunk), dtype=torch.float32, device=self.device)
+        method = self._chunker(plan, acc_buf, stack[0])
+        out = self._stage(staging, plan.out.dtype, blk.hi - blk.lo)
+        base_flat = plan.terms[0].flat()
+        fulls = [v.full.flat() if v.full is not None else None for v in plan.values]
+        nread = 0
+        for lo in range(blk.lo, blk.hi, chunk):
+            hi = min(lo + chunk, blk.hi)
+            n = hi - lo
+            b32 = self._base_chunk(plan, base_flat, lo, hi, acc_buf)
+            deltas = stack[:, :n]
+            for i, value in enumerate(plan.values):
+                value.delta_into(deltas[i], fulls[i], b32, lo, plan.cols)
+            nread += sum(t.info.nbytes for t in plan.terms if t.info is not None) * n // max(plan.numel, 1)
+            merged = method.merge(deltas, lo)
+            acc = b32.add_(merged)
+            if not math.isfinite(float(acc.sum())):
+                self._diagnose(plan, lo, hi, acc)
+            out[lo - blk.lo : hi - blk.lo].copy_(acc)
+        with self._lock:
+            self.bytes_read += nread
+        self._write(plan, out, blk.lo)
+
+    def _whole(self, blk: _Block) -> None:
+        plan = blk.plan
+        assert plan.whole is not None
+        merged = plan.whole(self.device)
+        with self._lock:
+            self.bytes_read += plan.read_bytes
+        if not bool(torch.isfinite(merged).all()):
+            self._diagnose(plan, 0, plan.numel, merged.reshape(-1))
+        out = merged.to(plan.out.dtype).cpu()
+        del merged
+        flat = out.reshape(-1)
+        step = max(1, BLOCK)
+        for lo in range(0, plan.numel, step):
+            self._write(plan, flat[lo : lo + step], lo)
+
+    def _diagnose(self, plan: _Plan, lo: int, hi: int, result: Tensor) -> None:
+        for term in plan.terms:
+            src = term.flat()[lo:hi]
+            if src.is_floating_point():
+                bad = (~torch.isfinite(src)).nonzero()
+                if bad.numel():
+                    where = term.file or (term.info.file if term.info is not None else "?")
+                    raise DmoError(
+                        f"{term.who}: tensor {plan.name} in {where} holds NaN or Inf values (element "
+                        f"{lo + int(bad[0])}): the training diverged or the file is corrupt; fix or drop it"
+                    )
+        raise DmoError(
+            f"merged tensor {plan.name} has NaN or Inf values (its inputs are finite, so an expert tensor or the "
+            "weights/scale are too large for float32); check the experts and the merge parameters"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DmoError(f"device {device} requested but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    value = getattr(torch, names.get(dtype, dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise DmoError(f"unknown output dtype {dtype!r}: use bfloat16, float16 or float32")
+    return value
+
+
+def merge_checkpoints(
+    base: str | os.PathLike[str],
+    experts: Mapping[str, str | os.PathLike[str]],
+    weights: Mapping[str, float],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "linear",
+    params: Mapping[str, Any] | None = None,
+    kind: Literal["lora", "full"] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    chunk: int | None = None,
+    progress: Progress | None = None,
+    allow_bin: bool = False,
+    fsync: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> MergeStats:
+    """Merge ``experts`` (name -> folder) into ``base`` with ``weights`` and write the model to ``out``.
+
+    ``weights`` are used as given (zeros drop the expert; pass :meth:`dmo.mixture.Mixture.rounded_to_budget` for
+    the paper's coefficients). ``kind`` picks the default ``exclude`` (default: ``"lora"`` when every expert is a
+    LoRA adapter, else ``"full"``). ``dtype``: output dtype of floating tensors (default: each base tensor's).
+    ``progress(done, total, tensor)`` is called from the calling thread after each output tensor.
+    Raises :class:`DmoError` (one line naming the file and tensor) on bad input; nothing is left at ``out`` then.
+    """
+    start = time.perf_counter()
+    spec = get_method(method)
+    params = spec.check_params(dict(params or {}))
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DmoError(f"output folder {out} already exists: remove it or pass --overwrite")
+    base_folder = Path(base)
+    out_dtype = parse_dtype(dtype)
+    dev = resolve_device(device)
+    active = check_weights(list(experts), weights)
+    linear = spec.name in ("linear", "task_arithmetic")
+    scale = float(params.get("scale", 1.0)) if linear else 1.0
+    with contextlib.ExitStack() as stack:
+        base_ckpt = stack.enter_context(Checkpoint.open(base_folder, what="base model", allow_bin=allow_bin))
+        opened = open_experts(base_ckpt, experts, active, allow_bin)
+        stack.callback(close_experts, opened)
+        kinds = {e.kind for e in opened}
+        if spec.inputs == "lora" and kinds != {"lora"}:
+            full = next(e for e in opened if e.kind == "full")
+            raise DmoError(f"merge method {spec.name!r} merges LoRA experts only, but {full.what} ({full.folder}) is "
+                           "a full checkpoint")  # fmt: skip
+        keep = ParamFilter(kind or ("lora" if kinds == {"lora"} else "full"), include, exclude)
+        adapted = {n for e in opened for n in (*e.modules, *e.extra)}
+        excluded_adapted = tuple(sorted(n for n in adapted if not keep(n)))
+        names = list(base_ckpt.tensors)  # file order of the base, which is the order it is read in
+        writer = ShardWriter(
+            Path("."),
+            [(n, _out_dtype(base_ckpt.tensors[n], out_dtype), base_ckpt.tensors[n].shape) for n in names],
+            max_shard_size=max_shard_size,
+            metadata={"dmo_method": spec.name},
+        )
+        _check_space(out, writer.nbytes)
+        plans: list[_Plan] = []
+        for target in writer.order:
+            name = target.name
+            info = base_ckpt.tensors[name]
+            plan = _Plan(name, info, target, "copy", [_Term(1.0, "the base", info, base_ckpt)])
+            if info.dtype.is_floating_point and keep(name):
+                if linear:
+                    mode, terms, lora = _plan_linear(name, base_ckpt, opened, scale)
+                    if mode == "linear":
+                        plan.mode, plan.terms, plan.lora = mode, terms, lora
+                elif spec.inputs == "lora":
+                    mode, terms, lora = _plan_robust(name, base_ckpt, opened, spec, params)
+                    if mode == "linear":
+                        plan.mode, plan.terms, plan.lora = mode, terms, lora
+                elif spec.chunked is not None:
+                    planned = _plan_chunked(name, base_ckpt, opened, spec, params)
+                    if planned is not None:
+                        plan.mode = "chunked"
+                        plan.values, plan.terms, plan.chunked = planned
+                else:
+                    whole = _plan_whole(name, base_ckpt, opened, spec, params)
+                    if whole is not None:
+                        plan.mode, plan.whole = "whole", whole
+                        plan.read_bytes = info.nbytes + sum(
+                            e.checkpoint.tensors[name].nbytes for e in opened if e.checkpoint is not None
+                        )
+            plans.append(plan)
+        merged = sum(p.mode != "copy" for p in plans)
+        whole_only = any(p.mode == "whole" for p in plans)
+        n_threads = threads or (1 if whole_only or dev.type != "cpu" else max(1, os.cpu_count() or 1))
+        n_threads = 1 if whole_only else n_threads
+        chunk = chunk or (GPU_CHUNK if dev.type != "cpu" else CPU_CHUNK)
+        lora_bytes = sum(_adapter_bytes(e) for e in opened)
+        previous_threads = torch.get_num_threads()
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            writer.folder = tmp
+            t_setup = time.perf_counter()
+            try:
+                if not whole_only and dev.type == "cpu":
+                    # the workers are the parallelism: intra-op threads on top of small chunks only wait for each
+                    # other (OpenMP barriers on a busy machine cost more than the work)
+                    torch.set_num_threads(1)
+                writer.open()
+                runner = _Runner(plans, writer, dev, n_threads, chunk, BLOCK, progress)
+                runner.run()
+                t_run = time.perf_counter()
+                writer.finish(fsync=fsync)
+            finally:
+                writer.close()
+                torch.set_num_threads(previous_threads)
+            copy_side_files(base_folder, tmp)
+            if out_dtype is not None:
+                set_config_dtype(tmp, out_dtype)
+            record = {
+                "method": spec.name,
+                "params": params,
+                "weights": active,
+                "base": str(base_folder),
+                "experts": {e.name: {"path": str(e.folder), "kind": e.kind} for e in opened},
+                "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+                **keep.describe(),
+                **dict(metadata or {}),
+            }
+            (tmp / "dmo_merge.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+            files = tuple(sorted(p.name for p in tmp.iterdir()))
+        end = time.perf_counter()
+        return MergeStats(
+            out=out,
+            tensors=len(plans),
+            merged=merged,
+            copied=len(plans) - merged,
+            bytes_read=runner.bytes_read + lora_bytes,
+            bytes_written=writer.nbytes,
+            seconds=end - start,
+            device=str(dev),
+            threads=n_threads,
+            excluded_adapted=excluded_adapted,
+            files=files,
+            phases={"setup": t_setup - start, "stream": t_run - t_setup, "finish": end - t_run},
+        )
+
+
+def _adapter_bytes(e: Expert) -> int:
+    if e.adapter is None:
+        return 0
+    return sum(p.stat().st_size for p in e.folder.glob("adapter_model.*") if p.is_file())
+
+
+def _check_space(out: Path, needed: int) -> None:
+    parent = out.parent if out.parent.exists() else Path(".")
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise DmoError(
+            f"not enough disk space for {out}: the merged model needs {needed / 1e9:.2f} GB but only "
+            f"{free / 1e9:.2f} GB are free on {parent.resolve()}; free some space or choose another --out"
+        )

@@ -1,0 +1,445 @@
+"""Build (or reuse) a tiny world: data -> processor -> base -> experts -> ground-truth mixture trainings.
+
+Every step writes its output atomically and is skipped when that output exists, so an interrupted build
+resumes where it stopped and a fully built world is reused in well under a second (torch is not even
+imported then). Layout under the root (``<cache>/tinyworld/<config key>`` by default)::
+
+    data/<domain>/{train,test}.jsonl, images/   the data (see data.py)
+    processor/                                  Qwen2VLProcessor (tokenizer, image/video processors, template)
+    base/                                       HF model folder: config, model.safetensors, processor files
+    experts/<domain>/                           PEFT LoRA adapter trained on one domain
+    trained/<mixture id>/seed-<s>/              PEFT LoRA adapter trained on a mixture (ground truth)
+    evals/...json                               test accuracy of each of those models
+    experts.yaml                                manifest for the rest of dmo (paths relative to it)
+    world.json                                  config, key, step timings, accuracy tables, mixture effect
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dmo.atomic import write_text
+from dmo.errors import DmoError
+from dmo.mixture import Mixture
+from dmo.paths import cache_dir
+from dmo.presets import paper_2d, paper_3d, paper_4d
+from dmo.tinyworld.config import WorldConfig
+from dmo.tinyworld.worker import TRAINING_RECORD
+
+#: Ground-truth spaces: the DMO paper's published mixture sets.
+SPACES: dict[str, Callable[[], list[Mixture]]] = {"2d": paper_2d, "3d": paper_3d, "4d": paper_4d}
+
+
+@dataclass(frozen=True)
+class World:
+    """A built tiny world on disk."""
+
+    root: Path
+    config: WorldConfig
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "experts.yaml"
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / "world.json"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def processor_dir(self) -> Path:
+        return self.root / "processor"
+
+    def data_dir(self, domain: str) -> Path:
+        return self.root / "data" / domain
+
+    def test_jsonl(self, domain: str) -> Path:
+        return self.data_dir(domain) / "test.jsonl"
+
+    def train_jsonl(self, domain: str) -> Path:
+        return self.data_dir(domain) / "train.jsonl"
+
+    def expert_dir(self, domain: str) -> Path:
+        return self.root / "experts" / domain
+
+    def trained_dir(self, mixture: Mixture | str, seed: int) -> Path:
+        mid = mixture.id if isinstance(mixture, Mixture) else mixture
+        return self.root / "trained" / mid / f"seed-{seed}"
+
+    def mixtures(self, space: str) -> list[Mixture]:
+        return space_mixtures(space)
+
+    def info(self) -> dict:
+        """The parsed ``world.json``."""
+        return json.loads(self.info_path.read_text())
+
+
+def space_mixtures(space: str) -> list[Mixture]:
+    try:
+        return SPACES[space]()
+    except KeyError:
+        raise DmoError(f"unknown ground-truth space {space!r}: choose from {sorted(SPACES)}") from None
+
+
+def default_root(config: WorldConfig) -> Path:
+    return cache_dir() / "tinyworld" / config.key()
+
+
+def load_base(root: str | Path) -> tuple[Any, Any]:
+    """``(model, processor)`` of a world's ``base/`` folder, loaded offline with the stock HF classes."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    folder = Path(root) / "base"
+    if not (folder / "config.json").exists():
+        raise DmoError(f"no tiny-world base model in {folder}: run build_world() first")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
+    processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    return model.eval(), processor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Progress reporting: rich bars when asked, nothing otherwise.
+
+
+class _Progress:
+    def __init__(self, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+            )
+
+    def __enter__(self) -> _Progress:
+        if self._bar:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar:
+            self._bar.__exit__(*exc)
+
+    def task(self, description: str, total: int) -> Callable[[int], None]:
+        """Add a bar; returns ``set_completed(n)``."""
+        if not self._bar:
+            return lambda n: None
+        tid = self._bar.add_task(description, total=total)
+        return lambda n: self._bar.update(tid, completed=n)
+
+    def log(self, text: str) -> None:
+        if self._bar:
+            self._bar.console.log(text)
+
+
+class _Pool:
+    """A lazily started pool of spawned processes (started only if some step has work to do)."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._ex: ProcessPoolExecutor | None = None
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        if self._ex is None:
+            from dmo.tinyworld.worker import init_process
+
+            self._ex = ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=init_process
+            )
+        return self._ex.submit(fn, *args)
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_all(futures: Sequence[Future], bar: Callable[[int], None]) -> list[Any]:
+    done = 0
+    bar(0)
+    for fut in as_completed(futures):
+        fut.result()  # re-raise a worker's failure here
+        done += 1
+        bar(done)
+    return [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _step_data(world: World, pool: _Pool, ui: _Progress) -> bool:
+    from dmo.tinyworld.data import write_domain
+
+    todo = [d for d in world.config.domains if not world.data_dir(d).exists()]
+    if not todo:
+        return False
+    c = world.config
+    sizes = {"train": c.train_size, "test": c.test_size}
+    futures = [pool.submit(write_domain, world.root, d, c.seed, sizes, c.image_size) for d in todo]
+    _run_all(futures, ui.task("data", len(futures)))
+    return True
+
+
+def _step_processor(world: World, pool: _Pool) -> bool:
+    if world.processor_dir.exists():
+        return False
+    from dmo.tinyworld.worker import processor_job
+
+    pool.submit(processor_job, str(world.root), world.config.model_dump_json()).result()
+    return True
+
+
+def _step_base(world: World, pool: _Pool, ui: _Progress) -> bool:
+    """Pre-train in a pool process (not here): it gets OpenMP settings this process may not have."""
+    if world.base_dir.exists():
+        return False
+    from dmo.tinyworld.worker import pretrain_job
+
+    c = world.config
+    progress_file = world.root / ".base-progress"
+    fut = pool.submit(pretrain_job, str(world.root), c.model_dump_json(), str(progress_file))
+    bar = ui.task("base pre-training", -(-c.pretrain_samples // c.pretrain_batch))
+    while True:
+        try:
+            fut.result(timeout=0.5)
+            break
+        except FuturesTimeout:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                bar(int(progress_file.read_text().split()[0]))
+    progress_file.unlink(missing_ok=True)
+    bar(-(-c.pretrain_samples // c.pretrain_batch))
+    return True
+
+
+def _eval_path(world: World, *parts: str) -> Path:
+    return world.root.joinpath("evals", *parts[:-1], parts[-1] + ".json")
+
+
+def _lora_jobs(world: World, runs: Iterable[tuple[dict[str, int], int, Path, Path, dict]]) -> list[tuple]:
+    """The (counts, seed, adapter dir, eval file, meta) runs whose adapter or evaluation is missing."""
+    return [r for r in runs if not (r[2] / "adapter_model.safetensors").exists() or not r[3].exists()]
+
+
+def _submit_lora(world: World, pool: _Pool, runs: list[tuple]) -> list[Future]:
+    from dmo.tinyworld.worker import lora_job
+
+    cj = world.config.model_dump_json()
+    return [
+        pool.submit(lora_job, str(world.root), cj, counts, seed, str(out), str(ev), meta)
+        for counts, seed, out, ev, meta in runs
+    ]
+
+
+def _expert_runs(world: World) -> list[tuple]:
+    c = world.config
+    return [
+        ({d: c.budget}, 0, world.expert_dir(d), _eval_path(world, "experts", d), {"kind": "expert", "domain": d})
+        for d in c.domains
+    ]
+
+
+def _trained_runs(world: World, space: str) -> list[tuple]:
+    c = world.config
+    runs = []
+    for m in space_mixtures(space):
+        for s in range(c.n_seeds):
+            meta = {"kind": "mixture", "space": space, "mixture": m.as_dict(), "id": m.id}
+            runs.append(
+                (m.counts(c.budget), s, world.trained_dir(m, s), _eval_path(world, "trained", m.id, f"seed-{s}"), meta)
+            )
+    return runs
+
+
+def _step_experts(world: World, pool: _Pool, ui: _Progress) -> bool:
+    from dmo.tinyworld.worker import eval_job
+
+    futures = []
+    base_eval = _eval_path(world, "base")
+    if not base_eval.exists():
+        futures.append(pool.submit(eval_job, str(world.root), world.config.model_dump_json(), None, str(base_eval)))
+    futures += _submit_lora(world, pool, _lora_jobs(world, _expert_runs(world)))
+    if not futures:
+        return False
+    _run_all(futures, ui.task("experts (+ base eval)", len(futures)))
+    return True
+
+
+def _step_ground_truth(world: World, space: str, pool: _Pool, ui: _Progress) -> bool:
+    runs = _lora_jobs(world, _trained_runs(world, space))
+    if not runs:
+        return False
+    _run_all(_submit_lora(world, pool, runs), ui.task(f"ground truth {space}", len(runs)))
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Manifest and report.
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _built_spaces(world: World) -> list[str]:
+    """Spaces whose every mixture has every seed's adapter on disk (built now or by an earlier call)."""
+    return [
+        s
+        for s in SPACES
+        if _space_fits(world.config, s)
+        and all((r[2] / "adapter_model.safetensors").exists() for r in _trained_runs(world, s))
+    ]
+
+
+def _space_fits(config: WorldConfig, space: str) -> bool:
+    return all(d in config.domains for d in space_mixtures(space)[0].domains)
+
+
+def manifest_text(world: World) -> str:
+    """``experts.yaml``: base, experts and every trained mixture adapter, paths relative to the manifest."""
+    c = world.config
+    trained, seen = [], set()
+    for space in _built_spaces(world):
+        for _counts, seed, out, _, meta in _trained_runs(world, space):
+            if (meta["id"], seed) in seen:
+                continue
+            seen.add((meta["id"], seed))
+            trained.append({"mixture": meta["mixture"], "seed": seed, "path": out.relative_to(world.root).as_posix()})
+    doc = {
+        "name": "tinyworld",
+        "base": {"path": "base"},
+        "kind": "lora",
+        "budget": c.budget,
+        "experts": {d: {"path": f"experts/{d}"} for d in c.domains},
+        "trained": trained,
+    }
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=200)
+
+
+def _spread(values: Sequence[float]) -> float:
+    return round(max(values) - min(values), 6) if values else 0.0
+
+
+def report(world: World, timings: dict[str, float | None]) -> dict:
+    """The ``world.json`` document: config, key, timings and accuracy tables with the mixture effect."""
+    c = world.config
+    base_rec = _read_json(world.base_dir / TRAINING_RECORD) or {}
+    acc: dict[str, Any] = {"base": (_read_json(_eval_path(world, "base")) or {}).get("accuracy")}
+    acc["experts"] = {d: (_read_json(_eval_path(world, "experts", d)) or {}).get("accuracy") for d in c.domains}
+    trained: dict[str, list] = {}
+    effect: dict[str, dict] = {}
+    for space in _built_spaces(world):
+        rows = []
+        for m in space_mixtures(space):
+            seeds = {
+                s: (_read_json(_eval_path(world, "trained", m.id, f"seed-{s}")) or {}).get("accuracy")
+                for s in range(c.n_seeds)
+            }
+            if any(v is None for v in seeds.values()):
+                continue
+            mean = {d: round(sum(seeds[s][d] for s in seeds) / len(seeds), 6) for d in c.domains}
+            rows.append(
+                {
+                    "id": m.id,
+                    "mixture": m.as_dict(),
+                    "counts": m.counts(c.budget),
+                    "seeds": {str(s): v for s, v in seeds.items()},
+                    "mean": mean,
+                }
+            )
+        trained[space] = rows
+        effect[space] = {}
+        for d in space_mixtures(space)[0].domains:
+            seed_gaps = [
+                max(r["seeds"][str(s)][d] for s in range(c.n_seeds))
+                - min(r["seeds"][str(s)][d] for s in range(c.n_seeds))
+                for r in rows
+            ]
+            effect[space][d] = {
+                "across_mixtures": _spread([r["mean"][d] for r in rows]),
+                "across_seeds_mean": round(sum(seed_gaps) / max(len(seed_gaps), 1), 6),
+                "across_seeds_max": round(max(seed_gaps, default=0.0), 6),
+            }
+    acc["trained"] = trained
+    return {
+        "name": "tinyworld",
+        "key": c.key(),
+        "config": json.loads(c.model_dump_json()),
+        "parameters": base_rec.get("parameters"),
+        "base_training": base_rec,
+        "timings_seconds": timings,
+        "accuracy": acc,
+        "mixture_effect": effect,
+        "notes": (
+            "mixture_effect: per domain of each space, across_mixtures = max - min over mixtures of the "
+            "seed-averaged accuracy; across_seeds = max - min over seeds of one mixture (mean, max)."
+        ),
+    }
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    # Rewriting identical content would still bump the mtime, which callers use to see that nothing changed.
+    if not path.exists() or path.read_text() != text:
+        write_text(path, text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_world(
+    config: WorldConfig | None = None,
+    root: Path | None = None,
+    ground_truth: Sequence[str] = ("2d",),
+    progress: bool = True,
+) -> World:
+    """Build whatever of the world is missing and return it; a complete world is returned at once.
+
+    Call it from under ``if __name__ == "__main__":`` in scripts: the pool uses the spawn start method.
+    """
+    config = config or WorldConfig()
+    root = Path(root) if root is not None else default_root(config)
+    world = World(root, config)
+    for space in ground_truth:
+        space_mixtures(space)
+        if not _space_fits(config, space):
+            raise DmoError(
+                f"ground-truth space {space!r} needs domains {list(space_mixtures(space)[0].domains)}, "
+                f"this world has {list(config.domains)}"
+            )
+    previous = (_read_json(world.info_path) or {}).get("timings_seconds", {})
+    timings: dict[str, float | None] = {}
+
+    def timed(name: str, step: Callable[[], bool]) -> None:
+        start = time.perf_counter()
+        built = step()
+        timings[name] = round(time.perf_counter() - start, 3) if built else previous.get(name)
+
+    pool = _Pool(config.threads)
+    try:
+        with _Progress(progress) as ui:
+            timed("data", lambda: _step_data(world, pool, ui))
+            timed("processor", lambda: _step_processor(world, pool))
+            timed("base", lambda: _step_base(world, pool, ui))
+            timed("experts", lambda: _step_experts(world, pool, ui))
+            for space in ground_truth:
+                timed(f"ground_truth_{space}", lambda s=space: _step_ground_truth(world, s, pool, ui))
+    finally:
+        pool.close()
+    for key, value in previous.items():  # keep timings of spaces built by earlier calls
+        timings.setdefault(key, value)
+    _write_if_changed(world.manifest_path, manifest_text(world))
+    _write_if_changed(world.info_path, json.dumps(report(world, timings), indent=2) + "\n")
+    return world

@@ -1,0 +1,125 @@
+"""Every knob of the tiny world in one frozen, hashable object; its hash names the world's cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dmo.errors import DmoError
+from dmo.mixture import check_domain_name
+from dmo.tinyworld.render import CELL, DOMAINS
+
+#: Bump when rendering, tokenizer, model or training code changes what a config produces: it is part of the
+#: cache key, so stale worlds built by older code are never reused.
+FORMAT_VERSION = 1
+
+#: Knobs that change speed only, never a byte of the artifacts; they stay out of the cache key.
+_NOT_IN_KEY = frozenset({"threads"})
+
+
+class WorldConfig(BaseModel):
+    """Knobs of a tiny world. ``WorldConfig()`` is the real one; ``WorldConfig.small()`` is for tests."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0
+    domains: tuple[str, ...] = DOMAINS
+    image_size: int = 84
+
+    # Data: per-domain pool sizes. The test split is the held-out benchmark.
+    train_size: int = Field(8192, ge=1)
+    test_size: int = Field(200, ge=1)
+
+    # Text tower (a Qwen2-VL decoder); head_dim = hidden / heads and sum(mrope_section) = head_dim / 2.
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 4
+    text_intermediate: int = 256
+    mrope_section: tuple[int, int, int] = (4, 6, 6)
+    #: Qwen2-VL uses 1e6 for 32k-token contexts. Here sequences are ~30 tokens and M-RoPE hands the width axis
+    #: the lowest frequencies: at 1e4 neighbouring image columns differ by < 0.01 rad and the model cannot tell
+    #: them apart (OCR stayed at chance); at 10 the slowest frequency still turns ~0.1 rad per column.
+    rope_theta: float = 10.0
+    # Vision tower (a Qwen2-VL ViT); the merger maps to text_hidden.
+    vision_embed: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 4
+    vision_mlp_ratio: int = 4
+    #: Std of the random init. Qwen2-VL's 0.02 suits wide towers; with a 64-wide vision tower it makes every
+    #: image token nearly the same vector and reading digits stayed at chance for 512 steps; 0.2 learns it.
+    text_init_std: float = 0.02
+    vision_init_std: float = 0.2
+
+    # Base pre-training: full fine-tune on a uniform mix of all domains. lr >= 3e-3 learned to ignore the image.
+    pretrain_samples: int = Field(32768, ge=1)
+    pretrain_lr: float = 6e-4
+    pretrain_batch: int = Field(64, ge=1)
+    pretrain_warmup: float = Field(0.05, ge=0, lt=1)
+
+    # LoRA SFT of experts (one domain) and of mixtures: the same sample budget for both, as in the paper.
+    budget: int = Field(4096, ge=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_lr: float = 2e-3
+    lora_batch: int = Field(32, ge=1)
+    lora_warmup: float = Field(0.1, ge=0, lt=1)
+    #: Seeds of each ground-truth mixture training (seed 0 also trains the experts).
+    n_seeds: int = Field(2, ge=1)
+
+    # Evaluation (greedy decoding on the test split).
+    eval_batch: int = Field(100, ge=1)
+    max_new_tokens: int = Field(6, ge=1)
+
+    #: CPU cores to use: independent trainings run in this many processes with one thread each.
+    threads: int = Field(2, ge=1)
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for d in v:
+            check_domain_name(d)
+            if d not in DOMAINS:
+                raise DmoError(f"tiny-world domain {d!r} does not exist: choose from {list(DOMAINS)}")
+        if len(set(v)) != len(v) or not v:
+            raise DmoError(f"tiny-world domains must be distinct and non-empty, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WorldConfig:
+        if self.image_size % CELL or not 2 * CELL <= self.image_size <= 8 * CELL:
+            raise DmoError(f"image_size {self.image_size} must be a multiple of {CELL} in [{2 * CELL}, {8 * CELL}]")
+        if self.text_hidden % self.text_heads or self.text_heads % self.text_kv_heads:
+            raise DmoError("text_hidden must be divisible by text_heads, and text_heads by text_kv_heads")
+        if 2 * sum(self.mrope_section) != self.text_hidden // self.text_heads:
+            raise DmoError(f"sum(mrope_section) must be half the head dim {self.text_hidden // self.text_heads}")
+        if self.vision_embed % self.vision_heads:
+            raise DmoError("vision_embed must be divisible by vision_heads")
+        if self.budget > self.train_size:
+            raise DmoError(f"budget {self.budget} exceeds the per-domain train pool {self.train_size}")
+        return self
+
+    @classmethod
+    def small(cls, **overrides) -> WorldConfig:
+        """A world for tests: same model shape, far fewer samples; builds with 2-d ground truth in seconds."""
+        values = dict(
+            train_size=512,
+            test_size=40,
+            pretrain_samples=2048,
+            budget=256,
+            text_layers=2,
+            vision_depth=1,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def canonical_json(self) -> str:
+        data = self.model_dump(mode="json", exclude=set(_NOT_IN_KEY))
+        data["format_version"] = FORMAT_VERSION
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def key(self) -> str:
+        """Short content hash of every knob that changes an artifact: the world's cache folder name."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]

@@ -1,0 +1,271 @@
+"""Training of the tiny world: full pre-training of the base, LoRA SFT of experts and of data mixtures.
+
+Both run on CPU. Token ids are built once per distinct question/answer (there are only a few dozen) and
+images come from the uint8 pixel cache, so a training step costs what the model costs: the processor, which
+would otherwise dominate, only normalises and patchifies each batch of pixels (one vectorised call).
+Loss is on the answer tokens and the closing ``<|im_end|>`` only, as in SFT.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmo.errors import DmoError
+from dmo.tinyworld.config import WorldConfig
+from dmo.tinyworld.data import load_pixels, read_split
+from dmo.tinyworld.generate import chat_prompt
+from dmo.tinyworld.render import DOMAINS
+
+#: LoRA goes on every linear layer: text attention + MLP, vision attention + MLP, and the patch merger.
+LORA_TARGETS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",  # text decoder
+    "qkv",
+    "proj",
+    "fc1",
+    "fc2",  # vision blocks ("proj" matches only modules named exactly proj)
+    "mlp.0",
+    "mlp.2",  # patch merger
+)
+IGNORE = -100
+
+
+@dataclass
+class Examples:
+    """Encoded training items: token ids (prompt + answer + <|im_end|>) and their images."""
+
+    pixels: np.ndarray  # (N, H, W, 3) uint8
+    input_ids: list[list[int]]
+    prompt_lens: list[int]
+    domains: list[str]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Encoder:
+    """Token ids of chat-formatted (question, answer) pairs, identical to what the processor produces."""
+
+    def __init__(self, processor: Any, image_tokens: int) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_tokens = image_tokens
+        self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self._prompts: dict[str, list[int]] = {}
+        self._answers: dict[str, list[int]] = {}
+
+    def prompt_ids(self, question: str) -> list[int]:
+        if question not in self._prompts:
+            # The processor expands the single <|image_pad|> of the template to one per merged image token.
+            pad = self.processor.image_token
+            text = chat_prompt(self.processor, question).replace(pad, pad * self.image_tokens)
+            self._prompts[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._prompts[question]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        if answer not in self._answers:
+            self._answers[answer] = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        return self._answers[answer]
+
+    def encode(self, question: str, answer: str) -> tuple[list[int], int]:
+        prompt = self.prompt_ids(question)
+        return prompt + self.answer_ids(answer), len(prompt)
+
+
+def sft_indices(config: WorldConfig, domain: str, n: int) -> np.ndarray:
+    """The SFT items of ``domain``: the first ``n`` of a fixed permutation of its train pool.
+
+    Fixed per world (not per training seed), so mixtures differ only in how much of each domain they take and
+    a mixture with more of a domain contains every item of one with less; seeds change init and order only.
+    """
+    if n > config.train_size:
+        raise DmoError(f"{n} samples of {domain!r} requested but its train pool has {config.train_size}")
+    perm = np.random.default_rng([config.seed, DOMAINS.index(domain), 101]).permutation(config.train_size)
+    return perm[:n]
+
+
+def pretrain_indices(config: WorldConfig) -> dict[str, np.ndarray]:
+    """Uniform mix for the base: pretrain_samples split evenly over domains, cycling through each pool."""
+    k = len(config.domains)
+    out = {}
+    for j, d in enumerate(config.domains):
+        n = config.pretrain_samples // k + (j < config.pretrain_samples % k)
+        perm = np.random.default_rng([config.seed, DOMAINS.index(d), 102]).permutation(config.train_size)
+        out[d] = np.resize(perm, n)
+    return out
+
+
+def gather(root, processor: Any, image_tokens: int, picks: Mapping[str, np.ndarray]) -> Examples:
+    """Encode the train items ``picks[domain]`` (indices into each domain's train split)."""
+    enc = Encoder(processor, image_tokens)
+    pixels, ids, plens, doms = [], [], [], []
+    for domain, idx in picks.items():
+        if len(idx) == 0:
+            continue
+        rows = read_split(root, domain, "train")
+        pixels.append(np.asarray(load_pixels(root, domain, "train", rows))[np.asarray(idx)])
+        for i in idx:
+            seq, plen = enc.encode(rows[i]["question"], rows[i]["answer"])
+            ids.append(seq)
+            plens.append(plen)
+            doms.append(domain)
+    if not ids:
+        raise DmoError("nothing to train on: every domain has zero samples")
+    return Examples(np.concatenate(pixels), ids, plens, doms)
+
+
+def collate(processor: Any, ex: Examples, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels on the answer tokens only."""
+    pad = processor.tokenizer.pad_token_id
+    seqs = [ex.input_ids[i] for i in idx]
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (i, seq) in enumerate(zip(idx, seqs)):
+        input_ids[r, : len(seq)] = torch.tensor(seq)
+        labels[r, ex.prompt_lens[i] : len(seq)] = input_ids[r, ex.prompt_lens[i] : len(seq)]
+        mask[r, : len(seq)] = 1
+    images = torch.from_numpy(np.ascontiguousarray(ex.pixels[idx])).permute(0, 3, 1, 2)
+    vision = processor.image_processor(images=images, return_tensors="pt")
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (input_ids == processor.image_token_id).long(),
+        "pixel_values": vision["pixel_values"],
+        "image_grid_thw": vision["image_grid_thw"],
+        "labels": labels,
+    }
+
+
+def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
+    n_warm = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        progress = (step - n_warm) / max(1, steps - n_warm)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    first_loss: float
+    final_loss: float  # mean over the last 10% of steps
+
+
+def fit(
+    model: torch.nn.Module,
+    processor: Any,
+    ex: Examples,
+    *,
+    lr: float,
+    batch: int,
+    warmup: float,
+    seed: int,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """One epoch over ``ex`` in a seeded random order, AdamW with warmup + cosine decay."""
+    order = np.random.default_rng([seed, 7]).permutation(len(ex))
+    batches = [order[i : i + batch] for i in range(0, len(order), batch)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(len(batches), warmup))
+    model.train()
+    losses = []
+    start = time.perf_counter()
+    for step, idx in enumerate(batches):
+        out = model(**collate(processor, ex, idx))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if on_step:
+            on_step(step + 1, len(batches))
+    tail = losses[-max(1, len(losses) // 10) :]
+    return TrainResult(len(batches), time.perf_counter() - start, losses[0], float(np.mean(tail)))
+
+
+def pretrain(
+    model: torch.nn.Module,
+    processor: Any,
+    root,
+    config: WorldConfig,
+    image_tokens: int,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Full fine-tune of the randomly initialised model on a uniform mix of all domains (in place)."""
+    ex = gather(root, processor, image_tokens, pretrain_indices(config))
+    return fit(
+        model,
+        processor,
+        ex,
+        lr=config.pretrain_lr,
+        batch=config.pretrain_batch,
+        warmup=config.pretrain_warmup,
+        seed=config.seed,
+        on_step=on_step,
+    )
+
+
+def lora_config(config: WorldConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(LORA_TARGETS),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def train_seed(config: WorldConfig, seed: int) -> int:
+    """Seed of one LoRA training: derived from the world's seed, so two worlds never share a stream."""
+    return int(np.random.default_rng([config.seed, 1000 + seed]).integers(2**31))
+
+
+def train_lora(
+    base: torch.nn.Module,
+    processor: Any,
+    root,
+    config: WorldConfig,
+    counts: Mapping[str, int],
+    seed: int,
+    image_tokens: int,
+) -> tuple[Any, TrainResult]:
+    """LoRA SFT on ``counts[d]`` samples of each domain ``d``; returns the PEFT model and the run's stats.
+
+    ``base`` is wrapped in place (PEFT injects its layers), so pass a fresh copy for every run.
+    """
+    from peft import get_peft_model
+
+    unknown = [d for d in counts if d not in config.domains]
+    if unknown:
+        raise DmoError(f"domain {unknown[0]!r} is not in this world ({list(config.domains)})")
+    picks = {d: sft_indices(config, d, n) for d, n in counts.items() if n > 0}
+    ex = gather(root, processor, image_tokens, picks)
+    s = train_seed(config, seed)
+    torch.manual_seed(s)  # LoRA A matrices are drawn from torch's global generator
+    model = get_peft_model(base, lora_config(config))
+    result = fit(model, processor, ex, lr=config.lora_lr, batch=config.lora_batch, warmup=config.lora_warmup, seed=s)
+    return model, result

@@ -1,0 +1,451 @@
+"""The embedded tiny world: determinism, self-consistent renders, processor/model round trips, and a real
+small build (data, base, experts, 2-d ground truth) checked artifact by artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from dmo.errors import DmoError
+from dmo.mixture import Mixture
+from dmo.presets import paper_2d
+from dmo.tinyworld import render
+from dmo.tinyworld.build import World, build_world, default_root, load_base
+from dmo.tinyworld.config import WorldConfig
+from dmo.tinyworld.data import load_pixels, read_split, write_domain
+from dmo.tinyworld.generate import encode, exact_match, generate, generate_encoded
+from dmo.tinyworld.model import init_model
+from dmo.tinyworld.tokenizer import build_processor, image_tokens, load_processor
+from dmo.tinyworld.train import LORA_TARGETS, Encoder, sft_indices
+
+SMALL = WorldConfig.small()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config and data determinism
+
+
+def test_key_is_stable_and_sensitive() -> None:
+    assert WorldConfig().key() == WorldConfig().key()
+    assert WorldConfig(seed=1).key() != WorldConfig().key()
+    assert WorldConfig.small().key() != WorldConfig().key()
+    assert WorldConfig(lora_r=4).key() != WorldConfig().key()
+    assert WorldConfig(threads=1).key() == WorldConfig(threads=2).key()  # speed knobs do not change artifacts
+    assert re.fullmatch(r"[0-9a-f]{16}", WorldConfig().key())
+    assert default_root(SMALL).name == SMALL.key()
+
+
+def test_config_is_frozen_and_validated() -> None:
+    with pytest.raises(Exception):
+        SMALL.seed = 3  # type: ignore[misc]
+    with pytest.raises(DmoError, match="mrope_section"):
+        WorldConfig(mrope_section=(4, 4, 4))
+    with pytest.raises(DmoError, match="does not exist"):
+        WorldConfig(domains=("general", "maths"))
+    with pytest.raises(DmoError, match="multiple of 28"):
+        WorldConfig(image_size=90)
+    with pytest.raises(DmoError, match="budget"):
+        WorldConfig(train_size=100, budget=200)
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path) -> None:
+    sizes = {"train": 12, "test": 5}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        for domain in render.DOMAINS:
+            write_domain(tmp_path / name, domain, seed, sizes, 84)
+    a, b, c = (_tree_bytes(tmp_path / n) for n in "abc")
+    assert a == b
+    assert len(a) == 4 * (2 + 17 + 2)  # per domain: 2 jsonl, 17 png, 2 cached pixel arrays
+    assert a["data/ocr/train.jsonl"] != c["data/ocr/train.jsonl"]
+    # A split's first items do not depend on its size.
+    write_domain(tmp_path / "d", "chart", 0, {"train": 20, "test": 5}, 84)
+    assert read_split(tmp_path / "d", "chart", "train")[:12] == read_split(tmp_path / "a", "chart", "train")
+
+
+def test_jsonl_rows_and_images(tmp_path: Path) -> None:
+    write_domain(tmp_path, "counting", 3, {"train": 6, "test": 4}, 84)
+    folder = tmp_path / "data" / "counting"
+    rows = read_split(tmp_path, "counting", "test")
+    assert len(rows) == 4 and len(read_split(tmp_path, "counting", "train")) == 6
+    for row in rows:
+        assert set(row) == {"id", "image", "question", "answer", "domain"}
+        assert row["domain"] == "counting" and row["image"].startswith("images/")
+        assert Image.open(folder / row["image"]).size == (84, 84)
+    assert len({r["id"] for r in rows}) == 4
+    pixels = load_pixels(tmp_path, "counting", "test")
+    assert pixels.shape == (4, 84, 84, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels[2], np.asarray(Image.open(folder / rows[2]["image"])))
+    # Without the cache the same pixels come back from the PNGs.
+    (tmp_path / "cache" / "pixels" / "counting" / "test.npy").unlink()
+    assert np.array_equal(load_pixels(tmp_path, "counting", "test"), pixels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every render answers its own question (read back from the pixels, not from the renderer's variables)
+
+
+def _samples(domain: str, n: int = 150) -> list[tuple[np.ndarray, str, str]]:
+    rng = np.random.default_rng(12345)
+    out = []
+    for _ in range(n):
+        image, question, answer = render.sample(domain, rng)
+        out.append((np.asarray(image).astype(int), question, answer))
+    return out
+
+
+def _ink(img: np.ndarray) -> np.ndarray:
+    return (img != img[0, 0]).any(-1)  # the top-left pixel is background in every domain
+
+
+def _colour_name(rgb: np.ndarray) -> str:
+    return next(name for name, c in render.COLOURS.items() if tuple(int(v) for v in rgb) == c)
+
+
+def test_general_renders_answer_their_question() -> None:
+    seen = set()
+    for img, question, answer in _samples("general"):
+        mask = _ink(img)
+        colours = {tuple(v) for v in img[mask]}
+        assert len(colours) == 1  # one flat shape, no anti-aliasing
+        ys, xs = np.nonzero(mask)
+        box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        fill = box.mean()
+        if fill > 0.95:
+            shape = "square"
+        elif fill > 0.7:
+            shape = "circle"
+        else:  # triangles have their widest row at the bottom, diamonds in the middle
+            shape = "triangle" if box[-1].mean() > 0.8 else "diamond"
+        if question == "What colour is the shape?":
+            assert _colour_name(img[ys[0], xs[0]]) == answer
+        else:
+            assert question == "What shape is it?"
+            assert shape == answer
+        seen.add(answer)
+    assert set(render.SHAPES) | set(render.COLOURS) == seen
+
+
+def test_counting_renders_answer_their_question() -> None:
+    counts = set()
+    for img, question, answer in _samples("counting"):
+        assert question == "How many circles?"
+        labels, n = ndimage.label(_ink(img))
+        circles = 0
+        for sl in ndimage.find_objects(labels):
+            fill = (labels[sl] > 0).mean()
+            assert 0.6 < fill  # a circle or a square, never two touching objects
+            circles += fill < 0.9  # squares fill their box
+        assert str(circles) == answer
+        counts.add(circles)
+    assert counts == set(range(1, render.MAX_CIRCLES + 1))
+
+
+def _digit_templates() -> list[np.ndarray]:
+    out = []
+    for d in range(10):
+        cell = Image.new("RGB", (render.CELL, render.CELL))
+        render.draw_digit(ImageDraw.Draw(cell), str(d), 0, 0, 0, 0, (255, 255, 255))
+        out.append(np.asarray(cell).any(-1))
+    return out
+
+
+def test_ocr_renders_answer_their_question() -> None:
+    templates = _digit_templates()
+    c = render.CELL
+    for img, question, answer in _samples("ocr"):
+        assert question == "What number is written?"
+        mask = _ink(img)
+        rows = [r for r in range(3) if mask[r * c : (r + 1) * c].any()]
+        assert len(rows) == 1  # the number sits in one row of cells
+        read = ""
+        for col in range(3):
+            cell = mask[rows[0] * c : (rows[0] + 1) * c, col * c : (col + 1) * c]
+            iou = [(cell & t).sum() / (cell | t).sum() for t in templates]
+            assert max(iou) > 0.8
+            read += str(int(np.argmax(iou)))
+        assert read == answer and read[0] != "0"
+
+
+def test_chart_renders_answer_their_question() -> None:
+    unit, base = render.bar_unit(84), 84 - 4
+    kinds = set()
+    for img, question, answer in _samples("chart"):
+        bars = {}
+        for i in range(3):
+            x = i * render.CELL + 8
+            name = _colour_name(img[base - 1, x])
+            height = 0
+            while tuple(img[base - 1 - height, x]) == render.COLOURS[name]:
+                height += 1
+            assert height % unit == 0
+            bars[name] = height // unit
+        assert len(set(bars.values())) == 3  # distinct values: one tallest bar
+        if question == "Which bar is tallest?":
+            assert answer == max(bars, key=bars.get)
+            kinds.add("tallest")
+        else:
+            colour = re.fullmatch(r"What is the value of the (\w+) bar\?", question).group(1)
+            assert answer == str(bars[colour])
+            kinds.add("value")
+    assert kinds == {"tallest", "value"}
+
+
+def test_unknown_domain_is_refused() -> None:
+    with pytest.raises(DmoError, match="unknown tiny-world domain"):
+        render.sample("maths", np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processor, tokenizer, model, generation
+
+
+@pytest.fixture(scope="module")
+def processor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("processor")
+    build_processor(SMALL).save_pretrained(str(folder))
+    return folder
+
+
+def test_processor_round_trip_offline(processor_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fresh, loaded = build_processor(SMALL), load_processor(processor_dir)
+    assert type(loaded).__name__ == "Qwen2VLProcessor"
+    assert loaded.video_processor is not None
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]}]
+    text = loaded.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == fresh.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many circles?")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    tok = loaded.tokenizer
+    assert tok.tokenize("472") == ["4", "##7", "##2"]  # one token per digit
+    assert tok.decode(tok("472 purple")["input_ids"]) == "472 purple"
+    assert tok.unk_token_id not in tok("What is the value of the orange bar?")["input_ids"]
+    image = Image.new("RGB", (84, 84))
+    a = loaded(text=[text], images=[image], return_tensors="pt")
+    b = fresh(text=[text], images=[image], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert (a["input_ids"] == loaded.image_token_id).sum() == image_tokens(SMALL) == 9
+
+
+def test_model_config_ids_inside_vocabulary() -> None:
+    processor = build_processor(SMALL)
+    model = init_model(SMALL, processor.tokenizer)
+    text, tok = model.config.text_config, processor.tokenizer
+    for token_id in (text.bos_token_id, text.eos_token_id, text.pad_token_id, model.config.image_token_id):
+        assert 0 <= token_id < len(tok) <= text.vocab_size
+    assert tok.convert_ids_to_tokens(text.eos_token_id) == "<|im_end|>"
+    assert tok.convert_ids_to_tokens(model.config.image_token_id) == "<|image_pad|>"
+    assert model.config.vision_config.hidden_size == text.hidden_size
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    # Same seed, same weights; another seed, other weights.
+    again = init_model(SMALL, tok)
+    other = init_model(SMALL.model_copy(update={"seed": 5}), tok)
+    w = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[w], again.state_dict()[w])
+    assert not torch.equal(model.state_dict()[w], other.state_dict()[w])
+
+
+def test_training_ids_match_the_processor() -> None:
+    processor = build_processor(SMALL)
+    enc = Encoder(processor, image_tokens(SMALL))
+    for domain in render.DOMAINS:
+        image, question, answer = render.sample(domain, np.random.default_rng(1))
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+        full = processor.apply_chat_template(messages)
+        ids = processor(text=[full], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        seq, prompt_len = enc.encode(question, answer)
+        assert ids[: len(seq)] == seq  # the template adds only a trailing newline, which the tokenizer drops
+        assert processor.tokenizer.decode(seq[prompt_len:], skip_special_tokens=True) == answer
+
+
+def test_tiny_model_generates() -> None:
+    processor = build_processor(SMALL)
+    model = init_model(SMALL, processor.tokenizer)
+    rng = np.random.default_rng(0)
+    items = [render.sample(d, rng) for d in render.DOMAINS]
+    images, questions = [i for i, _, _ in items], [q for _, q, _ in items]
+    out = generate(model, processor, images, questions, max_new_tokens=4, batch_size=3)
+    assert len(out) == 4 and all(isinstance(a, str) and a == a.strip() for a in out)
+    assert out == generate(model, processor, images, questions, max_new_tokens=4, batch_size=4)  # batching-invariant
+    arrays = np.stack([np.asarray(i) for i in images])
+    assert generate_encoded(model, processor, encode(processor, arrays, questions, 2), 4) == out
+    model.train()
+    generate(model, processor, images[:1], questions[:1], max_new_tokens=2)
+    assert model.training  # the caller's mode is restored
+
+
+def test_exact_match() -> None:
+    assert exact_match(" Red\n", "red")
+    assert exact_match("4  7", "4 7")
+    assert not exact_match("47", "4 7")
+    assert not exact_match("3", "30")
+
+
+def test_sft_items_are_nested_across_mixtures() -> None:
+    small, large = sft_indices(SMALL, "ocr", 32), sft_indices(SMALL, "ocr", 128)
+    assert list(large[:32]) == list(small) and len(set(large)) == 128
+    assert list(sft_indices(SMALL, "chart", 32)) != list(small)
+    with pytest.raises(DmoError, match="train pool"):
+        sft_indices(SMALL, "ocr", SMALL.train_size + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A real small build
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[World, float]:
+    root = tmp_path_factory.mktemp("tinyworld") / "small"
+    start = time.perf_counter()
+    w = build_world(SMALL, root=root, ground_truth=("2d",), progress=False)
+    return w, time.perf_counter() - start
+
+
+def test_small_build_writes_every_artifact(world: tuple[World, float]) -> None:
+    w, _ = world
+    assert w.root.name == "small" and w.config == SMALL
+    for domain in SMALL.domains:
+        assert len(read_split(w.root, domain, "train")) == SMALL.train_size
+        assert len(read_split(w.root, domain, "test")) == SMALL.test_size
+        assert (w.data_dir(domain) / "images" / "test-00000.png").is_file()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (w.expert_dir(domain) / name).is_file()
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "processor_config.json", "chat_template.jinja"):  # fmt: skip
+        assert (w.base_dir / name).is_file(), name
+    for m in paper_2d():
+        for s in range(SMALL.n_seeds):
+            assert (w.trained_dir(m, s) / "adapter_model.safetensors").is_file()
+    assert not list(w.root.rglob("*.tmp")) and not (w.root / ".base-progress").exists()
+
+
+def test_manifest_lists_base_experts_and_trained(world: tuple[World, float]) -> None:
+    w, _ = world
+    doc = yaml.safe_load(w.manifest_path.read_text())
+    assert doc["name"] == "tinyworld" and doc["kind"] == "lora" and doc["budget"] == SMALL.budget
+    assert doc["base"] == {"path": "base"}
+    assert doc["experts"] == {d: {"path": f"experts/{d}"} for d in SMALL.domains}
+    trained = doc["trained"]
+    assert len(trained) == len(paper_2d()) * SMALL.n_seeds
+    assert trained[0] == {"mixture": {"general": 1.0 - 0.125, "ocr": 0.125}, "seed": 0,
+                          "path": "trained/general-0.875+ocr-0.125/seed-0"}  # fmt: skip
+    for entry in trained:
+        mixture = Mixture.from_mapping(entry["mixture"])
+        assert entry["path"] == f"trained/{mixture.id}/seed-{entry['seed']}"
+        assert (w.manifest_path.parent / entry["path"] / "adapter_config.json").is_file()
+
+
+def test_world_json_reports_accuracy_and_mixture_effect(world: tuple[World, float]) -> None:
+    w, _ = world
+    info = w.info()
+    assert info["key"] == SMALL.key() and WorldConfig(**info["config"]) == SMALL
+    assert set(info["timings_seconds"]) == {"data", "processor", "base", "experts", "ground_truth_2d"}
+    acc = info["accuracy"]
+    assert set(acc["base"]) == set(SMALL.domains)
+    assert all(0.0 <= v <= 1.0 for e in acc["experts"].values() for v in e.values())
+    rows = acc["trained"]["2d"]
+    assert [r["id"] for r in rows] == [m.id for m in paper_2d()]
+    assert all(set(r["seeds"]) == {"0", "1"} for r in rows)
+    effect = info["mixture_effect"]["2d"]
+    assert set(effect) == {"general", "ocr"}
+    ocr = [r["mean"]["ocr"] for r in rows]
+    assert effect["ocr"]["across_mixtures"] == pytest.approx(max(ocr) - min(ocr), abs=1e-6)
+
+
+def test_mixture_sample_counts_follow_the_weights(world: tuple[World, float]) -> None:
+    w, _ = world
+    for m in paper_2d():
+        for s in range(SMALL.n_seeds):
+            record = json.loads((w.trained_dir(m, s) / "dmo_training.json").read_text())
+            assert record["counts"] == {d: round(m[d] * SMALL.budget) for d in m.domains}
+            assert record["seed"] == s and record["steps"] == -(-SMALL.budget // SMALL.lora_batch)
+    expert = json.loads((w.expert_dir("ocr") / "dmo_training.json").read_text())
+    assert expert["counts"] == {"ocr": SMALL.budget}
+
+
+def test_adapters_load_with_peft(world: tuple[World, float]) -> None:
+    from peft import PeftModel
+
+    w, _ = world
+    model, processor = load_base(w.root)
+    config = json.loads((w.expert_dir("chart") / "adapter_config.json").read_text())
+    assert config["r"] == SMALL.lora_r and set(config["target_modules"]) == set(LORA_TARGETS)
+    seed0, seed1 = (w.trained_dir(paper_2d()[3], s) for s in (0, 1))
+    peft_model = PeftModel.from_pretrained(model, str(seed0))
+    names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert any(".visual.blocks." in n for n in names)
+    assert any(".visual.merger." in n for n in names)
+    assert any(".language_model." in n for n in names)
+    rows = read_split(w.root, "ocr", "test")[:3]
+    images = [Image.open(w.data_dir("ocr") / r["image"]) for r in rows]
+    answers = generate(peft_model, processor, images, [r["question"] for r in rows], max_new_tokens=4)
+    assert len(answers) == 3
+    from safetensors.torch import load_file
+
+    a = load_file(str(seed0 / "adapter_model.safetensors"))
+    b = load_file(str(seed1 / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # seeds differ
+
+
+def test_load_base_is_offline_and_complete(world: tuple[World, float], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    w, _ = world
+    model, processor = load_base(w.root)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and not model.training
+    assert model.generation_config.eos_token_id[0] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(DmoError, match="no tiny-world base"):
+        load_base(w.root / "nowhere")
+
+
+def test_cached_rebuild_is_fast_and_changes_nothing(world: tuple[World, float]) -> None:
+    w, first = world
+    before = {p: p.stat().st_mtime_ns for p in w.root.rglob("*")}
+    start = time.perf_counter()
+    again = build_world(SMALL, root=w.root, ground_truth=("2d",), progress=False)
+    elapsed = time.perf_counter() - start
+    assert again.root == w.root
+    assert elapsed < 5.0, f"cached rebuild took {elapsed:.1f}s (first build {first:.1f}s)"
+    assert {p: p.stat().st_mtime_ns for p in w.root.rglob("*")} == before
+
+
+def test_ground_truth_needs_the_spaces_domains(world: tuple[World, float], tmp_path: Path) -> None:
+    with pytest.raises(DmoError, match="needs domains"):
+        build_world(WorldConfig.small(domains=("general", "ocr")), root=tmp_path, ground_truth=("3d",), progress=False)
+    with pytest.raises(DmoError, match="unknown ground-truth space"):
+        build_world(SMALL, root=tmp_path, ground_truth=("5d",), progress=False)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_interrupted_output_is_rebuilt(world: tuple[World, float]) -> None:
+    """A missing evaluation (as after a crash between saving an adapter and scoring it) is redone alone."""
+    w, _ = world
+    m = paper_2d()[0]
+    evaluation = w.root / "evals" / "trained" / m.id / "seed-1.json"
+    adapter = w.trained_dir(m, 1) / "adapter_model.safetensors"
+    old_eval, old_adapter = json.loads(evaluation.read_text()), adapter.stat().st_mtime_ns
+    evaluation.unlink()
+    build_world(SMALL, root=w.root, ground_truth=("2d",), progress=False)
+    assert json.loads(evaluation.read_text())["accuracy"] == old_eval["accuracy"]  # deterministic
+    assert adapter.stat().st_mtime_ns == old_adapter  # the adapter was not retrained
+
+
+@pytest.mark.skipif(os.environ.get("DMO_TINYWORLD_TIMING") is None, reason="set DMO_TINYWORLD_TIMING=1 to check")
+def test_small_build_is_quick(world: tuple[World, float]) -> None:
+    assert world[1] < 60.0
