@@ -60,6 +60,9 @@ class HFScorer:
 
     @cached_property
     def lmm(self) -> DmoLMM:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # dmo draws its own bars; a per-load bar would interleave with them
         model, processor = load_pretrained(self.manifest.base.path, device=self.device)
         return DmoLMM.from_model(model, processor, batch_size=self.batch_size, name=self.manifest.name)
 

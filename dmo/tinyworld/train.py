@@ -39,6 +39,7 @@ LORA_TARGETS: tuple[str, ...] = (
     "mlp.0",
     "mlp.2",  # patch merger
 )
+LORA_TARGET_REGEX = r"^(?!.*patch_embed).*\.(" + "|".join(t.replace(".", r"\.") for t in LORA_TARGETS) + ")$"
 IGNORE = -100
 
 
@@ -233,7 +234,9 @@ def lora_config(config: WorldConfig):
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=0.0,
-        target_modules=list(LORA_TARGETS),
+        # A regex, not a name list: vision "proj" would also match the patch embedding, a Conv3d, and LoRA on a
+        # convolution is neither what the paper trains nor something dmo's merge engine accepts.
+        target_modules=LORA_TARGET_REGEX,
         bias="none",
         task_type="CAUSAL_LM",
     )
