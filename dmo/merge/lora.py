@@ -21,9 +21,9 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -441,6 +441,31 @@ def fingerprint(
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def base_name(ref: str | None) -> str:
+    """The comparable part of a base model reference: a local folder and a hub id of the same model share it."""
+    return PurePosixPath(str(ref).rstrip("/")).name.lower() if ref else ""
+
+
+def check_same_base(adapters: Sequence[tuple[str, LoraAdapter]], expected: str | None = None) -> None:
+    """Refuse experts trained on different base models (task vectors of different bases do not add up).
+
+    Only the last component of ``base_model_name_or_path`` is compared, so ``Qwen/Qwen2-VL-2B-Instruct`` and
+    ``/scratch/Qwen2-VL-2B-Instruct`` count as the same base; an adapter that records no base is not checked.
+    """
+    want = base_name(expected)
+    for name, adapter in adapters:
+        have = base_name(adapter.base_model_name_or_path)
+        if not have:
+            continue
+        if not want:
+            want, expected = have, adapter.base_model_name_or_path
+        elif have != want:
+            raise DmoError(
+                f"expert {name!r} ({adapter.folder}) was trained on base {adapter.base_model_name_or_path!r}, "
+                f"not {expected!r}: every expert must be fine-tuned from the same base model"
+            )
+
+
 def _terms(adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float]) -> list[tuple[str, LoraAdapter, float]]:
     """(name, adapter, weight) for the experts with a non-zero weight, in the order of ``adapters``."""
     if not adapters:
@@ -460,6 +485,7 @@ def _terms(adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float]) ->
             raise DmoError(f"weight of expert {name!r} is {w!r}: weights must be finite numbers")
         if w != 0:
             terms.append((name, adapter, float(w)))
+    check_same_base([(name, adapter) for name, adapter, _ in terms])
     return terms
 
 

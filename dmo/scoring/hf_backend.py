@@ -16,7 +16,7 @@ import torch
 
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
-from dmo.merge.lora import LoraAdapter, expert_delta, fingerprint, load_lora, lora_delta
+from dmo.merge.lora import LoraAdapter, check_same_base, expert_delta, fingerprint, load_lora, lora_delta
 from dmo.merge.names import KeyMap
 from dmo.mixture import Mixture
 from dmo.scorer import Evaluation, Target, register_scorer
@@ -77,6 +77,7 @@ class HFScorer:
             if ref.path is None:
                 raise DmoError(f"expert {domain!r} ({ref}) is a hub id: download it and point the manifest at it")
             out[domain] = load_lora(ref.path, names=self._names)
+        check_same_base(list(out.items()), str(self.manifest.base.path))
         return out
 
     def _adapter(self, path: Path) -> LoraAdapter:
