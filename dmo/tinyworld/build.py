@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -152,11 +153,17 @@ class _Pool:
     def __init__(self, processes: int) -> None:
         self.processes = processes
         self._ex: ProcessPoolExecutor | None = None
+        self._saved_env: dict[str, str | None] = {}
 
     def submit(self, fn: Callable, *args: Any) -> Future:
         if self._ex is None:
-            from dmo.tinyworld.worker import init_process
+            from dmo.tinyworld.worker import WORKER_ENV, init_process
 
+            # Children are spawned on demand and read OpenMP settings when torch loads, which may happen before
+            # the initializer runs (if the parent's __main__ imports torch), so they inherit them from here.
+            for key, value in WORKER_ENV.items():
+                self._saved_env[key] = os.environ.get(key)
+                os.environ.setdefault(key, value)
             self._ex = ProcessPoolExecutor(
                 self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=init_process
             )
@@ -165,6 +172,11 @@ class _Pool:
     def close(self) -> None:
         if self._ex is not None:
             self._ex.shutdown(wait=True, cancel_futures=True)
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _run_all(futures: Sequence[Future], bar: Callable[[int], None]) -> list[Any]:

@@ -13,7 +13,7 @@ from dmo.tinyworld.render import CELL, DOMAINS
 
 #: Bump when rendering, tokenizer, model or training code changes what a config produces: it is part of the
 #: cache key, so stale worlds built by older code are never reused.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 #: Knobs that change speed only, never a byte of the artifacts; they stay out of the cache key.
 _NOT_IN_KEY = frozenset({"threads"})
@@ -39,9 +39,9 @@ class WorldConfig(BaseModel):
     text_kv_heads: int = 4
     text_intermediate: int = 256
     mrope_section: tuple[int, int, int] = (4, 6, 6)
-    #: Qwen2-VL uses 1e6 for 32k-token contexts. Here sequences are ~30 tokens and M-RoPE hands the width axis
-    #: the lowest frequencies: at 1e4 neighbouring image columns differ by < 0.01 rad and the model cannot tell
-    #: them apart (OCR stayed at chance); at 10 the slowest frequency still turns ~0.1 rad per column.
+    #: Qwen2-VL uses 1e6 for 32k-token contexts. Here sequences are ~30 tokens and M-RoPE hands the image-width
+    #: axis the lowest frequencies: at 1e4 neighbouring columns differ by < 0.01 rad, at 10 by ~0.1 rad or more.
+    #: (Not by itself what made OCR learnable - the vision init below was - but columns must be told apart.)
     rope_theta: float = 10.0
     # Vision tower (a Qwen2-VL ViT); the merger maps to text_hidden.
     vision_embed: int = 64

@@ -1,14 +1,15 @@
 """Four synthetic visual-question domains, drawn with PIL, shaped like the DMO paper's SFT domains.
 
 * ``general``  - one coloured shape: "What colour is the shape?" / "What shape is it?"
-* ``counting`` - a few circles among square distractors: "How many circles?"
+* ``counting`` - 1-6 circles among 0-2 square distractors: "How many circles?"
 * ``ocr``      - a 3-digit number in one row of 28-px cells, one digit per cell: "What number is written?"
 * ``chart``    - a bar chart with one coloured bar per 28-px column: "Which bar is tallest?" /
   "What is the value of the <colour> bar?"
 
-Every answer is one short word or number, so exact match is a fair metric. Layouts snap to the 28-px grid
-of the vision tower (patch 14 x spatial merge 2): a model with ~1M parameters could not learn to read
-freely placed digits, but learns one digit per merged image token. All randomness comes from the numpy
+Every answer is one short word or number, so exact match is a fair metric. Layouts snap to the vision
+tower's grid (14-px patches, 28-px merged tokens): a model with ~1M parameters trained from scratch could
+not learn to read freely placed digits or shapes, but learns one digit per merged token and grid-aligned
+shapes. All randomness comes from the numpy
 ``Generator`` passed in, so a seeded generator gives the same image bytes on every run.
 """
 
@@ -23,7 +24,8 @@ from dmo.errors import DmoError
 
 DOMAINS: tuple[str, ...] = ("general", "counting", "ocr", "chart")
 
-#: One merged vision token covers CELL x CELL pixels (patch 14, spatial merge 2).
+#: The vision tower's patch side, and the side of one merged vision token (patch 14, spatial merge 2).
+PATCH = 14
 CELL = 28
 
 #: Saturated colours that stay distinct after the image processor's normalisation.
@@ -91,25 +93,16 @@ def render_general(rng: np.random.Generator, size: int = 84) -> Sample:
     img, _ = _background(rng, size)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = _colour(rng)
-    side = int(rng.integers(size // 4, size * 2 // 3))
-    x0 = int(rng.integers(2, size - side - 1))
-    y0 = int(rng.integers(2, size - side - 1))
-    draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
+    # Snapped to the 14-px patch grid: a shape then looks the same to the linear patch embedding wherever it
+    # is (freely placed shapes left the shape question at chance).
+    cells = int(rng.integers(2, min(4, size // PATCH - 1) + 1))
+    side = cells * PATCH - 2
+    x0 = int(rng.integers(0, size // PATCH - cells + 1)) * PATCH + 1
+    y0 = int(rng.integers(0, size // PATCH - cells + 1)) * PATCH + 1
+    draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x0 + side - 1, y0 + side - 1), COLOURS[colour])
     if rng.random() < 0.5:
         return img, "What colour is the shape?", colour
     return img, "What shape is it?", shape
-
-
-def _place(rng: np.random.Generator, size: int, side: int, taken: list[tuple[int, int, int, int]]) -> tuple[int, ...]:
-    """A box of ``side`` pixels that keeps a 3-px gap to every box in ``taken`` (so objects never touch)."""
-    for _ in range(500):
-        x0 = int(rng.integers(1, size - side - 1))
-        y0 = int(rng.integers(1, size - side - 1))
-        box = (x0, y0, x0 + side, y0 + side)
-        if all(box[2] + 3 < t[0] or t[2] + 3 < box[0] or box[3] + 3 < t[1] or t[3] + 3 < box[1] for t in taken):
-            taken.append(box)
-            return box
-    raise DmoError(f"could not place {len(taken) + 1} objects on a {size}-px image; use a larger image size")
 
 
 def render_counting(rng: np.random.Generator, size: int = 84) -> Sample:
@@ -117,11 +110,14 @@ def render_counting(rng: np.random.Generator, size: int = 84) -> Sample:
     draw = ImageDraw.Draw(img)
     n = int(rng.integers(1, MAX_CIRCLES + 1))
     n_distractors = int(rng.integers(0, MAX_DISTRACTORS + 1))
-    taken: list[tuple[int, int, int, int]] = []
-    for i in range(n + n_distractors):
-        side = int(rng.integers(11, 17))
-        box = _place(rng, size, side, taken)
-        draw_shape(draw, "circle" if i < n else "square", box, COLOURS[_colour(rng)])
+    # At most one object per 14-px patch, centred in it, with a gap of >= 2 px to its neighbours.
+    grid = size // PATCH
+    patches = rng.choice(grid * grid, size=n + n_distractors, replace=False)
+    for i, p in enumerate(patches):
+        side = int(rng.integers(9, 13)) if i < n else int(rng.integers(7, 11))
+        x0 = int(p % grid) * PATCH + (PATCH - side) // 2
+        y0 = int(p // grid) * PATCH + (PATCH - side) // 2
+        draw_shape(draw, "circle" if i < n else "square", (x0, y0, x0 + side - 1, y0 + side - 1), COLOURS[_colour(rng)])
     return img, "How many circles?", str(n)
 
 
