@@ -139,6 +139,10 @@ def record_surface(space: SearchSpace, resolution: int, progress: bool = True) -
     from dmo.pipeline import Session
     from dmo.scorer import score_target
 
+    # The lattice as the space's candidates: the experts are all it needs, not the paper grid's trained models.
+    data = space.model_dump(mode="json")
+    data["mixtures"] = {"lattice": {"resolution": resolution}}
+    space = parse_space(data, source=space.name or "<space>")
     session = Session.open("", space=space)
     params = tuple(sorted(space.merge.params.items()))
     mixtures = lattice(space.domains, resolution)
@@ -417,4 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dmo.errors import DmoError
+
+    try:
+        sys.exit(main())
+    except DmoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

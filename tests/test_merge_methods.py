@@ -87,6 +87,27 @@ def test_magnitude_mask_keeps_exactly_k_and_breaks_ties_by_index() -> None:
     assert bool(magnitude_mask(torch.randn(5), 1.0).all()) and not bool(magnitude_mask(torch.randn(5), 0.0).any())
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_sampled_threshold_is_exact_on_large_tensors(quantized: bool) -> None:
+    from dmo.merge.ties import keep, kth_largest, trim_rule
+
+    g = torch.Generator().manual_seed(0)
+    mags = torch.randn(3_000_000, generator=g).abs()
+    if quantized:  # many equal magnitudes, as in bf16 deltas
+        mags = torch.round(mags * 64) / 64
+    n = mags.numel()
+    for k in (1, 7, n // 5, n // 2, n - 3, n):
+        assert kth_largest(mags, k) == float(torch.kthvalue(mags, n - k + 1).values), k
+    threshold, cut = trim_rule(mags, 0.2)
+    whole = keep(mags, 0, threshold, cut)
+    assert int(whole.sum()) == int(0.2 * n)
+    chunks = torch.cat([keep(mags[lo : lo + 100_003], lo, threshold, cut) for lo in range(0, n, 100_003)])
+    assert torch.equal(chunks, whole)
+    ties = torch.nonzero((mags == threshold) & whole).reshape(-1)
+    dropped = torch.nonzero((mags == threshold) & ~whole).reshape(-1)
+    assert dropped.numel() == 0 or int(ties.max()) < int(dropped.min())  # the lowest indices win
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**16),

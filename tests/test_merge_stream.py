@@ -275,10 +275,15 @@ def _stacked_deltas(base: Path, experts: Mapping[str, Path], names: list[str]) -
         ("dare_ties", {"drop_rate": 0.3, "rescale": "l1"}),
     ],
 )
-def test_whole_tensor_methods_apply_the_registered_function(tmp_path: Path, method: str, params: dict) -> None:
+def test_delta_methods_stream_like_the_registered_function(tmp_path: Path, method: str, params: dict) -> None:
     base, experts = make_set(tmp_path, torch.float32)
     weights = {"e0": 0.5, "e1": 0.3, "e2": 0.2}
     merge_checkpoints(base, experts, weights, tmp_path / "out", method=method, params=params, exclude=[])
+    # statistics, trim thresholds and masks do not depend on how the tensors are cut into chunks
+    merge_checkpoints(base, experts, weights, tmp_path / "small", method=method, params=params, exclude=[],
+                      chunk=48, threads=3)  # fmt: skip
+    a, b = load_model(tmp_path / "out"), load_model(tmp_path / "small")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     b, deltas = _stacked_deltas(base, experts, list(weights))
     spec = registry.get_method(method)
     w = torch.tensor(list(weights.values()))
@@ -442,6 +447,30 @@ def test_full_and_lora_experts_mix(lora_world: dict, tmp_path: Path) -> None:
     merge_checkpoints(lora_world["base"], experts, weights, tmp_path / "out", exclude=[])
     expected = _lora_reference(lora_world, {"a": 0.4}, rounded=False)
     expected = {k: (expected[k] + 0.6 * (full[k].float() - b[k].float())).to(b[k].dtype) for k in b}
+    assert_same_model(load_model(tmp_path / "out"), expected)
+
+
+@pytest.mark.parametrize(("method", "params"), [("ties", {"density": 0.4}), ("dare_ties", {"drop_rate": 0.5})])
+def test_delta_methods_on_lora_experts(lora_world: dict, tmp_path: Path, method: str, params: dict) -> None:
+    from dmo.merge.lora import load_lora
+
+    weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+    merge_checkpoints(lora_world["base"], lora_world["experts"], weights, tmp_path / "out", method=method,
+                      params=params, exclude=[], chunk=40)  # fmt: skip
+    b = load_model(lora_world["base"])
+    adapters = [load_lora(lora_world["experts"][e]) for e in weights]
+    spec = registry.get_method(method)
+    expected = {}
+    for k, v in b.items():
+        deltas = torch.stack(
+            [a.modules[k].scale * (a.modules[k].b.float() @ a.modules[k].a.float()) if k in a.modules
+             else torch.zeros(v.shape) for a in adapters]
+        )  # fmt: skip
+        if not deltas.any():
+            expected[k] = v  # no expert adapts it: copied
+            continue
+        extra = {"name": k} if spec.takes_name else {}
+        expected[k] = (v.float() + spec.fn(deltas, torch.tensor(list(weights.values())), **params, **extra)).to(v.dtype)
     assert_same_model(load_model(tmp_path / "out"), expected)
 
 

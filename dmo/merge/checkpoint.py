@@ -35,6 +35,8 @@ BIN_SINGLE = "pytorch_model.bin"
 #: madvise(MADV_SEQUENTIAL) on the maps: larger read-ahead, but the kernel may then drop the pages right after use,
 #: which makes the next merge of the same experts cold; off (the files get POSIX_FADV_SEQUENTIAL instead).
 SEQUENTIAL_MAPS = False
+#: Reserve the output shards' space with posix_fallocate before writing (a full disk then fails up front).
+PREALLOCATE = True
 #: Largest safetensors header dmo accepts (the format's own limit is 100 MB).
 MAX_HEADER = 100_000_000
 
@@ -480,6 +482,9 @@ def pwrite(fd: int, data: memoryview, offset: int) -> int:
 
 def _reserve(fd: int, size: int) -> None:
     """Allocate ``size`` bytes now, so that a full disk fails before the merge starts (best effort)."""
+    if not PREALLOCATE:
+        os.ftruncate(fd, size)
+        return
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:

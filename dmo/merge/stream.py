@@ -20,9 +20,11 @@ How it stays near the hardware's limit:
   overlaps computing; finished input ranges are unmapped again (``MADV_DONTNEED``), which keeps the resident set
   small. On a GPU (``device="cuda"``, the default when one is present) chunks are larger and the arithmetic runs
   there.
-* Other delta methods (TIES, DARE, DARE-TIES, anything registered) need a whole tensor: they run one tensor at a
-  time and hold ``K + 3`` float32 copies of it (K experts); RobustMerge merges each LoRA module's factors first
-  and then streams like ``linear``.
+* TIES, DARE and DARE-TIES stream too, through their chunked form (:class:`~dmo.merge.registry.Chunked`): TIES first
+  finds each expert's exact trim threshold in a statistics pass (holding one float32 copy of the tensor's
+  magnitudes, i.e. one tensor, at a time), DARE draws its masks per fixed block; then chunks are merged as above.
+  RobustMerge merges each LoRA module's factors first and then streams like ``linear``. A method registered without
+  a chunked form runs one whole tensor at a time and holds ``K + 3`` float32 copies of it (K experts).
 
 Which tensors are merged: ``include`` / ``exclude`` are regular expressions searched in the base checkpoint's tensor
 names; a tensor is merged when it matches an include pattern (all do without ``include``) and no exclude pattern,
@@ -34,6 +36,7 @@ otherwise the base value is kept. The default ``exclude`` is the DMO paper's: fo
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import mmap
@@ -87,7 +90,8 @@ PREFETCH = True
 RELEASE = True
 #: Linux MADV_POPULATE_READ (5.14+): fault the pages in without touching them from Python.
 MADV_POPULATE_READ = 22
-#: How far apart (relative) two sums of weights may be and still count as 1 when dropping the base term.
+#: |1 - scale * sum of the full experts' weights| below which the base term is dropped (its effect would be
+#: below 1e-12 of the base value, far under float32 rounding).
 _EXACT = 1e-12
 
 Progress = Callable[[int, int, str], None]
@@ -569,7 +573,6 @@ class _Runner:
             for lo in bounds:
                 self.blocks.append(_Block(plan, lo, min(lo + step, plan.numel)))
         self._next = 0
-        self._taken = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -1005,6 +1008,8 @@ def merge_checkpoints(
         with atomic_dir(out, overwrite=overwrite) as tmp:
             writer.folder = tmp
             t_setup = time.perf_counter()
+            collecting = gc.isenabled()
+            gc.disable()  # the loop makes many short-lived tensor views; full collections would walk torch's objects
             try:
                 if not whole_only and dev.type == "cpu":
                     # the workers are the parallelism: intra-op threads on top of small chunks only wait for each
@@ -1018,6 +1023,8 @@ def merge_checkpoints(
             finally:
                 writer.close()
                 torch.set_num_threads(previous_threads)
+                if collecting:
+                    gc.enable()
             copy_side_files(base_folder, tmp)
             if out_dtype is not None:
                 set_config_dtype(tmp, out_dtype)

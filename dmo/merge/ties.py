@@ -33,23 +33,31 @@ def _check_density(density: float) -> None:
         raise DmoError(f"density must be in [0, 1], got {density}")
 
 
-def kth_largest(mags: Tensor, k: int) -> float:
-    """The k-th largest value of a flat float tensor, exactly (1 <= k <= numel)."""
+def _bracket(mags: Tensor, k: int) -> tuple[Tensor, Tensor, int] | None:
+    """A sample brackets the k-th largest: ``(values inside, their flat indices, count above)``, or None if missed."""
     n = mags.numel()
-    if n <= _DIRECT:
-        return float(torch.kthvalue(mags, n - k + 1).values)
     g = torch.Generator(device=mags.device).manual_seed(n)
     sample = mags[torch.randint(n, (_SAMPLE,), generator=g, device=mags.device)]
     q = (n - k) / n  # fraction of entries below the k-th largest
     margin = 8 * math.sqrt(max(q * (1 - q), 1.0 / _SAMPLE) / _SAMPLE) + 2.0 / _SAMPLE
     bounds = torch.tensor([max(0.0, q - margin), min(1.0, q + margin)], device=mags.device)
     low, high = (float(v) for v in torch.quantile(sample, bounds))
-    above = int((mags > high).sum())
-    inside = mags[(mags >= low) & (mags <= high)]
-    rank = k - above  # rank from the top within the bracket
-    if above < k and 0 < rank <= inside.numel():
-        return float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
-    return float(torch.kthvalue(mags, n - k + 1).values)  # the sample missed (very rare): the slow exact way
+    above = int(torch.count_nonzero(mags > high))
+    index = torch.nonzero((mags >= low) & (mags <= high)).reshape(-1)
+    rank = k - above
+    if above >= k or not 0 < rank <= index.numel():
+        return None
+    return mags[index], index, above
+
+
+def kth_largest(mags: Tensor, k: int) -> float:
+    """The k-th largest value of a flat float tensor, exactly (1 <= k <= numel)."""
+    n = mags.numel()
+    found = _bracket(mags, k) if n > _DIRECT else None
+    if found is None:
+        return float(torch.kthvalue(mags, n - k + 1).values)
+    inside, _, above = found
+    return float(torch.kthvalue(inside, inside.numel() - (k - above) + 1).values)
 
 
 def trim_rule(mags: Tensor, density: float) -> tuple[float, int]:
@@ -63,26 +71,27 @@ def trim_rule(mags: Tensor, density: float) -> tuple[float, int]:
     k = max(1, int(density * n))
     if k >= n:
         return -math.inf, n
-    threshold = kth_largest(mags, k)
-    need = k - int((mags > threshold).sum())
-    for start in range(0, n, _SCAN):  # the need-th entry equal to the threshold, in flat order
-        eq = mags[start : start + _SCAN] == threshold
-        count = int(eq.sum())
-        if count >= need:
-            return threshold, start + int(torch.nonzero(eq)[need - 1]) + 1
-        need -= count
-    raise AssertionError("threshold not found")  # pragma: no cover
+    found = _bracket(mags, k) if n > _DIRECT else None
+    if found is None:  # small tensor, or the sample missed (very rare): the exact way on everything
+        index, inside, above = None, mags, 0
+    else:
+        inside, index, above = found
+    threshold = float(torch.kthvalue(inside, inside.numel() - (k - above) + 1).values)
+    need = k - above - int(torch.count_nonzero(inside > threshold))  # >= 1: the threshold itself is kept
+    ties = torch.nonzero(inside == threshold).reshape(-1)
+    position = int(ties[need - 1]) if index is None else int(index[ties[need - 1]])
+    return threshold, position + 1
 
 
 def keep(mags: Tensor, lo: int, threshold: float, cut: int) -> Tensor:
-    """The trim mask of the chunk ``[lo, lo + n)`` of a flat tensor."""
-    mask = mags > threshold
+    """The trim mask of the chunk ``[lo, lo + n)`` of a flat tensor (ties at the threshold: index < cut)."""
     hi = lo + mags.numel()
-    if cut > lo and threshold > -math.inf:
-        ties = mags == threshold
-        if cut < hi:
-            ties &= torch.arange(lo, hi, device=mags.device) < cut
-        mask |= ties
+    if hi <= cut:
+        return mags >= threshold
+    if lo >= cut:
+        return mags > threshold
+    mask = mags > threshold
+    mask |= (mags == threshold) & (torch.arange(lo, hi, device=mags.device) < cut)
     return mask
 
 
@@ -96,23 +105,52 @@ def magnitude_mask(x: Tensor, density: float) -> Tensor:
 def elect_and_merge(
     deltas: Tensor, weights: Tensor, *, consensus: str = "sum", normalize: bool = True, scale: float = 1.0
 ) -> Tensor:
-    """Sign election and (weighted) disjoint mean over sparsified, *unweighted* ``deltas`` (K, ...); modifies them."""
+    """Sign election and (weighted) disjoint mean over sparsified, *unweighted* ``deltas`` (K, ...); modifies them.
+
+    An entry agrees when its weighted value has the elected sign (a zero never agrees), as in mergekit's
+    ``get_mask``: ``sign(w_i d_i) == elected``. Written with float arithmetic only (``s * sum_i relu(s w_i d_i)``
+    with ``s`` = the elected sign), which CPUs vectorise, unlike boolean masks and ``where``.
+    """
     if consensus not in ("sum", "count"):
         raise DmoError(f"consensus must be 'sum' or 'count', got {consensus!r}")
-    w = weights.to(device=deltas.device, dtype=deltas.dtype).reshape((-1,) + (1,) * (deltas.dim() - 1))
-    weighted = deltas.mul_(w)
-    signs = weighted.sign()
-    votes = weighted.sum(dim=0) if consensus == "sum" else signs.sum(dim=0)
-    majority = torch.where(votes >= 0, 1.0, -1.0)
-    agree = signs == majority
-    merged = (weighted * agree).sum(dim=0)
-    if normalize:
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+    ws = [float(x) for x in weights]
+    for i, w in enumerate(ws):
+        deltas[i].mul_(w)
+    votes = deltas.sum(dim=0) if consensus == "sum" else deltas.sign().sum(dim=0)
+    # +1 where votes >= 0; -0.0 votes (-> -1) only arise when every weighted entry is 0, and then none agrees
+    sign = torch.copysign(torch.ones((), dtype=votes.dtype, device=votes.device), votes)
+    merged = torch.zeros_like(votes)
+    divisor = torch.zeros_like(votes) if normalize else None
+    agreeing = torch.empty_like(votes)
+    for i, w in enumerate(ws):
+        torch.mul(deltas[i], sign, out=agreeing).relu_()  # |w_i d_i| where it agrees with the elected sign, else 0
+        merged += agreeing
+        if divisor is not None:
+            divisor.add_(agreeing.sign_(), alpha=w)
+    merged *= sign
+    if divisor is not None:
+        if min(ws) > 0:  # a zero divisor means no entry agreed, so merged is 0 there: any positive divisor will do
+            divisor.clamp_(min=torch.finfo(divisor.dtype).tiny)
+        else:
+            divisor = torch.where(divisor == 0, 1.0, divisor)
         merged /= divisor
     if scale != 1.0:
         merged *= scale
     return merged
+
+
+def trim_(delta: Tensor, lo: int, threshold: float, cut: int) -> None:
+    """Zero, in place, the entries of chunk ``[lo, lo + n)`` that :func:`keep` drops."""
+    hi = lo + delta.numel()
+    if threshold == -math.inf:
+        return
+    if math.isfinite(threshold) and (hi <= cut or lo >= cut):
+        if hi <= cut:  # ties at the threshold are kept: |x| >= t, i.e. |x| > the float just below t
+            below = torch.nextafter(torch.tensor(threshold, dtype=torch.float32), torch.tensor(0.0))
+            threshold = float(below)
+        torch.hardshrink(delta, threshold, out=delta)  # x if |x| > threshold else 0, vectorised
+        return
+    delta.mul_(keep(delta.abs(), lo, threshold, cut))
 
 
 class TiesChunks(Chunked):
@@ -153,7 +191,7 @@ class TiesChunks(Chunked):
     def merge(self, deltas: Tensor, lo: int) -> Tensor:
         if self.density < 1:
             for i, (threshold, cut) in self.rules.items():
-                deltas[i] *= keep(deltas[i].abs(), lo, threshold, cut)
+                trim_(deltas[i], lo, threshold, cut)
         return elect_and_merge(
             deltas, self.weights, consensus=self.consensus, normalize=self.normalize, scale=self.scale
         )
