@@ -79,6 +79,9 @@ class Session:
             space.scoring.backend, manifest=manifest, include_path=include_path, limit=space.scoring.limit,
             batch_size=space.scoring.batch_size, device=space.scoring.device, **space.scoring.backend_options(),
         )
+        check = getattr(scorer, "check", None)
+        if check is not None and space.benchmarks:
+            check(space.benchmarks)
         assert space.name is not None
         table = ResultsTable(results_dir() / space.name / "scores.jsonl")
         return cls(space, manifest, scorer, table, include_path)

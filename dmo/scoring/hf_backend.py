@@ -63,7 +63,9 @@ class HFScorer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # dmo draws its own bars; a per-load bar would interleave with them
-        model, processor = load_pretrained(self.manifest.base.path, device=self.device)
+        model, processor = load_pretrained(
+            self.manifest.base.path, device=self.device, trust_remote_code=self.manifest.trust_remote_code
+        )
         return DmoLMM.from_model(model, processor, batch_size=self.batch_size, name=self.manifest.name)
 
     @cached_property
@@ -111,6 +113,15 @@ class HFScorer:
                 raise DmoError(f"no expert for domain {missing[0]!r} in manifest {self.manifest.name!r}")
             return {d: self.experts[d] for d in weights}, weights
         return {}, {}
+
+    def check(self, benchmarks: Sequence[str]) -> None:
+        """Fail before a study opens, not at its first trial, on a benchmark lmms-eval or the metric map lacks."""
+        from dmo.scoring.evaluate import task_manager_for
+        from dmo.scoring.metrics import metric_spec
+
+        for b in benchmarks:
+            metric_spec(b)
+        task_manager_for(benchmarks, self.include_path)
 
     def fingerprint(self, target: Target) -> str:
         if target.kind == "base":

@@ -96,9 +96,17 @@ def _files_fingerprint(folder: Path) -> str:
 
 
 def load_pretrained(
-    pretrained: str | Path, adapter: str | Path | None = None, device: str = "cpu", dtype: str = "auto"
+    pretrained: str | Path,
+    adapter: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a local model + processor (and merge a local PEFT adapter into it) without touching the network."""
+    """Load a local model + processor (and merge a local PEFT adapter into it) without touching the network.
+
+    ``trust_remote_code`` runs Python shipped inside the model folder; it stays off unless the expert manifest
+    sets it (InternVL checkpoints need it, Qwen2-VL does not).
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     base = Path(pretrained)
@@ -108,9 +116,9 @@ def load_pretrained(
     if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
         raise DmoError(f"dtype={dtype!r} is not a torch dtype: use auto, float32, bfloat16 or float16")
     try:
-        processor = AutoProcessor.from_pretrained(base, local_files_only=True, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(base, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
-            base, local_files_only=True, trust_remote_code=False, dtype=torch_dtype
+            base, local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch_dtype
         )
     except (OSError, ValueError) as exc:
         raise DmoError(f"cannot load model from {base}: {str(exc).splitlines()[0]}") from exc
