@@ -115,10 +115,11 @@ class HFScorer:
         return {}, {}
 
     def check(self, benchmarks: Sequence[str]) -> None:
-        """Fail before a study opens, not at its first trial, on a benchmark lmms-eval or the metric map lacks."""
+        """Fail before a study opens, not at its first trial: unusable experts, unknown benchmarks."""
         from dmo.scoring.evaluate import task_manager_for
         from dmo.scoring.metrics import metric_spec
 
+        self.experts  # noqa: B018 - loads and validates every expert adapter
         for b in benchmarks:
             metric_spec(b)
         task_manager_for(benchmarks, self.include_path)
