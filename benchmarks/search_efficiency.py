@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -307,7 +308,10 @@ def run_benchmark(
              for s in samplers for i, sf in enumerate(surfaces) for seed in range(seeds)]
     runs: dict[str, list[tuple[Surface, list[float]]]] = {s: [] for s in samplers}
     seconds = dict.fromkeys(samplers, 0.0)
-    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Serial() as pool:
+    # spawn, not fork: the parent has run torch's OpenMP pool (recording the surface), and a forked child that
+    # touches it again (the GP sampler does) crashes in libgomp.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) if jobs > 1 else _Serial() as pool:
         for done, (i, s, seed, values, dt) in enumerate(pool.map(_job, tasks), 1):
             runs[s].append((surfaces[i], values))
             seconds[s] += dt
