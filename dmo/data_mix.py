@@ -35,7 +35,6 @@ should be trained on exactly that mixture, so that its noise is the training's, 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import zlib
@@ -46,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dmo.atomic import _explain, atomic_file
+from dmo.atomic import atomic_file, file_lock
 from dmo.errors import DmoError
 from dmo.mixture import Mixture, check_domain_name, from_paper_name
 
@@ -377,18 +376,8 @@ class DataFolder:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialise writers of this folder (dataset_info.json is read-modify-written)."""
-        lock = self.root / ".dmo-data.lock"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fh = open(lock, "a")
-        except OSError as exc:
-            raise _explain(exc, lock) from exc
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with file_lock(self.root / ".dmo-data.lock"):
             yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            fh.close()
 
     def pool_sizes(self, domains: Sequence[str]) -> dict[str, int]:
         sizes = {}

@@ -26,7 +26,6 @@ scored (``dmo study``, or ``dmo ingest`` for lmms-eval runs made elsewhere).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -42,7 +41,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dmo.atomic import _explain, atomic_file, write_text
+from dmo.atomic import _explain, atomic_file, file_lock, write_text
 from dmo.data_mix import SHAREGPT_ENTRY, DataFolder, MixRecord, prepare, source_pools
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
@@ -265,18 +264,8 @@ class RunFolder:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        lock = self.root / ".dmo-train.lock"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fh = open(lock, "a")
-        except OSError as exc:
-            raise _explain(exc, lock) from exc
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with file_lock(self.root / ".dmo-train.lock"):
             yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            fh.close()
 
     def plan(self) -> dict[str, Any]:
         path = self.root / PLAN
@@ -648,18 +637,8 @@ def _weights_key(weights: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    lock = path.with_name(f".{path.name}.lock")
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock, "a")
-    except OSError as exc:
-        raise _explain(exc, lock) from exc
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with file_lock(path.with_name(f".{path.name}.lock")):
         yield
-    finally:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        fh.close()
 
 
 def register(folder: RunFolder, echo: Callable[[str], None] = print) -> dict[Path, list[str]]:
