@@ -1,0 +1,241 @@
+"""Expert task vectors kept on one device and merged there for any mixture: the weight-write path.
+
+A study scores dozens of proxies of the same experts. Reading the experts again for every proxy (what
+``dmo merge`` does for one proxy) would make IO the cost, so :class:`ExpertBank` reads once what the experts
+change (the base values of those parameters, each LoRA expert's factors, each full expert's changed tensors),
+keeps it on a device (the GPU, or pinned host memory when it does not fit), and computes any proxy's parameters
+there: ``base + merge(deltas, weights)`` with any registered merge method.
+
+Names are the base checkpoint's, so the output can go straight into a serving engine's ``load_weights`` (vLLM
+maps checkpoint names and packs q/k/v and gate/up itself) or into a live transformers model
+(:class:`ModuleWriter`). Values are absolute (not increments), so writing proxy after proxy never accumulates
+rounding error, and :meth:`ExpertBank.base` restores the base exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from dmo.errors import DmoError
+from dmo.merge.checkpoint import Checkpoint
+from dmo.merge.registry import MergeMethod, get_method
+from dmo.merge.stream import check_weights, close_experts, open_experts
+
+Store = Literal["device", "host"]
+
+
+@dataclass(frozen=True)
+class _Factors:
+    a: Tensor  # (r, in)
+    b: Tensor  # (out, r)
+    scale: float
+
+
+class ExpertBank:
+    """What K experts change in a base model, resident on ``device``; see the module docstring.
+
+    Build it with :meth:`open`. ``store="host"`` keeps the tensors in pinned host memory and moves one parameter at
+    a time to ``device`` to merge it (for full fine-tuned experts of models too large to hold K + 1 times).
+    """
+
+    def __init__(
+        self,
+        experts: tuple[str, ...],
+        base: dict[str, Tensor],
+        lora: dict[str, dict[str, _Factors]],
+        full: dict[str, dict[str, Tensor]],
+        device: torch.device,
+    ) -> None:
+        self.experts = experts
+        self.device = device
+        self._base = base
+        self._lora = lora
+        self._full = full
+
+    # ---------------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def open(
+        cls,
+        base: str | os.PathLike[str],
+        experts: Mapping[str, str | os.PathLike[str]],
+        *,
+        device: str | torch.device = "cpu",
+        store: Store = "device",
+        allow_bin: bool = False,
+    ) -> ExpertBank:
+        """Read every expert (LoRA adapter or full checkpoint) against the base checkpoint folder ``base``."""
+        if not experts:
+            raise DmoError("no experts given")
+        if store not in ("device", "host"):
+            raise DmoError(f"store must be 'device' or 'host', not {store!r}")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DmoError(f"device {device} asked for but CUDA is not available: use device='cpu'")
+        pin = store == "host" and dev.type == "cuda"
+        keep_on = torch.device("cpu") if store == "host" else dev
+
+        def keep(t: Tensor) -> Tensor:
+            t = t.to(keep_on, copy=True)
+            return t.pin_memory() if pin else t
+
+        names = tuple(experts)
+        base_values: dict[str, Tensor] = {}
+        lora: dict[str, dict[str, _Factors]] = {}
+        full: dict[str, dict[str, Tensor]] = {}
+        with Checkpoint.open(base, what="base model", allow_bin=allow_bin) as ckpt:
+            opened = open_experts(ckpt, experts, dict.fromkeys(names, 1.0), allow_bin)
+            try:
+                for e in opened:
+                    for param, m in e.modules.items():
+                        lora.setdefault(param, {})[e.name] = _Factors(keep(m.a), keep(m.b), float(m.scale))
+                    changed: Iterable[tuple[str, Tensor]] = e.extra.items()
+                    if e.checkpoint is not None:
+                        changed = _changed(e.checkpoint, ckpt)
+                    for param, value in changed:
+                        full.setdefault(param, {})[e.name] = keep(value)
+                for param in sorted(set(lora) | set(full)):
+                    base_values[param] = keep(ckpt.view(param))
+            finally:
+                close_experts(opened)
+        return cls(names, base_values, lora, full, dev)
+
+    # ----------------------------------------------------------------------------------------------- reading
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Base checkpoint names of the parameters some expert changes (the only ones a proxy writes)."""
+        return tuple(self._base)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = list(self._base.values()) + [t for per in self._full.values() for t in per.values()]
+        tensors += [t for per in self._lora.values() for f in per.values() for t in (f.a, f.b)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def base(self) -> Iterator[tuple[str, Tensor]]:
+        """The base values of :attr:`names` (on ``device``), to restore the base model."""
+        for name, value in self._base.items():
+            yield name, value.to(self.device, non_blocking=True)
+
+    def merged(
+        self, weights: Mapping[str, float], method: str = "linear", params: Mapping[str, Any] | None = None
+    ) -> Iterator[tuple[str, Tensor]]:
+        """``(name, base + merged delta)`` for every parameter in :attr:`names`, in the base's dtype, on ``device``.
+
+        Weights of experts left out count as 0. Parameters are produced one at a time, so a consumer that writes
+        each into a model holds one merged parameter at a time.
+        """
+        spec = get_method(method)
+        params = spec.check_params(dict(params or {}))
+        active = check_weights(list(self.experts), weights)
+        # Only experts with a non-zero weight take part, in the bank's order, as in the streaming merge: DARE's
+        # masks are seeded by the expert's position and TIES elects signs among the experts it is given.
+        order = list(active)
+        w = torch.tensor([active[n] for n in order], dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for name, base in self._base.items():
+                base = base.to(self.device, non_blocking=True)
+                delta = self._delta(name, base, spec, w, order, params)
+                yield name, (base.to(torch.float32) + delta).to(base.dtype)
+
+    def _delta(
+        self, name: str, base: Tensor, spec: MergeMethod, w: Tensor, order: list[str], params: Mapping[str, Any]
+    ) -> Tensor:
+        lora = {n: f for n, f in self._lora.get(name, {}).items() if n in order}
+        full = {n: t for n, t in self._full.get(name, {}).items() if n in order}
+        if not lora and not full:  # no expert of this mixture changes it: back to the base value
+            return torch.zeros((), dtype=torch.float32, device=self.device)
+        if spec.inputs == "lora":
+            missing = [n for n in order if n not in lora]
+            if full or missing:
+                raise DmoError(
+                    f"merge method {spec.name!r} merges LoRA factors, but {name} is "
+                    f"{'changed outside LoRA' if full else f'not adapted by expert {missing[0]!r}'}: it needs every "
+                    "expert to adapt the same modules with LoRA"
+                )
+            fs = [lora[n] for n in order]
+            if len({f.a.shape for f in fs}) > 1 or len({f.scale for f in fs}) > 1:
+                raise DmoError(f"the experts adapt {name} with different ranks or scalings: {spec.name} needs equal")
+            a, b = spec.fn(
+                torch.stack([self._dev(f.a) for f in fs]).float(), torch.stack([self._dev(f.b) for f in fs]).float(),
+                w, **params,
+            )  # fmt: skip
+            return (b @ a).mul_(fs[0].scale)
+        if spec.lora_exact and not full:
+            # linear over LoRA experts: one matmul of the concatenated factors, no K dense deltas
+            scale = float(params.get("scale", 1.0))
+            blocks = [(i, lora[n]) for i, n in enumerate(order) if n in lora]
+            a = torch.cat([self._dev(f.a).float() for _, f in blocks])
+            b = torch.cat([self._dev(f.b).float() * (w[i] * f.scale * scale) for i, f in blocks], dim=1)
+            return b @ a
+        stacked = torch.zeros((len(order), *base.shape), dtype=torch.float32, device=self.device)
+        for i, n in enumerate(order):
+            if n in full:
+                stacked[i] = self._dev(full[n]).float() - base.float()
+            elif n in lora:
+                f = lora[n]
+                torch.matmul(self._dev(f.b).float(), self._dev(f.a).float(), out=stacked[i]).mul_(f.scale)
+        extra = {"name": name} if spec.takes_name else {}
+        return spec.fn(stacked, w, **params, **extra)
+
+    def _dev(self, t: Tensor) -> Tensor:
+        return t.to(self.device, non_blocking=True)
+
+
+def _changed(expert: Checkpoint, base: Checkpoint) -> Iterator[tuple[str, Tensor]]:
+    """The tensors of a full fine-tune that differ from the base (frozen towers are not kept, nor rewritten)."""
+    for name in base.tensors:
+        value = expert.view(name)
+        if not torch.equal(value, base.view(name)):
+            yield name, value
+
+
+class ModuleWriter:
+    """Writes ``(checkpoint name, value)`` pairs into a live transformers model's parameters, in place.
+
+    The plain-transformers counterpart of vLLM's ``model.load_weights``: names are resolved once through
+    transformers' own checkpoint renaming (:meth:`dmo.merge.names.KeyMap.for_model`).
+    """
+
+    def __init__(self, model: torch.nn.Module, names: Iterable[str]) -> None:
+        from dmo.merge.dense import _refuse_tied, _resolve
+
+        params = dict(model.named_parameters(remove_duplicate=False))
+        wanted = dict.fromkeys(names)
+        self._target = _resolve(wanted, params.keys(), None, what=type(model).__name__, model=model)
+        _refuse_tied({t: params[t] for t in self._target.values()}, params)
+        self._params = {k: params[t] for k, t in self._target.items()}
+
+    def __call__(self, named: Iterable[tuple[str, Tensor]]) -> int:
+        count = 0
+        with torch.no_grad():
+            for name, value in named:
+                param = self._params.get(name)
+                if param is None:
+                    raise DmoError(f"{name} is not a parameter this writer was built for")
+                if param.shape != value.shape:
+                    raise DmoError(f"{name}: value of shape {tuple(value.shape)} for a {tuple(param.shape)} parameter")
+                param.copy_(value)
+                count += 1
+        return count
+
+
+def load_into(load_weights: Callable[[Iterable[tuple[str, Tensor]]], Any], named: Iterable[tuple[str, Tensor]]) -> int:
+    """Feed ``named`` to a ``load_weights``-style callable, counting what went through."""
+    count = 0
+
+    def counted() -> Iterator[tuple[str, Tensor]]:
+        nonlocal count
+        for item in named:
+            count += 1
+            yield item
+
+    load_weights(counted())
+    return count
