@@ -199,6 +199,19 @@ class SamplerSpec(_Strict):
         return {"name": value} if isinstance(value, str) else value
 
 
+class VLLMOptions(_Strict):
+    """The vllm backend's engine: LoRA serving of exact linear proxies, weight writes for the rest."""
+
+    lora: bool = Field(default=True, description="serve linear/RobustMerge proxies of LoRA experts as adapters")
+    max_lora_rank: int | None = Field(default=None, description="default: the smallest vLLM rank >= sum of ranks")
+    max_loras: int = Field(default=4, gt=0, description="adapters (proxies) in flight together")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    max_model_len: int | None = Field(default=None, gt=0)
+    dtype: str = "auto"
+    store: Literal["device", "host"] = Field(default="device", description="where the expert bank lives")
+    engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM keyword arguments")
+
+
 class ScoringSpec(_Strict):
     backend: str = "hf"
     limit: int | None = Field(default=None, gt=0)
@@ -208,16 +221,24 @@ class ScoringSpec(_Strict):
     #: mixture may answer for one that was not recorded (dmo/scoring/replay_backend.py).
     table: str | None = None
     nearest: bool = False
+    #: ``vllm`` backend only: its engine options (dmo/scoring/vllm_backend.py, ``VLLMOptions``).
+    vllm: VLLMOptions | None = None
 
     @model_validator(mode="after")
-    def _replay_only(self) -> ScoringSpec:
+    def _backend_only(self) -> ScoringSpec:
         if self.backend != "replay" and (self.table is not None or self.nearest):
             raise ValueError("'table' and 'nearest' are options of the replay backend only (backend: replay)")
+        if self.backend != "vllm" and self.vllm is not None:
+            raise ValueError("'vllm' options apply to the vllm backend only (backend: vllm)")
         return self
 
     def backend_options(self) -> dict[str, Any]:
         """Keyword arguments for the backend's factory besides the common ones."""
-        return {"table": self.table, "nearest": self.nearest} if self.backend == "replay" else {}
+        if self.backend == "replay":
+            return {"table": self.table, "nearest": self.nearest}
+        if self.backend == "vllm":
+            return (self.vllm or VLLMOptions()).model_dump()
+        return {}
 
 
 class SearchSpace(_Strict):
@@ -270,7 +291,10 @@ class SearchSpace(_Strict):
         if src.lattice is not None:
             s = src.lattice
             return lattice(
-                self.domains, s.resolution, min_weight=s.min_weight, max_weight=s.max_weight,
+                self.domains,
+                s.resolution,
+                min_weight=s.min_weight,
+                max_weight=s.max_weight,
                 drop_vertices=s.drop_vertices,
             )
         if src.dirichlet is not None:

@@ -29,9 +29,11 @@ from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.paths import results_dir
 from dmo.results import ResultsTable
-from dmo.scorer import Scorer, Target, make_scorer, score_target
+from dmo.scorer import Scorer, Target, make_scorer, score_targets
 from dmo.study import StudyResult, run_study, study_paths
 
+#: Targets scored together by a backend with ``evaluate_many`` (the vllm backend's default ``max_loras``).
+SCORE_GROUP = 4
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "tiny-2d.yaml"
 
 
@@ -76,8 +78,13 @@ class Session:
             if d not in manifest.experts:
                 raise DmoError(f"domain {d!r} of space {space.name!r} has no expert in manifest {manifest.name!r}")
         scorer = make_scorer(
-            space.scoring.backend, manifest=manifest, include_path=include_path, limit=space.scoring.limit,
-            batch_size=space.scoring.batch_size, device=space.scoring.device, **space.scoring.backend_options(),
+            space.scoring.backend,
+            manifest=manifest,
+            include_path=include_path,
+            limit=space.scoring.limit,
+            batch_size=space.scoring.batch_size,
+            device=space.scoring.device,
+            **space.scoring.backend_options(),
         )
         check = getattr(scorer, "check", None)
         if check is not None and space.benchmarks:
@@ -103,12 +110,19 @@ class Session:
         """Score targets through the cache, with a progress bar; a failure is recorded, not fatal."""
         with _bar(progress) as bar:
             task = bar.add_task(description, total=len(targets))
-            for t in targets:
-                score_target(self.scorer, self.table, t, self.space.benchmarks, group=self.space.name or "")
-                bar.advance(task)
+            # in groups, so that a backend that can score several proxies together (vllm: one engine batch for
+            # several LoRA-served proxies) does; each group is recorded as soon as it is scored
+            step = SCORE_GROUP if hasattr(self.scorer, "evaluate_many") else 1
+            for k in range(0, len(targets), step):
+                group = targets[k : k + step]
+                score_targets(self.scorer, self.table, group, self.space.benchmarks, group=self.space.name or "")
+                bar.advance(task, len(group))
 
     def run_study(
-        self, n_trials: int | None = None, storage: str | None = None, study_name: str | None = None,
+        self,
+        n_trials: int | None = None,
+        storage: str | None = None,
+        study_name: str | None = None,
         progress: bool = True,
     ) -> StudyResult:
         paths = study_paths(self.space, storage, study_name)
@@ -140,7 +154,10 @@ def resolve_experts(space: SearchSpace) -> tuple[ExpertManifest, Path | None]:
 class _bar:
     def __init__(self, enabled: bool) -> None:
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             disable=not enabled,
         )
 

@@ -104,31 +104,66 @@ def score_target(
     Returns (scores, errors): a benchmark that failed is recorded as a failed row with its error and left
     out of ``scores``; the other benchmarks still count.
     """
-    fp = scorer.fingerprint(target)
+    return score_targets(scorer, table, [target], benchmarks, group, on_evaluate)[0]
+
+
+def score_targets(
+    scorer: Scorer,
+    table: ResultsTable,
+    targets: Sequence[Target],
+    benchmarks: Sequence[str],
+    group: str = "",
+    on_evaluate: Callable[[Target], None] | None = None,
+) -> list[tuple[dict[str, float], dict[str, str]]]:
+    """:func:`score_target` for several targets; a backend with ``evaluate_many`` scores the unknown ones together
+    (the vllm backend generates for several LoRA-served proxies in one engine batch)."""
     settings = scorer.settings()
-    keys = {b: cache_key(model=fp, benchmark=b, **settings) for b in benchmarks}
     known = table.cached_keys()
-    scores = {b: float(known[k]["score"]) for b, k in keys.items() if k in known}
-    todo = [b for b in benchmarks if b not in scores]
-    errors: dict[str, str] = {}
-    if todo:
-        if on_evaluate is not None:
-            on_evaluate(target)
-        t0 = time.perf_counter()
-        result = scorer.evaluate(target, todo)
-        seconds = round(time.perf_counter() - t0, 3)
+    plans = []
+    for target in targets:
+        fp = scorer.fingerprint(target)
+        keys = {b: cache_key(model=fp, benchmark=b, **settings) for b in benchmarks}
+        scores = {b: float(known[k]["score"]) for b, k in keys.items() if k in known}
+        plans.append((target, fp, keys, scores, [b for b in benchmarks if b not in scores]))
+    pending: dict[tuple[str, ...], list[int]] = {}
+    for i, (_, _, _, _, todo) in enumerate(plans):
+        if todo:
+            pending.setdefault(tuple(todo), []).append(i)
+    errors: list[dict[str, str]] = [{} for _ in targets]
+
+    def record(i: int, todo: tuple[str, ...], result: Evaluation, seconds: float) -> None:
+        target, fp, keys, scores, _ = plans[i]
         rows = []
         for b in todo:
             common: dict[str, Any] = dict(
                 kind=target.kind, mixture=target.label, benchmark=b, weights=target.weights, group=group,
                 method=target.method, seed=target.seed, source=scorer.name, fingerprint=fp, key=keys[b],
                 seconds=seconds, metric=result.metrics.get(b, ""),
-            )
+            )  # fmt: skip
             if b in result.scores:
                 scores[b] = float(result.scores[b])
                 rows.append(ScoreRow(score=scores[b], **common))
             else:
-                errors[b] = result.errors.get(b, "no score returned")
-                rows.append(ScoreRow(score=None, status="failed", error=errors[b], **common))
+                errors[i][b] = result.errors.get(b, "no score returned")
+                rows.append(ScoreRow(score=None, status="failed", error=errors[i][b], **common))
         table.append(rows)
-    return {b: scores[b] for b in benchmarks if b in scores}, errors
+
+    many = getattr(scorer, "evaluate_many", None)
+    for todo, indices in pending.items():
+        if many is not None and len(indices) > 1:
+            for i in indices:
+                if on_evaluate is not None:
+                    on_evaluate(plans[i][0])
+            t0 = time.perf_counter()
+            results = many([plans[i][0] for i in indices], list(todo))
+            seconds = round((time.perf_counter() - t0) / len(indices), 3)
+            for i, result in zip(indices, results):
+                record(i, todo, result, seconds)
+            continue
+        for i in indices:  # one at a time, each recorded as soon as it is known
+            if on_evaluate is not None:
+                on_evaluate(plans[i][0])
+            t0 = time.perf_counter()
+            result = scorer.evaluate(plans[i][0], list(todo))
+            record(i, todo, result, round(time.perf_counter() - t0, 3))
+    return [({b: p[3][b] for b in benchmarks if b in p[3]}, errors[i]) for i, p in enumerate(plans)]

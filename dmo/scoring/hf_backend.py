@@ -18,6 +18,8 @@ from dmo.config import ExpertManifest
 from dmo.errors import DmoError
 from dmo.merge.lora import LoraAdapter, check_same_base, expert_delta, fingerprint, load_lora, lora_delta
 from dmo.merge.names import KeyMap
+from dmo.merge.proxy import LINEAR, _robust_adapter
+from dmo.merge.registry import get_method, merge_deltas
 from dmo.mixture import Mixture
 from dmo.scorer import Evaluation, Target, register_scorer
 from dmo.scoring.evaluate import evaluate
@@ -105,8 +107,6 @@ class HFScorer:
             return {"trained": self._adapter(self._trained_path(target))}, {"trained": 1.0}
         if target.kind == "proxy":
             assert target.mixture is not None
-            if target.method != "linear":
-                raise DmoError(f"merge method {target.method!r} is not available in the hf backend yet: use linear")
             weights = {d: w for d, w in target.mixture.as_dict().items() if w != 0}
             missing = [d for d in weights if d not in self.experts]
             if missing:
@@ -128,7 +128,8 @@ class HFScorer:
         if target.kind == "base":
             return f"base:{_folder_id(self.manifest.base.path)}"
         adapters, weights = self._parts(target)
-        return f"{_folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, target.method or 'linear')}"
+        method, params = target.method or "linear", dict(target.params)
+        return f"{_folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, method, params)}"
 
     def settings(self) -> dict[str, Any]:
         import lmms_eval
@@ -144,10 +145,19 @@ class HFScorer:
         adapters, weights = self._parts(target)
         if not adapters:
             return None
-        if len(adapters) == 1:
-            ((name, adapter),) = adapters.items()
-            return {k: v.mul_(weights[name]) for k, v in expert_delta(adapter).items()}
-        return lora_delta(adapters, weights)
+        spec = get_method(target.method or "linear")
+        params = spec.check_params(dict(target.params))
+        if spec.name in LINEAR or target.kind != "proxy":
+            scale = float(params.get("scale", 1.0))
+            if len(adapters) == 1:
+                ((name, adapter),) = adapters.items()
+                return {k: v.mul_(weights[name] * scale) for k, v in expert_delta(adapter).items()}
+            return lora_delta(adapters, {k: w * scale for k, w in weights.items()})
+        if spec.inputs == "lora":
+            return expert_delta(_robust_adapter(adapters, weights, spec.fn, params))
+        names = list(adapters)
+        deltas = [expert_delta(adapters[n]) for n in names]
+        return merge_deltas(spec.name, deltas, [weights[n] for n in names], **params)
 
     def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation:
         lmm = self.lmm

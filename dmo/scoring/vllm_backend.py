@@ -1,0 +1,460 @@
+"""The ``vllm`` scoring backend: one live vLLM engine per worker process, proxies switched without a restart.
+
+The base model is loaded once. A target reaches the engine in one of two ways:
+
+* **adapter**: the exact linear proxy of LoRA experts (their concatenated adapter, rank = sum of the experts'
+  ranks), RobustMerge's merged adapter, one LoRA expert, or a LoRA-trained mixture, served through vLLM's
+  multi-LoRA support: one ``LoRARequest`` per proxy, so switching costs an adapter load and several proxies can
+  be in flight together (:meth:`VLLMScorer.evaluate_many`);
+* **write**: every other proxy (full experts, TIES, DARE, a full trained model) is merged on the GPU by dmo's
+  worker extension (:mod:`dmo.scoring.vllm_worker`) from expert tensors read once, and written into the live
+  weights through the model's own ``load_weights``. After every write the engine's prefix cache and multimodal
+  caches are reset, so no KV computed under the previous proxy answers for the new one.
+
+Nothing here reaches into private engine attributes: the engine is driven through ``LLM.generate``,
+``LLM.collective_rpc``, ``LLM.reset_prefix_cache`` and ``LLM.reset_mm_cache``. An engine that dies is rebuilt
+once per target, and the target retried; a second death is reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from dmo.config import ExpertManifest
+from dmo.errors import DmoError
+from dmo.merge.lora import LoraAdapter, check_same_base, concat_adapter, fingerprint, load_lora, write_adapter
+from dmo.merge.proxy import LINEAR, VLLM_MAX_LORA_RANK, _robust_adapter
+from dmo.merge.registry import get_method
+from dmo.merge.stream import expert_kind
+from dmo.mixture import Mixture
+from dmo.paths import cache_dir
+from dmo.scorer import Evaluation, Target, register_scorer
+
+log = logging.getLogger(__name__)
+
+#: The ranks vLLM accepts for ``max_lora_rank`` (``vllm.config.lora.MaxLoRARanks``).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+WORKER_EXTENSION = "dmo.scoring.vllm_worker.DmoWorkerExtension"
+EXPERTS_BANK = "experts"
+Route = Literal["base", "adapter", "write"]
+
+
+def adapter_rank(folder: Path) -> int:
+    """The largest rank of any module of a PEFT adapter folder."""
+    adapter = load_lora(folder)
+    return max((m.rank for m in adapter.modules.values()), default=0)
+
+
+def lora_rank_for(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that serves adapters of ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise DmoError(
+        f"adapters of rank {rank} exceed vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANK}); "
+        "set lora: false to write merged weights into the engine instead"
+    )
+
+
+def engine_kwargs(
+    base: Path,
+    *,
+    lora_rank: int = 0,
+    max_lora_rank: int | None = None,
+    max_loras: int = 4,
+    tower_lora: bool = False,
+    gpu_memory_utilization: float = 0.85,
+    max_model_len: int | None = None,
+    dtype: str = "auto",
+    seed: int = 0,
+    enforce_eager: bool = False,
+    trust_remote_code: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for dmo's engine (every one a public ``EngineArgs`` field)."""
+    kwargs: dict[str, Any] = {
+        "model": str(base),
+        "tokenizer": str(base),
+        "dtype": dtype,
+        "seed": seed,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "enforce_eager": enforce_eager,
+        "trust_remote_code": trust_remote_code,
+        "worker_extension_cls": WORKER_EXTENSION,
+        "limit_mm_per_prompt": {"image": 1, "video": 0},
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if lora_rank or max_lora_rank:
+        rank = max_lora_rank if max_lora_rank is not None else lora_rank_for(lora_rank)
+        if rank not in VLLM_LORA_RANKS:
+            raise DmoError(f"max_lora_rank={rank} is not one vLLM accepts: choose one of {VLLM_LORA_RANKS}")
+        if lora_rank > rank:
+            raise DmoError(
+                f"proxy adapters reach rank {lora_rank} (the sum of the experts' ranks) but max_lora_rank={rank}: "
+                f"raise max_lora_rank to >= {lora_rank} (vLLM accepts up to {VLLM_MAX_LORA_RANK}) or set lora: false "
+                "to write merged weights instead"
+            )
+        kwargs |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": max_loras}
+        if tower_lora:
+            kwargs["enable_tower_connector_lora"] = True
+    return kwargs | dict(extra or {})
+
+
+def _is_engine_death(exc: BaseException) -> bool:
+    # vllm.v1.engine.exceptions.EngineDeadError, matched by name so that this module need not import vLLM
+    return any(type(e).__name__ == "EngineDeadError" for e in (exc, exc.__cause__, exc.__context__) if e is not None)
+
+
+@register_scorer("vllm")
+class VLLMScorer:
+    name = "vllm"
+
+    def __init__(
+        self,
+        manifest: ExpertManifest,
+        include_path: Path | None = None,
+        limit: int | None = None,
+        *,
+        lora: bool = True,
+        max_lora_rank: int | None = None,
+        max_loras: int = 4,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        store: Literal["device", "host"] = "device",
+        adapter_dir: Path | None = None,
+        engine: dict[str, Any] | None = None,
+        llm_factory: Callable[..., Any] | None = None,
+        batch_size: int | None = None,  # the hf backend's knobs; vLLM schedules its own batches on its own GPU
+        device: str | None = None,
+    ) -> None:
+        del batch_size, device
+        if manifest.base.path is None:
+            raise DmoError(
+                f"base model {manifest.base} is a hub id: download it and point the manifest's 'base' at the folder"
+            )
+        self.manifest = manifest
+        self.include_path = include_path
+        self.limit = limit
+        self.lora = lora
+        self.max_lora_rank = max_lora_rank
+        self.max_loras = max_loras
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.store = store
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else cache_dir() / "adapters"
+        self.engine_extra = dict(engine or {})
+        self._factory = llm_factory
+        self._written: str | None = None  # fingerprint of the proxy written into the live weights, if any
+        self._banks: set[str] = set()
+        self.served_rank: int | None = None  # the engine's max_lora_rank, once it is built
+        self.restarts = 0
+
+    # ------------------------------------------------------------------------------------------------ experts
+
+    @cached_property
+    def _lora_experts(self) -> dict[str, LoraAdapter]:
+        """The LoRA experts, keyed by domain (empty for a manifest of full experts)."""
+        if self.manifest.kind != "lora":
+            return {}
+        out = {d: load_lora(self._path(ref, f"expert {d!r}")) for d, ref in self.manifest.experts.items()}
+        check_same_base(list(out.items()), str(self.manifest.base.path))
+        return out
+
+    def _path(self, ref: Any, what: str) -> Path:
+        if ref.path is None:
+            raise DmoError(f"{what} ({ref}) is a hub id: dmo never downloads models; download it and point at it")
+        return Path(ref.path)
+
+    def _rank_needed(self) -> int:
+        """The rank of the largest adapter this study can serve: all experts' ranks summed, per module."""
+        per_param: dict[str, int] = {}
+        for adapter in self._lora_experts.values():
+            for param, m in adapter.modules.items():
+                per_param[param] = per_param.get(param, 0) + m.rank
+        for _, _, ref in self.manifest.trained_mixtures():
+            if ref.path is not None and expert_kind(ref.path) == "lora":
+                per_param["trained"] = max(per_param.get("trained", 0), adapter_rank(Path(ref.path)))
+        return max(per_param.values(), default=0)
+
+    def _tower_lora(self) -> bool:
+        return any("visual" in p or "vision" in p for a in self._lora_experts.values() for p in a.modules)
+
+    # ------------------------------------------------------------------------------------------------- engine
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        rank = self._rank_needed() if self.lora else 0
+        if rank > VLLM_MAX_LORA_RANK and self.max_lora_rank is None:
+            log.warning("proxy adapters reach rank %d > %d: every proxy is written as merged weights", rank,
+                        VLLM_MAX_LORA_RANK)  # fmt: skip
+            self.lora, rank = False, 0
+        return engine_kwargs(
+            Path(self.manifest.base.path), lora_rank=rank, max_lora_rank=self.max_lora_rank if self.lora else None,
+            max_loras=self.max_loras, tower_lora=self.lora and self._tower_lora(),
+            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len, dtype=self.dtype,
+            trust_remote_code=self.manifest.trust_remote_code, extra=self.engine_extra,
+        )  # fmt: skip
+
+    @cached_property
+    def lmm(self) -> Any:
+        """The lmms-eval model wrapping the live engine (built on first use)."""
+        from transformers import AutoProcessor
+
+        from dmo.scoring.vllm_lmms import DmoVLLM
+
+        kwargs = self._engine_kwargs()
+        self.served_rank = kwargs.get("max_lora_rank")
+        factory = self._factory
+        if factory is None:
+            from vllm import LLM
+
+            factory = LLM
+        llm = factory(**kwargs)
+        processor = AutoProcessor.from_pretrained(
+            self.manifest.base.path, local_files_only=True, trust_remote_code=self.manifest.trust_remote_code
+        )
+        self._written, self._banks = None, set()
+        return DmoVLLM(llm=llm, processor=processor, name=self.manifest.name)
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        old = self.__dict__.pop("lmm", None)
+        if old is not None:
+            shutdown = getattr(old.llm, "shutdown", None)
+            try:
+                if callable(shutdown):
+                    shutdown()
+            except Exception:  # the engine is already dead; nothing more to release
+                pass
+
+    def check(self, benchmarks: Sequence[str]) -> None:
+        """Fail before a study opens: unusable experts, unknown benchmarks, an adapter rank vLLM cannot serve."""
+        from dmo.scoring.evaluate import task_manager_for
+        from dmo.scoring.metrics import metric_spec
+
+        self._lora_experts  # noqa: B018 - loads and validates every LoRA expert
+        self._engine_kwargs()  # refuses an adapter rank over max_lora_rank
+        for b in benchmarks:
+            metric_spec(b)
+        task_manager_for(benchmarks, self.include_path)
+
+    # ------------------------------------------------------------------------------------------------ targets
+
+    def _weights(self, target: Target) -> dict[str, float]:
+        assert target.mixture is not None
+        weights = {d: w for d, w in target.mixture.as_dict().items() if w != 0}
+        missing = [d for d in weights if d not in self.manifest.experts]
+        if missing:
+            raise DmoError(f"no expert for domain {missing[0]!r} in manifest {self.manifest.name!r}")
+        return weights
+
+    def _trained_path(self, target: Target) -> Path:
+        assert target.mixture is not None
+        want = Mixture.from_mapping(target.mixture.as_dict(), self.manifest.domains).id
+        for mixture, seed, ref in self.manifest.trained_mixtures():
+            if seed == target.seed and mixture.id == want:
+                return self._path(ref, "trained model")
+        raise DmoError(f"no trained model for mixture {target.mixture.id} seed {target.seed} in the manifest")
+
+    def route(self, target: Target) -> Route:
+        if target.kind == "base":
+            return "base"
+        if target.kind == "trained":
+            return "adapter" if self.lora and expert_kind(self._trained_path(target)) == "lora" else "write"
+        if not self.lora or self.manifest.kind != "lora":
+            return "write"
+        if target.kind == "expert":
+            return "adapter"
+        spec = get_method(target.method or "linear")
+        return "adapter" if spec.name in LINEAR or spec.inputs == "lora" else "write"
+
+    def fingerprint(self, target: Target) -> str:
+        from dmo.scoring.hf_backend import _folder_id
+
+        base = _folder_id(Path(self.manifest.base.path))
+        if target.kind == "base":
+            return f"base:{base}"
+        if target.kind == "trained":
+            return f"{base}:trained:{_folder_id(self._trained_path(target))}"
+        method = target.method or "linear"
+        weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
+        if self._lora_experts:
+            return f"{base}:{fingerprint(self._lora_experts, weights, method, dict(target.params))}"
+        ids = sorted((_folder_id(self._path(self.manifest.experts[d], d)), w) for d, w in weights.items())
+        payload = repr((method, sorted(dict(target.params).items()), ids))
+        return f"{base}:full:{hashlib.sha256(payload.encode()).hexdigest()}"
+
+    def settings(self) -> dict[str, Any]:
+        import lmms_eval
+
+        try:
+            from importlib.metadata import version
+
+            engine = version("vllm")
+        except Exception:  # vLLM not installed: a test engine
+            engine = "none"
+        return {
+            "backend": self.name,
+            "limit": self.limit,
+            "lmms_eval": getattr(lmms_eval, "__version__", "?"),
+            "vllm": engine,
+            "generation": "greedy",
+        }
+
+    # ------------------------------------------------------------------------------------------- switching
+
+    def _adapter_request(self, target: Target, fp: str) -> Any:
+        """A ``LoRARequest`` for the target's adapter, written once under ``adapter_dir/<fingerprint>``."""
+        from vllm.lora.request import LoRARequest
+
+        if target.kind == "trained":
+            folder = self._trained_path(target)
+        else:
+            folder = self.adapter_dir / hashlib.sha256(fp.encode()).hexdigest()[:24]
+            if not (folder / "adapter_config.json").is_file():
+                self._write_adapter(target, folder)
+        key = hashlib.sha256(f"{fp}:{folder}".encode()).digest()
+        int_id = 1 + int.from_bytes(key[:4], "big") % (2**31 - 2)  # stable and unique per adapter (vLLM caches by it)
+        return LoRARequest(lora_name=fp[-32:], lora_int_id=int_id, lora_path=str(folder))
+
+    def _write_adapter(self, target: Target, folder: Path) -> None:
+        if target.kind == "expert":
+            assert target.domain is not None
+            adapters, weights = {target.domain: self._lora_experts[target.domain]}, {target.domain: 1.0}
+        else:
+            weights = self._weights(target)
+            adapters = {d: self._lora_experts[d] for d in weights}
+        spec = get_method(target.method or "linear")
+        params = spec.check_params(dict(target.params))
+        if spec.name in LINEAR:
+            scale = float(params.get("scale", 1.0))
+            config, tensors = concat_adapter(adapters, {d: scale * w for d, w in weights.items()})
+        else:
+            merged = _robust_adapter(adapters, weights, spec.fn, params)
+            config, tensors = concat_adapter({"merged": merged}, {"merged": 1.0})
+        rank = max(int(t.shape[0]) for k, t in tensors.items() if k.endswith("lora_A.weight"))
+        limit = self.served_rank
+        if limit is not None and rank > limit:
+            raise DmoError(
+                f"the proxy adapter for {target.label} has rank {rank} but the engine's max_lora_rank is {limit}: "
+                f"raise max_lora_rank to >= {rank} or set lora: false"
+            )
+        write_adapter(folder, config, tensors, overwrite=True, metadata={"dmo_fingerprint": folder.name})
+
+    def _bank(self, key: str, experts: dict[str, str]) -> None:
+        if key not in self._banks:
+            self.lmm.llm.collective_rpc("dmo_open_bank", args=(key, str(self.manifest.base.path), experts, self.store))
+            self._banks.add(key)
+
+    def _write(self, key: str, weights: dict[str, float], method: str, params: dict[str, Any], fp: str) -> None:
+        llm = self.lmm.llm
+        if self._written != fp:
+            self._restore_base(keep=key)
+            llm.collective_rpc("dmo_write", args=(key, weights, method, params))
+            self._written = fp
+            self._reset_caches()
+
+    def _restore_base(self, keep: str | None = None) -> None:
+        """Put the base weights back where a written proxy changed them (and drop trained banks)."""
+        if self._written is None:
+            return
+        llm = self.lmm.llm
+        for key in sorted(self._banks):
+            llm.collective_rpc("dmo_write_base", args=(key,))
+            if key != EXPERTS_BANK and key != keep:
+                llm.collective_rpc("dmo_close_bank", args=(key,))
+        self._banks = {k for k in self._banks if k == EXPERTS_BANK or k == keep}
+        self._written = None
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        llm = self.lmm.llm
+        llm.reset_prefix_cache()
+        llm.reset_mm_cache()  # the vision tower may have changed: cached image embeddings are stale too
+
+    def _switch(self, target: Target) -> tuple[str, Any]:
+        """Make the engine answer as ``target``: returns (fingerprint, LoRARequest or None)."""
+        self.lmm  # noqa: B018 - the engine first: its max_lora_rank bounds the adapters written below
+        fp = self.fingerprint(target)
+        route = self.route(target)
+        if route == "base":
+            self._restore_base()
+            return fp, None
+        if route == "adapter":
+            self._restore_base()
+            return fp, self._adapter_request(target, fp)
+        if target.kind == "trained":
+            path = str(self._trained_path(target))
+            key = f"trained:{path}"
+            self._bank(key, {"trained": path})
+            self._write(key, {"trained": 1.0}, "linear", {}, fp)
+            return fp, None
+        experts = {d: str(self._path(r, f"expert {d!r}")) for d, r in self.manifest.experts.items()}
+        self._bank(EXPERTS_BANK, experts)
+        weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
+        self._write(EXPERTS_BANK, weights, target.method or "linear", dict(target.params), fp)
+        return fp, None
+
+    # --------------------------------------------------------------------------------------------- scoring
+
+    def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation:
+        return self.evaluate_many([target], benchmarks)[0]
+
+    def evaluate_many(self, targets: Sequence[Target], benchmarks: Sequence[str]) -> list[Evaluation]:
+        """Score several targets; those served as adapters are generated together, in one engine batch."""
+        results: dict[int, Evaluation] = {}
+        adapters = [i for i, t in enumerate(targets) if self.route(t) == "adapter"]
+        groups = [adapters[k : k + self.max_loras] for k in range(0, len(adapters), self.max_loras)]
+        groups += [[i] for i, t in enumerate(targets) if i not in adapters]
+        for group in groups:
+            for attempt in (1, 2):
+                try:
+                    proxies = [self._switch(targets[i]) for i in group]
+                    evals = self._run(proxies, benchmarks)
+                    break
+                except BaseException as exc:
+                    if not _is_engine_death(exc):
+                        raise
+                    if attempt == 2:
+                        raise DmoError(
+                            f"the vLLM engine died twice while scoring {targets[group[0]].label} (restarted once); "
+                            f"see the engine log above: {exc}"
+                        ) from exc
+                    log.warning("the vLLM engine died (%s); restarting it once", exc)
+                    self._restart()
+            results |= dict(zip(group, evals))
+        return [results[i] for i in range(len(targets))]
+
+    def _run(self, proxies: list[tuple[str, Any]], benchmarks: Sequence[str]) -> list[Evaluation]:
+        from dmo.scoring.evaluate import evaluate
+
+        lmm = self.lmm
+        lmm.set_proxies(proxies)
+        out = []
+        for i in range(len(proxies)):
+            lmm.active = i
+            try:
+                out.append(Evaluation(evaluate(lmm, benchmarks, self.include_path, self.limit)))
+                continue
+            except DmoError:
+                raise
+            except Exception as exc:  # one benchmark broke the joint run: score them one by one to keep the others
+                if _is_engine_death(exc) or len(benchmarks) == 1:
+                    raise
+            scores, errors = {}, {}
+            for b in benchmarks:
+                try:
+                    scores.update(evaluate(lmm, [b], self.include_path, self.limit))
+                except Exception as exc:  # recorded as a failed row, with the reason
+                    if _is_engine_death(exc):
+                        raise
+                    errors[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            out.append(Evaluation(scores, errors=errors))
+        return out
