@@ -38,7 +38,7 @@ from dmo.scorer import Evaluation, Target, register_scorer
 log = logging.getLogger(__name__)
 
 #: The ranks vLLM accepts for ``max_lora_rank`` (``vllm.config.lora.MaxLoRARanks``).
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 WORKER_EXTENSION = "dmo.scoring.vllm_worker.DmoWorkerExtension"
 EXPERTS_BANK = "experts"
 Route = Literal["base", "adapter", "write"]
@@ -153,6 +153,7 @@ class VLLMScorer:
         self.engine_extra = dict(engine or {})
         self._factory = llm_factory
         self._written: str | None = None  # fingerprint of the proxy written into the live weights, if any
+        self._written_bank: str | None = None  # and the bank it came from
         self._banks: set[str] = set()
         self.served_rank: int | None = None  # the engine's max_lora_rank, once it is built
         self.restarts = 0
@@ -220,7 +221,7 @@ class VLLMScorer:
         processor = AutoProcessor.from_pretrained(
             self.manifest.base.path, local_files_only=True, trust_remote_code=self.manifest.trust_remote_code
         )
-        self._written, self._banks = None, set()
+        self._written, self._written_bank, self._banks = None, None, set()
         return DmoVLLM(llm=llm, processor=processor, name=self.manifest.name)
 
     def _restart(self) -> None:
@@ -356,9 +357,10 @@ class VLLMScorer:
     def _write(self, key: str, weights: dict[str, float], method: str, params: dict[str, Any], fp: str) -> None:
         llm = self.lmm.llm
         if self._written != fp:
-            self._restore_base(keep=key)
+            if self._written_bank != key:  # a bank writes absolute values of its own parameters only
+                self._restore_base(keep=key)
             llm.collective_rpc("dmo_write", args=(key, weights, method, params))
-            self._written = fp
+            self._written, self._written_bank = fp, key
             self._reset_caches()
 
     def _restore_base(self, keep: str | None = None) -> None:
@@ -371,7 +373,7 @@ class VLLMScorer:
             if key != EXPERTS_BANK and key != keep:
                 llm.collective_rpc("dmo_close_bank", args=(key,))
         self._banks = {k for k in self._banks if k == EXPERTS_BANK or k == keep}
-        self._written = None
+        self._written = self._written_bank = None
         self._reset_caches()
 
     def _reset_caches(self) -> None:
