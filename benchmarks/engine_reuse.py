@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from dmo.merge.dense import applied_delta
 from dmo.merge.live import ExpertBank, ModuleWriter
-from dmo.merge.lora import concat_adapter, load_lora, lora_delta, write_adapter
+from dmo.merge.lora import adapter_to, concat_adapter, load_lora, lora_delta, write_adapter
 from dmo.merge.names import KeyMap
 from dmo.merge.stream import merge_checkpoints
 from dmo.tinyworld.config import WorldConfig
@@ -107,6 +107,12 @@ def build(root: Path, name: str, rank: int, device: torch.device) -> tuple[Path,
     return base, experts, processor, config
 
 
+def load_file_all(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def load(base: Path, device: torch.device) -> torch.nn.Module:
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -128,7 +134,9 @@ def tokens_per_s(model: torch.nn.Module, processor: Any, batches: list, new: int
     return sum(b["input_ids"].shape[0] for b in batches) * new / seconds
 
 
-def run(name: str, device: torch.device, rank: int, n_prompts: int, new_tokens: int, root: Path) -> dict[str, Any]:
+def run(
+    name: str, device: torch.device, rank: int, n_prompts: int, new_tokens: int, root: Path, profile: bool = False
+) -> dict[str, Any]:
     t_build, (base, experts, processor, config) = timed(lambda: build(root, name, rank, device), device)
     row: dict[str, Any] = {"model": name, "device": str(device), "build_s": t_build}
     restart = [timed(lambda: load(base, device), device)[0] for _ in range(2)]
@@ -141,6 +149,13 @@ def run(name: str, device: torch.device, rank: int, n_prompts: int, new_tokens: 
     for method, params in (("linear", {}), ("ties", {"density": 0.5})):
         times = [timed(lambda m=m, x=method, p=params: writer(bank.merged(m, x, p)), device)[0] for m in MIXTURES]
         row[f"write_{method}_s"] = statistics.median(times)
+    if profile and name != "tiny":  # where a TIES write spends its time
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(lambda: (writer(bank.merged(MIXTURES[0], "ties", {"density": 0.5})), sync(device)))
+        pstats.Stats(prof).sort_stats("tottime").print_stats(8)
     writer(bank.base())
     if device.type == "cuda":  # experts kept in pinned host memory, merged on the GPU one parameter at a time
         host = ExpertBank.open(base, experts, device=device, store="host")
@@ -148,9 +163,9 @@ def run(name: str, device: torch.device, rank: int, n_prompts: int, new_tokens: 
         del host
         writer(bank.base())
 
-    # the hf backend's path: dense delta from the factors (on the CPU), applied in place, then restored
+    # the hf backend's path: dense delta from the factors (kept on the device), applied in place, then restored
     names = KeyMap.for_model(model)
-    adapters = {k: load_lora(p, names=names) for k, p in experts.items()}
+    adapters = {k: adapter_to(load_lora(p, names=names), device) for k, p in experts.items()}
 
     def delta_switch() -> None:
         delta = lora_delta(adapters, MIXTURES[0])
@@ -165,6 +180,13 @@ def run(name: str, device: torch.device, rank: int, n_prompts: int, new_tokens: 
     merge_checkpoints(base, experts, mixture, root / name / "merged", exclude=[])
     fresh = load(root / name / "merged", device)
     writer(bank.merged(mixture))
+    if device.type == "cuda":  # `dmo merge` on the GPU: the streaming engine with --device cuda
+        out = root / name / "merged_gpu"
+        row["merge_gpu_s"], _ = timed(
+            lambda: merge_checkpoints(base, experts, mixture, out, exclude=[], device=str(device)), device
+        )
+        gpu, cpu = load_file_all(out), load_file_all(root / name / "merged")
+        row["merge_gpu_identical"] = f"{sum(torch.equal(gpu[k], cpu[k]) for k in cpu)}/{len(cpu)}"
     live_state, fresh_state = model.state_dict(), fresh.state_dict()
     same = sum(torch.equal(live_state[k], fresh_state[k]) for k in fresh_state)
     row["tensors_identical"] = f"{same}/{len(fresh_state)}"
@@ -200,12 +222,13 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", action="store_true", help="print where one TIES write of the larger model goes")
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows.append(run(name, device, args.rank, args.prompts, args.new_tokens, Path(tmp)))
+            rows.append(run(name, device, args.rank, args.prompts, args.new_tokens, Path(tmp), args.profile))
             print(json.dumps(rows[-1]), flush=True)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -220,6 +243,10 @@ def main() -> int:
               f"{r['write_linear_s']:.3f} | {r['write_ties_s']:.3f} | {r['delta_s']:.3f} | {r['adapter_s']:.3f} | "
               f"{r['restart_s'] / r['write_linear_s']:.0f}x | {r['dense_tok_s']:.0f} | {r['lora_tok_s']:.0f} | "
               f"{r['tensors_identical']} | {r['answers_identical']} |")  # fmt: skip
+    for r in rows:
+        if "merge_gpu_s" in r:
+            print(f"{r['model']}: dmo merge on the GPU {r['merge_gpu_s']:.2f} s (tensors identical to the CPU merge: "
+                  f"{r['merge_gpu_identical']}); pinned-host bank write {r['write_host_s']:.3f} s")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

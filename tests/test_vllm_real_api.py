@@ -104,3 +104,11 @@ def test_vllm_maps_every_saved_checkpoint_name(base: Path) -> None:
     mapper = Qwen2VLForConditionalGeneration.hf_to_vllm_mapper
     mapped = {n: mapper._map_name(n) for n in names}
     assert all(m is not None and m.startswith(("language_model.", "visual.")) for m in mapped.values()), mapped
+
+
+def test_lmms_eval_finds_the_dmo_vllm_model() -> None:
+    from lmms_eval.models import get_model
+
+    from dmo.scoring.vllm_lmms import DmoVLLM
+
+    assert get_model("dmo_vllm") is DmoVLLM

@@ -15,6 +15,7 @@ a weighted merge of them is not a low-rank merge, and dmo does not silently drop
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -404,6 +405,12 @@ def concat_adapter(
     return config, tensors
 
 
+def adapter_to(adapter: LoraAdapter, device: str | torch.device) -> LoraAdapter:
+    """The adapter with its factors on ``device`` (deltas and concatenations are then computed there)."""
+    modules = {k: dataclasses.replace(m, a=m.a.to(device), b=m.b.to(device)) for k, m in adapter.modules.items()}
+    return dataclasses.replace(adapter, modules=modules)
+
+
 def lora_delta(adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float]) -> dict[str, Tensor]:
     """Dense float32 ``sum_i w_i s_i B_i @ A_i`` per base parameter (the same blocks as :func:`concat_adapter`)."""
     out: dict[str, Tensor] = {}
@@ -513,8 +520,9 @@ def _stack(param: str, blocks: list[tuple[float, LoraModule, str]], dtype: torch
     rank = sum(m.rank for _, m, _ in blocks)
     a_dtype = dtype or functools.reduce(torch.promote_types, (m.a.dtype for _, m, _ in blocks))
     b_dtype = dtype or functools.reduce(torch.promote_types, (m.b.dtype for _, m, _ in blocks), torch.float32)
-    a = torch.empty(rank, in_features, dtype=a_dtype)
-    b = torch.empty(out_features, rank, dtype=b_dtype)
+    device = blocks[0][1].a.device  # experts kept on a GPU are stacked there
+    a = torch.empty(rank, in_features, dtype=a_dtype, device=device)
+    b = torch.empty(out_features, rank, dtype=b_dtype, device=device)
     start = 0
     for coef, m, _ in blocks:
         stop = start + m.rank

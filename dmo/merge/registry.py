@@ -180,11 +180,12 @@ def merge_deltas(
         shape = present[0].shape
         if any(t.shape != shape for t in present):
             raise DmoError(f"experts disagree on the shape of {param}: they were trained on different bases")
+        device = present[0].device
         stacked = torch.stack(
-            [tv[param].to(torch.float32) if param in tv else torch.zeros(shape) for tv in task_vectors]
+            [tv[param].to(torch.float32) if param in tv else torch.zeros(shape, device=device) for tv in task_vectors]
         )
         extra = {"name": param} if spec.takes_name else {}
-        out[param] = spec.fn(stacked, w, **params, **extra)
+        out[param] = spec.fn(stacked, w.to(device), **params, **extra)
     return out
 
 
