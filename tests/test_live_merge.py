@@ -126,3 +126,31 @@ def test_written_model_answers_like_the_merged_checkpoint(lora_world: dict, tmp_
     assert answer(live) == base_answer
     with pytest.raises(DmoError, match="not a parameter"):
         writer([("model.layers.0.mlp.up_proj.weight", torch.zeros(1))])
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("linear", {"scale": 0.5}), ("ties", {"density": 0.4}), ("dare", {"drop_rate": 0.5}), ("robustmerge", {})],
+)
+def test_hf_backend_proxies_equal_the_streaming_merge(lora_world: dict, tmp_path: Path, method: str, params: dict):
+    """The hf backend's in-memory delta for every merge method = ``dmo merge`` of the same proxy."""
+    pytest.importorskip("lmms_eval")
+    from dmo.config import ExpertManifest
+    from dmo.mixture import Mixture
+    from dmo.scorer import Target
+    from dmo.scoring.hf_backend import HFScorer
+
+    experts = {k: lora_world["experts"][k] for k in ("a", "b")}
+    manifest = ExpertManifest.model_validate(
+        {"name": "m", "base": {"path": lora_world["base"]}, "experts": {k: {"path": p} for k, p in experts.items()}}
+    )
+    weights = {"a": 0.3, "b": 0.7}
+    target = Target("proxy", Mixture.from_mapping(weights, ("a", "b")), method=method, params=tuple(params.items()))
+    scorer = HFScorer(manifest, device="cpu")
+    delta = scorer._delta(target)
+    base = load_model(lora_world["base"])
+    mine = base | {k: (base[k].float() + v).to(base[k].dtype) for k, v in delta.items()}
+    merge_checkpoints(lora_world["base"], experts, weights, tmp_path / "out", method=method, params=params, exclude=[])
+    assert_same_model(mine, load_model(tmp_path / "out"))
+    other = Target("proxy", target.mixture, method=method, params=(("density", 0.9),) if method == "ties" else ())
+    assert (scorer.fingerprint(other) != scorer.fingerprint(target)) is (other.params != target.params)

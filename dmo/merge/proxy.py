@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
@@ -118,12 +119,7 @@ def write_lora_proxy(
             base_ckpt.close()
     if not any(a.modules for a in adapters.values()):
         raise DmoError("include/exclude leave no adapted module: the proxy is the base model itself")
-    if spec.name in LINEAR:
-        scale = float(params.get("scale", 1.0))
-        config, tensors = concat_adapter(adapters, {k: scale * w for k, w in active.items()})
-    else:
-        merged = _robust_adapter(adapters, active, spec.fn, params)
-        config, tensors = concat_adapter({"merged": merged}, {"merged": 1.0})
+    config, tensors = adapter_proxy(adapters, active, spec, params)
     ranks = [int(t.shape[0]) for k, t in tensors.items() if k.endswith("lora_A.weight")]
     rank = max(ranks)
     if rank > VLLM_MAX_LORA_RANK:
@@ -142,6 +138,17 @@ def write_lora_proxy(
         seconds=time.perf_counter() - start,
         excluded_adapted=tuple(sorted(excluded)),
     )
+
+
+def adapter_proxy(
+    adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float], spec: Any, params: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(adapter_config, tensors)`` of the linear proxy (the exact concatenation) or of RobustMerge's adapter."""
+    if spec.name in LINEAR:
+        scale = float(params.get("scale", 1.0))
+        return concat_adapter(adapters, {k: scale * w for k, w in weights.items()})
+    merged = _robust_adapter(adapters, weights, spec.fn, params)
+    return concat_adapter({"merged": merged}, {"merged": 1.0})
 
 
 def _robust_adapter(

@@ -20,10 +20,10 @@ from dmo.merge.lora import LoraAdapter, adapter_to, check_same_base, expert_delt
 from dmo.merge.names import KeyMap
 from dmo.merge.proxy import LINEAR, _robust_adapter
 from dmo.merge.registry import get_method, merge_deltas
-from dmo.mixture import Mixture
 from dmo.scorer import Evaluation, Target, register_scorer
 from dmo.scoring.evaluate import evaluate
 from dmo.scoring.lmms_model import DmoLMM, load_pretrained
+from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
 
 
 def _device(name: str) -> str:
@@ -49,10 +49,7 @@ class HFScorer:
                 f"the hf backend merges LoRA experts; manifest {manifest.name!r} has kind {manifest.kind!r}: "
                 "use 'dmo merge' to write dense proxies"
             )
-        if manifest.base.path is None:
-            raise DmoError(
-                f"base model {manifest.base} is a hub id: download it and point the manifest's 'base' at the folder"
-            )
+        local_base(manifest)
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
@@ -94,22 +91,12 @@ class HFScorer:
             self._trained[path] = self._on_device(load_lora(path, names=self._names))
         return self._trained[path]
 
-    def _trained_path(self, target: Target) -> Path:
-        assert target.mixture is not None
-        want = Mixture.from_mapping(target.mixture.as_dict(), self.manifest.domains).id
-        for mixture, seed, ref in self.manifest.trained_mixtures():
-            if seed == target.seed and mixture.id == want:
-                if ref.path is None:
-                    raise DmoError(f"trained model {ref} is a hub id: download it first")
-                return ref.path
-        raise DmoError(f"no trained model for mixture {target.mixture.id} seed {target.seed} in the manifest")
-
     def _parts(self, target: Target) -> tuple[dict[str, LoraAdapter], dict[str, float]]:
         if target.kind == "expert":
             assert target.domain is not None
             return {target.domain: self.experts[target.domain]}, {target.domain: 1.0}
         if target.kind == "trained":
-            return {"trained": self._adapter(self._trained_path(target))}, {"trained": 1.0}
+            return {"trained": self._adapter(trained_path(self.manifest, target))}, {"trained": 1.0}
         if target.kind == "proxy":
             assert target.mixture is not None
             weights = {d: w for d, w in target.mixture.as_dict().items() if w != 0}
@@ -131,10 +118,10 @@ class HFScorer:
 
     def fingerprint(self, target: Target) -> str:
         if target.kind == "base":
-            return f"base:{_folder_id(self.manifest.base.path)}"
+            return f"base:{folder_id(self.manifest.base.path)}"
         adapters, weights = self._parts(target)
         method, params = target.method or "linear", dict(target.params)
-        return f"{_folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, method, params)}"
+        return f"{folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, method, params)}"
 
     def settings(self) -> dict[str, Any]:
         import lmms_eval
@@ -184,16 +171,3 @@ class HFScorer:
             return Evaluation(scores, errors=errors)
         finally:
             lmm.clear_proxy()
-
-
-def _folder_id(path: Path | None) -> str:
-    """A cheap identity for a base model folder: the sizes and mtimes of its weight files."""
-    if path is None:
-        return "?"
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]

@@ -27,13 +27,13 @@ from typing import Any, Literal
 
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
-from dmo.merge.lora import LoraAdapter, check_same_base, concat_adapter, fingerprint, load_lora, write_adapter
-from dmo.merge.proxy import LINEAR, VLLM_MAX_LORA_RANK, _robust_adapter
+from dmo.merge.lora import LoraAdapter, check_same_base, fingerprint, load_lora, write_adapter
+from dmo.merge.proxy import LINEAR, VLLM_MAX_LORA_RANK, adapter_proxy
 from dmo.merge.registry import get_method
 from dmo.merge.stream import expert_kind
-from dmo.mixture import Mixture
 from dmo.paths import cache_dir
 from dmo.scorer import Evaluation, Target, register_scorer
+from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,7 @@ class VLLMScorer:
         device: str | None = None,
     ) -> None:
         del batch_size, device
-        if manifest.base.path is None:
-            raise DmoError(
-                f"base model {manifest.base} is a hub id: download it and point the manifest's 'base' at the folder"
-            )
+        local_base(manifest)
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
@@ -256,19 +253,11 @@ class VLLMScorer:
             raise DmoError(f"no expert for domain {missing[0]!r} in manifest {self.manifest.name!r}")
         return weights
 
-    def _trained_path(self, target: Target) -> Path:
-        assert target.mixture is not None
-        want = Mixture.from_mapping(target.mixture.as_dict(), self.manifest.domains).id
-        for mixture, seed, ref in self.manifest.trained_mixtures():
-            if seed == target.seed and mixture.id == want:
-                return self._path(ref, "trained model")
-        raise DmoError(f"no trained model for mixture {target.mixture.id} seed {target.seed} in the manifest")
-
     def route(self, target: Target) -> Route:
         if target.kind == "base":
             return "base"
         if target.kind == "trained":
-            return "adapter" if self.lora and expert_kind(self._trained_path(target)) == "lora" else "write"
+            return "adapter" if self.lora and expert_kind(trained_path(self.manifest, target)) == "lora" else "write"
         if not self.lora or self.manifest.kind != "lora":
             return "write"
         if target.kind == "expert":
@@ -277,18 +266,16 @@ class VLLMScorer:
         return "adapter" if spec.name in LINEAR or spec.inputs == "lora" else "write"
 
     def fingerprint(self, target: Target) -> str:
-        from dmo.scoring.hf_backend import _folder_id
-
-        base = _folder_id(Path(self.manifest.base.path))
+        base = folder_id(Path(self.manifest.base.path))
         if target.kind == "base":
             return f"base:{base}"
         if target.kind == "trained":
-            return f"{base}:trained:{_folder_id(self._trained_path(target))}"
+            return f"{base}:trained:{folder_id(trained_path(self.manifest, target))}"
         method = target.method or "linear"
         weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
         if self._lora_experts:
             return f"{base}:{fingerprint(self._lora_experts, weights, method, dict(target.params))}"
-        ids = sorted((_folder_id(self._path(self.manifest.experts[d], d)), w) for d, w in weights.items())
+        ids = sorted((folder_id(self._path(self.manifest.experts[d], d)), w) for d, w in weights.items())
         payload = repr((method, sorted(dict(target.params).items()), ids))
         return f"{base}:full:{hashlib.sha256(payload.encode()).hexdigest()}"
 
@@ -316,7 +303,7 @@ class VLLMScorer:
         from vllm.lora.request import LoRARequest
 
         if target.kind == "trained":
-            folder = self._trained_path(target)
+            folder = trained_path(self.manifest, target)
         else:
             folder = self.adapter_dir / hashlib.sha256(fp.encode()).hexdigest()[:24]
             if not (folder / "adapter_config.json").is_file():
@@ -333,13 +320,7 @@ class VLLMScorer:
             weights = self._weights(target)
             adapters = {d: self._lora_experts[d] for d in weights}
         spec = get_method(target.method or "linear")
-        params = spec.check_params(dict(target.params))
-        if spec.name in LINEAR:
-            scale = float(params.get("scale", 1.0))
-            config, tensors = concat_adapter(adapters, {d: scale * w for d, w in weights.items()})
-        else:
-            merged = _robust_adapter(adapters, weights, spec.fn, params)
-            config, tensors = concat_adapter({"merged": merged}, {"merged": 1.0})
+        config, tensors = adapter_proxy(adapters, weights, spec, spec.check_params(dict(target.params)))
         rank = max(int(t.shape[0]) for k, t in tensors.items() if k.endswith("lora_A.weight"))
         limit = self.served_rank
         if limit is not None and rank > limit:
@@ -393,7 +374,7 @@ class VLLMScorer:
             self._restore_base()
             return fp, self._adapter_request(target, fp)
         if target.kind == "trained":
-            path = str(self._trained_path(target))
+            path = str(trained_path(self.manifest, target))
             key = f"trained:{path}"
             self._bank(key, {"trained": path})
             self._write(key, {"trained": 1.0}, "linear", {}, fp)

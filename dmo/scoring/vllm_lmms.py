@@ -19,7 +19,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 from dmo.errors import DmoError
-from dmo.scoring.lmms_model import _cut_at_stop, _generation_key
+from dmo.scoring.lmms_model import DmoLMM, _cut_at_stop, _generation_key
 
 #: ``(task, split, doc_id, context, max_new_tokens, stop strings)``: what makes two requests the same question.
 RequestKey = tuple[str, str, int, str, int, tuple[str, ...]]
@@ -144,15 +144,7 @@ class DmoVLLM(lmms):
 
 
 def _images(visuals: Any, task: str) -> list[Image.Image]:
-    if visuals is None:
-        return []
-    items = visuals if isinstance(visuals, (list, tuple)) else [visuals]
-    if len(items) == 1 and isinstance(items[0], (list, tuple)):
-        items = list(items[0])
-    for item in items:
-        if not isinstance(item, Image.Image):
-            raise DmoError(f"task {task!r} gives a {type(item).__name__} as visual: dmo_vllm reads PIL images only")
-    return [im.convert("RGB") for im in items]
+    return [im.convert("RGB") for im in DmoLMM._images(visuals, task)]
 
 
 def _flag(value: bool | str) -> bool:
