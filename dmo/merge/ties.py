@@ -33,6 +33,14 @@ def _check_density(density: float) -> None:
         raise DmoError(f"density must be in [0, 1], got {density}")
 
 
+def _kth_smallest(t: Tensor, j: int) -> Tensor:
+    """The j-th smallest entry (1-based) of a flat tensor. CUDA's kthvalue runs one thread block per slice, so on a
+    GPU a full sort is faster (4x at 0.4M entries on an H200); on the CPU kthvalue's selection wins."""
+    if t.is_cuda:
+        return torch.sort(t).values[j - 1]
+    return torch.kthvalue(t, j).values
+
+
 def _bracket(mags: Tensor, k: int) -> tuple[Tensor, Tensor, int] | None:
     """A sample brackets the k-th largest: ``(values inside, their flat indices, count above)``, or None if missed."""
     n = mags.numel()
@@ -55,9 +63,9 @@ def kth_largest(mags: Tensor, k: int) -> float:
     n = mags.numel()
     found = _bracket(mags, k) if n > _DIRECT else None
     if found is None:
-        return float(torch.kthvalue(mags, n - k + 1).values)
+        return float(_kth_smallest(mags, n - k + 1))
     inside, _, above = found
-    return float(torch.kthvalue(inside, inside.numel() - (k - above) + 1).values)
+    return float(_kth_smallest(inside, inside.numel() - (k - above) + 1))
 
 
 def trim_rule(mags: Tensor, density: float) -> tuple[float, int]:
@@ -76,7 +84,7 @@ def trim_rule(mags: Tensor, density: float) -> tuple[float, int]:
         index, inside, above = None, mags, 0
     else:
         inside, index, above = found
-    threshold = float(torch.kthvalue(inside, inside.numel() - (k - above) + 1).values)
+    threshold = float(_kth_smallest(inside, inside.numel() - (k - above) + 1))
     need = k - above - int(torch.count_nonzero(inside > threshold))  # >= 1: the threshold itself is kept
     ties = torch.nonzero(inside == threshold).reshape(-1)
     position = int(ties[need - 1]) if index is None else int(index[ties[need - 1]])
