@@ -11,7 +11,7 @@
 3. **Print a table:** evaluations until a mixture within 1% of the lattice optimum is found (median and worst
    over seeds; ">B" = not within the budget B), and the regret (lattice optimum minus the best objective found)
    after 10, 20 and 40 evaluations, median over seeds. The target: the default sampler reaches 1% of the
-   optimum in at most 30% of the lattice's evaluations (46 of 153).
+   optimum in at most 30% of the lattice's evaluations (45 of 153).
 
 Run: ``python benchmarks/search_efficiency.py`` (needs the tiny world and the ``hf`` backend for step 1, a few
 minutes the first time); ``--synthetic`` replays against an analytic accuracy-like surface instead, and
@@ -108,8 +108,10 @@ class ReplayScorer:
     def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation:
         assert target.mixture is not None
         scores = self.surface.scores[self.surface.snap(target.mixture)]
-        return Evaluation({b: scores[b] for b in benchmarks if b in scores},
-                          errors={b: "not recorded" for b in benchmarks if b not in scores})
+        return Evaluation(
+            {b: scores[b] for b in benchmarks if b in scores},
+            errors={b: "not recorded" for b in benchmarks if b not in scores},
+        )
 
 
 def write_surface_table(surface: Surface, path: Path, method: str = "linear") -> Path:
@@ -118,7 +120,8 @@ def write_surface_table(surface: Surface, path: Path, method: str = "linear") ->
 
     rows = [
         ScoreRow("proxy", m, b, v, weights=Mixture.parse(m, surface.domains).as_dict(), method=method)
-        for m, scores in surface.scores.items() for b, v in scores.items()
+        for m, scores in surface.scores.items()
+        for b, v in scores.items()
     ]
     ResultsTable(path).append(rows)
     return path
@@ -161,8 +164,13 @@ def record_surface(space: SearchSpace, resolution: int, progress: bool = True) -
     if failed:
         first = next(iter(failed.items()))
         raise SystemExit(f"{len(failed)} lattice mixtures failed to score, e.g. {first[0]}: {first[1]}")
-    return Surface(tuple(space.domains), resolution, scores, {m: space.objective(s) for m, s in scores.items()},
-                   source=str(session.table.path))
+    return Surface(
+        tuple(space.domains),
+        resolution,
+        scores,
+        {m: space.objective(s) for m, s in scores.items()},
+        source=str(session.table.path),
+    )
 
 
 def surface_from_table(path: Path, space: SearchSpace, resolution: int) -> Surface:
@@ -175,11 +183,14 @@ def surface_from_table(path: Path, space: SearchSpace, resolution: int) -> Surfa
     ids = [m.id for m in lattice(space.domains, resolution)]
     missing = [i for i in ids if i not in piv.index or piv.loc[i, space.benchmarks].isna().any()]
     if missing:
-        raise SystemExit(f"{path} lacks {len(missing)} of the {len(ids)} lattice mixtures (e.g. {missing[0]}): "
-                         "run without --from-table to score them")
+        raise SystemExit(
+            f"{path} lacks {len(missing)} of the {len(ids)} lattice mixtures (e.g. {missing[0]}): "
+            "run without --from-table to score them"
+        )
     scores = {i: {b: float(piv.at[i, b]) for b in space.benchmarks} for i in ids}
-    return Surface(tuple(space.domains), resolution, scores, {i: space.objective(s) for i, s in scores.items()},
-                   source=str(path))
+    return Surface(
+        tuple(space.domains), resolution, scores, {i: space.objective(s) for i, s in scores.items()}, source=str(path)
+    )
 
 
 def synthetic_surface(
@@ -225,8 +236,9 @@ def replay_space(space: SearchSpace, sampler: str, seed: int, budget: int, grid_
     return parse_space(data, source="<replay>")
 
 
-def replay(surface: Surface, space: SearchSpace, sampler: str, seed: int, budget: int,
-           grid_preset: str = "paper-3d") -> list[float]:
+def replay(
+    surface: Surface, space: SearchSpace, sampler: str, seed: int, budget: int, grid_preset: str = "paper-3d"
+) -> list[float]:
     """The objective of each trial, in trial order, of one study replayed against the surface."""
     import optuna
 
@@ -274,7 +286,11 @@ def summarize(sampler: str, runs: Sequence[tuple[Surface, list[float]]], thresho
     n = [math.inf if h is None else float(h) for h in hits]
     regrets = {c: [regret_after(v, sf.optimum, c) for sf, v in runs] for c in CHECKPOINTS}
     return SamplerSummary(
-        sampler, len(runs), sum(h is not None for h in hits), float(statistics.median(n)), max(n),
+        sampler,
+        len(runs),
+        sum(h is not None for h in hits),
+        float(statistics.median(n)),
+        max(n),
         {c: float(statistics.median(r)) for c, r in regrets.items()},
         {c: float(np.mean(r)) for c, r in regrets.items()},
         max(len(v) for _, v in runs),
@@ -299,13 +315,24 @@ def _job(args: tuple[int, Surface, SearchSpace, str, int, int, str]) -> tuple[in
 
 
 def run_benchmark(
-    surfaces: Surface | Sequence[Surface], space: SearchSpace, samplers: Sequence[str], seeds: int, budget: int,
-    jobs: int = 1, threshold: float = 0.01, grid_preset: str = "paper-3d", progress: bool = False,
+    surfaces: Surface | Sequence[Surface],
+    space: SearchSpace,
+    samplers: Sequence[str],
+    seeds: int,
+    budget: int,
+    jobs: int = 1,
+    threshold: float = 0.01,
+    grid_preset: str = "paper-3d",
+    progress: bool = False,
 ) -> tuple[list[SamplerSummary], dict[str, float]]:
     """Replay every (surface, sampler, seed) and summarise per sampler; also the seconds spent per sampler."""
     surfaces = [surfaces] if isinstance(surfaces, Surface) else list(surfaces)
-    tasks = [(i, sf, space, s, seed, budget, grid_preset)
-             for s in samplers for i, sf in enumerate(surfaces) for seed in range(seeds)]
+    tasks = [
+        (i, sf, space, s, seed, budget, grid_preset)
+        for s in samplers
+        for i, sf in enumerate(surfaces)
+        for seed in range(seeds)
+    ]
     runs: dict[str, list[tuple[Surface, list[float]]]] = {s: [] for s in samplers}
     seconds = dict.fromkeys(samplers, 0.0)
     # spawn, not fork: the parent has run torch's OpenMP pool (recording the surface), and a forked child that
@@ -316,8 +343,11 @@ def run_benchmark(
             runs[s].append((surfaces[i], values))
             seconds[s] += dt
             if progress:
-                print(f"  {done}/{len(tasks)} {s} surface {i} seed {seed}: best {max(values):.4f} "
-                      f"(optimum {surfaces[i].optimum:.4f})", file=sys.stderr)
+                print(
+                    f"  {done}/{len(tasks)} {s} surface {i} seed {seed}: best {max(values):.4f} "
+                    f"(optimum {surfaces[i].optimum:.4f})",
+                    file=sys.stderr,
+                )
     return [summarize(s, runs[s], threshold) for s in samplers], seconds
 
 
@@ -334,31 +364,49 @@ class _Serial:
         return map(fn, items)
 
 
-def render(summaries: Sequence[SamplerSummary], surfaces: Surface | Sequence[Surface], budget: int,
-           threshold: float, seconds: dict[str, float] | None = None) -> str:
+def render(
+    summaries: Sequence[SamplerSummary],
+    surfaces: Surface | Sequence[Surface],
+    budget: int,
+    threshold: float,
+    seconds: dict[str, float] | None = None,
+) -> str:
     surfaces = [surfaces] if isinstance(surfaces, Surface) else list(surfaces)
     n_lattice = len(surfaces[0].objective)
     goal = math.floor(0.3 * n_lattice)
-    head = ["sampler", f"reached {threshold:.0%}", "evals median", "evals worst",
-            *(f"regret@{c} median (mean)" for c in CHECKPOINTS), "seconds"]
+    head = [
+        "sampler",
+        f"reached {threshold:.0%}",
+        "evals median",
+        "evals worst",
+        *(f"regret@{c} median (mean)" for c in CHECKPOINTS),
+        "seconds",
+    ]
 
     def ev(x: float, cap: int) -> str:
         return f">{cap}" if math.isinf(x) else f"{x:g}"
 
     rows = []
     for s in summaries:
-        rows.append([
-            s.sampler, f"{s.reached}/{s.runs}", ev(s.evals_median, s.evaluations), ev(s.evals_worst, s.evaluations),
-            *(f"{s.regret[c]:.4f} ({s.regret_mean[c]:.4f})" for c in CHECKPOINTS),
-            f"{(seconds or {}).get(s.sampler, math.nan):.0f}",
-        ])
+        rows.append(
+            [
+                s.sampler,
+                f"{s.reached}/{s.runs}",
+                ev(s.evals_median, s.evaluations),
+                ev(s.evals_worst, s.evaluations),
+                *(f"{s.regret[c]:.4f} ({s.regret_mean[c]:.4f})" for c in CHECKPOINTS),
+                f"{(seconds or {}).get(s.sampler, math.nan):.0f}",
+            ]
+        )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = []
     for sf in surfaces:
         cut = sf.optimum - threshold * abs(sf.optimum)
         near = sum(v >= cut for v in sf.objective.values())
-        lines.append(f"surface {sf.source}: {len(sf.objective)} lattice mixtures at resolution 1/{sf.resolution}; "
-                     f"optimum {sf.optimum:.4f} at {sf.best_id}; {near} mixtures within {threshold:.0%} (>= {cut:.4f})")
+        lines.append(
+            f"surface {sf.source}: {len(sf.objective)} lattice mixtures at resolution 1/{sf.resolution}; "
+            f"optimum {sf.optimum:.4f} at {sf.best_id}; {near} mixtures within {threshold:.0%} (>= {cut:.4f})"
+        )
     lines += [
         f"budget {budget} evaluations per run; target: the default sampler within {threshold:.0%} of the optimum in "
         f"<= {goal} evaluations (30% of the lattice)",
@@ -369,9 +417,12 @@ def render(summaries: Sequence[SamplerSummary], surfaces: Surface | Sequence[Sur
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     best = winner(summaries)
     verdict = "meets" if best.evals_median <= goal else "misses"
-    lines += ["", f"winner: {best.sampler} (median {ev(best.evals_median, best.evaluations)} evaluations to "
-                  f"{threshold:.0%}, worst {ev(best.evals_worst, best.evaluations)}); it {verdict} the target of "
-                  f"<= {goal} evaluations"]
+    lines += [
+        "",
+        f"winner: {best.sampler} (median {ev(best.evals_median, best.evaluations)} evaluations to "
+        f"{threshold:.0%}, worst {ev(best.evals_worst, best.evaluations)}); it {verdict} the target of "
+        f"<= {goal} evaluations",
+    ]
     return "\n".join(lines)
 
 
@@ -408,19 +459,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         surfaces = [record_surface(space, args.resolution)]
     print(f"surface ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     summaries, seconds = run_benchmark(
-        surfaces, space, samplers, args.seeds, args.budget, jobs=args.jobs, threshold=args.threshold,
-        grid_preset=args.grid_preset, progress=True,
+        surfaces,
+        space,
+        samplers,
+        args.seeds,
+        args.budget,
+        jobs=args.jobs,
+        threshold=args.threshold,
+        grid_preset=args.grid_preset,
+        progress=True,
     )
     print(render(summaries, surfaces, args.budget, args.threshold, seconds))
     if args.json:
-        args.json.write_text(json.dumps({
-            "surfaces": [{"source": sf.source, "optimum": sf.optimum, "best": sf.best_id,
-                          "mixtures": len(sf.objective), "resolution": sf.resolution} for sf in surfaces],
-            "budget": args.budget, "seeds": args.seeds, "threshold": args.threshold,
-            "samplers": [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in s.__dict__.items()}
-                         for s in summaries],
-            "winner": winner(summaries).sampler,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "surfaces": [
+                        {
+                            "source": sf.source,
+                            "optimum": sf.optimum,
+                            "best": sf.best_id,
+                            "mixtures": len(sf.objective),
+                            "resolution": sf.resolution,
+                        }
+                        for sf in surfaces
+                    ],
+                    "budget": args.budget,
+                    "seeds": args.seeds,
+                    "threshold": args.threshold,
+                    "samplers": [
+                        {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in s.__dict__.items()}
+                        for s in summaries
+                    ],
+                    "winner": winner(summaries).sampler,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

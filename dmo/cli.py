@@ -81,7 +81,10 @@ def spaces_show(file: Annotated[Path, typer.Argument(help="A search space YAML f
 @app.command()
 def study(
     space_file: Annotated[Path, typer.Argument(metavar="SPACE", help="Search space YAML.")],
-    sampler: Annotated[str | None, typer.Option(help="grid, random, tpe, gp, cmaes, qmc.")] = None,
+    sampler: Annotated[
+        str | None,
+        typer.Option(help="grid, random, tpe, gp, cmaes, qmc (default: the space's; cmaes if it names none)."),
+    ] = None,
     n_trials: Annotated[int | None, typer.Option(help="Total trials wanted (a resumed study runs the rest).")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite).")] = None,
     study_name: Annotated[str | None, typer.Option(help="Default: <space>.<sampler>.")] = None,
@@ -171,7 +174,9 @@ def report(
 @app.command()
 def demo(
     space_file: Annotated[Path | None, typer.Option("--space", help="Default: search_spaces/tiny-2d.yaml.")] = None,
-    n_trials: Annotated[int, typer.Option(help="Trials of the TPE study after the preset grid.")] = 12,
+    n_trials: Annotated[
+        int, typer.Option(help="Trials of the study (the space's sampler, CMA-ES by default) after the preset grid.")
+    ] = 12,
     small: Annotated[bool, typer.Option(help="Use the small test world (seconds).")] = False,
 ) -> None:
     """The whole pipeline on the embedded tiny world: proxies, study, correlation table."""

@@ -188,7 +188,7 @@ class ObjectiveSpec(_Strict):
 
 
 class SamplerSpec(_Strict):
-    name: Literal["grid", "random", "tpe", "gp", "cmaes", "qmc"] = "tpe"
+    name: Literal["grid", "random", "tpe", "gp", "cmaes", "qmc"] = "cmaes"
     n_trials: int = Field(default=20, gt=0)
     seed: int = 0
     params: dict[str, Any] = {}

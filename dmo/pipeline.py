@@ -183,7 +183,7 @@ def print_study_result(console: Console, session: Session, result: StudyResult) 
 
 
 def run_demo(console: Console, space_file: Path | None = None, n_trials: int = 12, small: bool = False) -> Path:
-    """The README's main command: world -> references -> preset proxies -> TPE study -> correlation table."""
+    """The README's main command: world -> references -> preset proxies -> study (CMA-ES by default) -> correlations."""
     from dmo.correlate import correlate
     from dmo.report import render_correlation
 

@@ -112,9 +112,17 @@ def test_surface_from_a_results_table(se, space, surface, tmp_path):
     from dmo.results import ResultsTable, ScoreRow
 
     rows = [
-        ScoreRow("proxy", m, b, v, weights=Mixture.parse(m, space.domains).as_dict(), group=space.name,
-                 method=space.merge.method)
-        for m, s in surface.scores.items() for b, v in s.items()
+        ScoreRow(
+            "proxy",
+            m,
+            b,
+            v,
+            weights=Mixture.parse(m, space.domains).as_dict(),
+            group=space.name,
+            method=space.merge.method,
+        )
+        for m, s in surface.scores.items()
+        for b, v in s.items()
     ]
     ResultsTable(tmp_path / "scores.jsonl").append(rows)
     again = se.surface_from_table(tmp_path / "scores.jsonl", space, 16)
