@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from dmo.compare import COLUMNS
 from dmo.errors import DmoError
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -172,19 +173,8 @@ def _signed(x) -> str:
     return "-" if x is None or pd.isna(x) else f"{int(x):+d}"
 
 
-COMPARE_HEAD = [
-    "group",
-    "method",
-    "benchmark",
-    "mixture",
-    "trained",
-    "seeds",
-    "proxy",
-    "expert-mix",
-    "trained rank",
-    "proxy rank",
-    "rank diff",
-]
+#: ``dmo.compare.COLUMNS`` as table headers
+COMPARE_HEAD = [c.replace("expert_mix", "expert-mix").replace("_", " ") for c in COLUMNS]
 
 
 def compare_rows(frame: pd.DataFrame) -> list[list[str]]:

@@ -21,6 +21,7 @@ One module per method: ``linear`` (and its alias ``task_arithmetic``) lives here
 
 from __future__ import annotations
 
+import abc
 import importlib
 import inspect
 import re
@@ -65,7 +66,7 @@ class MergeMethod:
         return dict(params)
 
 
-class Chunked:
+class Chunked(abc.ABC):
     """A delta method in chunks: ``observe``/``done`` see each expert's flat delta once (when ``stats``), in order;
     then ``merge`` takes any chunk ``[lo, lo + n)`` of all K deltas, shape (K, n), and may modify it in place."""
 
@@ -77,14 +78,15 @@ class Chunked:
         self.numel = numel
         self.name = name
 
-    def observe(self, index: int, lo: int, delta: Tensor) -> None:
+    def observe(self, index: int, lo: int, delta: Tensor) -> None:  # noqa: B027 - optional hook, no-op by default
         """Chunk ``[lo, lo + len(delta))`` of expert ``index``'s flat delta (float32)."""
 
-    def done(self, index: int) -> None:
+    def done(self, index: int) -> None:  # noqa: B027 - optional hook
         """Expert ``index`` has been observed completely."""
 
+    @abc.abstractmethod
     def merge(self, deltas: Tensor, lo: int) -> Tensor:
-        raise NotImplementedError
+        """The merged chunk, shape (n,)."""
 
     @classmethod
     def whole(cls, deltas: Tensor, weights: Tensor, name: str = "", **params: Any) -> Tensor:

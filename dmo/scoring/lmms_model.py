@@ -368,9 +368,7 @@ class DmoLMM(lmms):
         return float(total), greedy
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError(
-            "the dmo model answers single-turn questions only; multi-round tasks are not supported"
-        )
+        raise DmoError("the dmo model answers single-turn questions only; multi-round tasks are not supported")
 
 
 @contextlib.contextmanager
