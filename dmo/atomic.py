@@ -26,6 +26,16 @@ def _explain(exc: OSError, target: Path) -> DmoError:
     return DmoError(f"cannot write {target}: {exc.strerror or exc}")
 
 
+def _umask() -> int:
+    # mkstemp/mkdtemp create 0600/0700 entries; outputs (reports, tables, merged models) are meant to be shared,
+    # so they get the mode a plain open()/mkdir() would give. Linux shows the umask without changing it.
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator:
     """Open a temporary sibling of ``target``; on success it replaces ``target`` atomically."""
@@ -33,6 +43,7 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
     except OSError as exc:
         raise _explain(exc, target) from exc
     try:
@@ -65,6 +76,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Itera
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp.chmod(0o777 & ~_umask())
     except OSError as exc:
         raise _explain(exc, target) from exc
     try:

@@ -262,17 +262,55 @@ def audit(url: str, name: str, world: Path, n: int) -> Audit:
 WORKERS = {"postgres": 4, "sqlite": 2, "journal": 2}
 
 
+# Imported by every Python process started with this folder on PYTHONPATH, the spawned workers of
+# `dmo study --workers` included: each process's first scoring call waits until BARRIER processes have started
+# one. Replay scoring costs milliseconds and a worker's start (spawn, imports) costs seconds, so without it the
+# first worker up may finish the whole budget before the next one asks for a trial, and whether the budget is
+# shared would be left to the scheduler. With it, every worker holds a trial before any finishes one.
+BARRIER = textwrap.dedent("""\
+    import os, time
+    from pathlib import Path
+    from dmo.scoring.replay_backend import ReplayScorer
+
+    _evaluate = ReplayScorer.evaluate
+    _waited = []
+
+    def evaluate(self, target, benchmarks):
+        if not _waited:
+            _waited.append(True)
+            marks = Path(os.environ["MARKS"])
+            (marks / f"barrier-{os.getpid()}").touch()
+            deadline = time.monotonic() + float(os.environ.get("BARRIER_SECONDS", "90"))
+            while len(list(marks.glob("barrier-*"))) < int(os.environ["BARRIER"]) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return _evaluate(self, target, benchmarks)
+
+    ReplayScorer.evaluate = evaluate
+    """)
+
+
+def with_barrier(world: Path, n: int) -> dict[str, str]:
+    """Environment that makes the next ``n`` scoring processes start their first scoring together."""
+    folder = world / "barrier"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(BARRIER)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "BARRIER": str(n)}
+
+
 def test_workers_share_one_budget_and_score_each_mixture_once(world, storage, request):
     """`dmo study --workers N`: exactly N trials over all workers, each mixture and score once."""
     kind = request.node.callspec.params["storage"]
     n_workers, n = WORKERS[kind], 12
     name = f"budget-{kind}"
     code, out, err = finish([dmo(world, "study", "space.yaml", "--workers", str(n_workers), "--storage", storage,
-                                 "--study-name", name, "--n-trials", str(n))])[0]  # fmt: skip
+                                 "--study-name", name, "--n-trials", str(n),
+                                 **with_barrier(world, n_workers))])[0]  # fmt: skip
     assert code == 0, err
+    assert len(list((world / "marks").glob("barrier-*"))) == n_workers, "not every worker started a scoring"
     a = audit(storage, name, world, n)
     workers = Counter(t.user_attrs["worker"] for t in a.complete)
-    assert len(workers) >= 2, f"one worker ran everything: {workers}"
+    assert len(workers) == n_workers, f"a worker ran no trial: {workers}"
     assert f"{n} new evaluations" in out.replace("\n", " ")
     if kind != "sqlite":
         return

@@ -6,6 +6,7 @@ for the model only), so the report reads the same storage layout and trial attri
 
 import base64
 import io
+import os
 import re
 
 import numpy as np
@@ -98,6 +99,9 @@ def test_report_is_one_self_contained_html_with_valid_pngs(results, monkeypatch)
     path = write_report(results, n_boot=100, n_perm=100)
     assert path == results / REPORT_NAME and path.is_file()
     assert not [p for p in results.iterdir() if p.name.endswith(".tmp")]  # written atomically, nothing left over
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # a report is for sharing: not the temp file's 0600
     text = path.read_text()
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing fetched from elsewhere

@@ -1,4 +1,5 @@
 import multiprocessing as mp
+import os
 
 import pytest
 
@@ -63,3 +64,21 @@ def test_unwritable_folder_is_one_actionable_line(tmp_path):
     with pytest.raises(DmoError, match="cannot write .*not-a-folder/sub/scores.jsonl") as exc:
         t.append([ScoreRow("proxy", "m", "b", 0.1)])
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_outputs_get_the_mode_a_plain_write_would(tmp_path, umask):
+    from dmo.atomic import atomic_dir, write_text
+
+    old = os.umask(umask)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+        with open(tmp_path / "plain.txt", "w") as fh:
+            fh.write("z")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "d").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
