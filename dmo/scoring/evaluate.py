@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from dmo.errors import DmoError
-from dmo.scoring.metrics import MetricSpec, metric_spec, score_from_results
+from dmo.scoring.metrics import MetricSpec, metric_spec, score_from_results, task_of
+from dmo.scoring.paper_tasks import TASK_DIR as PAPER_TASK_DIR
 
 #: dataset builders whose ``data_files`` are local paths (lmms-eval's list, ``lmms_eval.utils._LOCAL_BUILDERS``).
 _LOCAL_BUILDERS = frozenset({"csv", "json", "parquet", "text", "pandas", "arrow"})
@@ -52,29 +53,35 @@ def evaluate(
     for benchmark in benchmarks:
         metric_spec(benchmark, metric_map)  # fail before the (slow) evaluation, not after it
 
+    tasks = list(dict.fromkeys(task_of(b) for b in benchmarks))  # sub-scores ("pope_dmo/f1") share one run
+    task_manager = task_manager_for(tasks, include_path)  # quiet by itself, and not nestable in _quiet_lmms_eval
     with _quiet_lmms_eval():
-        task_manager = task_manager_for(benchmarks, include_path)
-        _check_local_data(task_manager, benchmarks)
-        results = _simple_evaluate(lmm, benchmarks, task_manager, limit)
+        _check_local_data(task_manager, tasks)
+        results = _simple_evaluate(lmm, tasks, task_manager, limit)
     if results is None:  # lmms-eval returns None on ranks other than 0; dmo runs one process
         raise DmoError("lmms-eval returned no results: run dmo's evaluation in a single process")
     return {b: score_from_results(b, results, metric_map) for b in benchmarks}
 
 
 def task_manager_for(benchmarks: Sequence[str], include_path: Path | None) -> Any:
-    """A TaskManager that knows every benchmark, indexing the built-in tasks only when needed."""
+    """A TaskManager that knows every benchmark, indexing the built-in tasks only when needed.
+
+    dmo's paper tasks (dmo.scoring.paper_tasks) are always included, after ``include_path``: earlier folders win.
+    """
     from lmms_eval.tasks import TaskManager
 
-    paths = None
+    benchmarks = list(dict.fromkeys(task_of(b) for b in benchmarks))
+    paths = [str(PAPER_TASK_DIR)]
     if include_path is not None:
         include_path = Path(include_path)
         if not include_path.is_dir():
             raise DmoError(f"task folder {include_path} does not exist: write the tasks first (dmo.scoring.tasks)")
-        paths = [str(include_path.resolve())]
+        paths.insert(0, str(include_path.resolve()))
+    with _quiet_task_loader():
         manager = TaskManager("ERROR", include_path=paths, include_defaults=False)
         if all(b in manager.all_tasks for b in benchmarks):
             return manager
-    manager = TaskManager("ERROR", include_path=paths, include_defaults=True)
+        manager = TaskManager("ERROR", include_path=paths, include_defaults=True)
     unknown = [b for b in benchmarks if b not in manager.all_tasks]
     if unknown:
         where = f"in {include_path} or " if include_path is not None else ""
@@ -154,12 +161,34 @@ def _simple_evaluate(lmm: Any, benchmarks: Sequence[str], task_manager: Any, lim
 
 
 @contextlib.contextmanager
+def _quiet_task_loader() -> Iterator[None]:
+    """Hide lmms-eval's task-loader messages, which it logs at DEBUG whatever verbosity TaskManager is given.
+
+    DMO_LMMS_EVAL_LOGS=1 shows them (and all of lmms-eval's output, see _quiet_lmms_eval). Its exit re-enables
+    lmms-eval's logs: never use it inside _quiet_lmms_eval.
+    """
+    from loguru import logger
+
+    if os.environ.get("DMO_LMMS_EVAL_LOGS"):
+        yield
+        return
+    logger.disable("lmms_eval")
+    try:
+        yield
+    finally:
+        logger.enable("lmms_eval")
+
+
+@contextlib.contextmanager
 def _quiet_lmms_eval() -> Iterator[None]:
     """Silence lmms-eval's loguru messages and datasets' progress bars for the duration of one evaluation.
 
     Failures still surface as exceptions; what is hidden is per-call chatter (task loading, request counts,
     "--limit is for testing" warnings, dataset progress bars) that would repeat for every proxy.
     """
+    if os.environ.get("DMO_LMMS_EVAL_LOGS"):  # asked for: lmms-eval's messages and bars as it gives them
+        yield
+        return
     import datasets
     import lmms_eval.api.task
     import lmms_eval.evaluator

@@ -20,7 +20,10 @@ from typing import Any
 import yaml
 
 from dmo.errors import DmoError
+from dmo.scoring.paper_tasks import PAPER_TASKS
 
+#: A benchmark named "<task>/<name>" is a sub-score of lmms-eval task <task> (its own entry says which result).
+SUBSCORE_SEP = "/"
 _ALLOWED_FIELDS = {"metric", "filter", "divide_by"}
 #: Scores may exceed [0, 1] by float rounding only (a mean of 0/1 values, a sum divided by its maximum).
 _RANGE_TOLERANCE = 1e-9
@@ -84,6 +87,11 @@ def load_metric_map(path: Path | None = None) -> dict[str, MetricSpec]:
     return parse_metric_map(raw, str(path))
 
 
+def task_of(benchmark: str) -> str:
+    """The lmms-eval task that reports ``benchmark``: the name itself, or the part before "/" of a sub-score."""
+    return benchmark.split(SUBSCORE_SEP, 1)[0]
+
+
 def metric_spec(benchmark: str, metric_map: Mapping[str, MetricSpec] | None = None) -> MetricSpec:
     """The spec for ``benchmark``: an exact entry first, else the first glob pattern that matches."""
     table = _default_map() if metric_map is None else metric_map
@@ -108,15 +116,12 @@ def score_from_results(
     is accepted too.
     """
     spec = metric_spec(benchmark, metric_map)
-    table = _task_table(benchmark, results)
+    table = _task_table(task_of(benchmark), results)
     values = []
     for key in spec.result_keys():
         if key not in table:
-            found = sorted(k for k in table if "," in k and not k.split(",")[0].endswith("_stderr"))
-            raise DmoError(
-                f"lmms-eval results for {benchmark!r} have no {key!r} (found {found}): "
-                "fix the entry for this benchmark in dmo/scoring/metrics.yaml"
-            )
+            found = sorted(k for k in table if "," in k and "_stderr" not in k.split(",")[0])
+            raise DmoError(f"lmms-eval results for {benchmark!r} have no {key!r} (found {found}): {_fix(benchmark)}")
         values.append(_as_number(benchmark, key, table[key]))
     score = math.fsum(values) / spec.divide_by
     if not -_RANGE_TOLERANCE <= score <= 1 + _RANGE_TOLERANCE:
@@ -125,6 +130,13 @@ def score_from_results(
             "(e.g. 100 for a percentage)"
         )
     return min(1.0, max(0.0, score))
+
+
+def _fix(benchmark: str) -> str:
+    paper_task = {stock: ours for ours, stock in PAPER_TASKS.items()}.get(benchmark)
+    if paper_task is not None:  # the DMO paper's lenient metric, which a stock lmms-eval's task lacks
+        return f"name dmo's {paper_task!r} instead, which adds the DMO paper's lenient metrics to a stock lmms-eval"
+    return "fix the entry for this benchmark in dmo/scoring/metrics.yaml"
 
 
 def _task_table(benchmark: str, results: Mapping[str, Any]) -> Mapping[str, Any]:
