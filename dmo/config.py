@@ -205,7 +205,9 @@ class VLLMOptions(_Strict):
     lora: bool = Field(default=True, description="serve linear/RobustMerge proxies of LoRA experts as adapters")
     max_lora_rank: int | None = Field(default=None, description="default: the smallest vLLM rank >= sum of ranks")
     max_loras: int = Field(default=4, gt=0, description="adapters (proxies) in flight together")
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="default: 0.85 of a GPU; on a CPU a fixed 1 GiB KV cache instead"
+    )
     max_model_len: int | None = Field(default=None, gt=0)
     dtype: str = "auto"
     store: Literal["device", "host"] = Field(default="device", description="where the expert bank lives")

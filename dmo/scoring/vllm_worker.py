@@ -1,41 +1,68 @@
 """dmo's vLLM worker extension: merged proxies written into the live engine's weights.
 
-vLLM mixes this class into each GPU worker when the engine is built with
+vLLM mixes this class into each worker when the engine is built with
 ``worker_extension_cls="dmo.scoring.vllm_worker.DmoWorkerExtension"``; the engine's public
 ``LLM.collective_rpc("dmo_...")`` then runs these methods inside every worker. Each worker keeps an
-:class:`~dmo.merge.live.ExpertBank` of the experts on its own GPU and, per proxy, merges there and hands
-``(checkpoint name, value)`` pairs to the model's own ``load_weights``, which knows the model's packed layouts
-(q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) and tensor-parallel sharding.
+:class:`~dmo.merge.live.ExpertBank` of the experts on its own device and, per proxy, merges there and feeds
+``(checkpoint name, value)`` pairs to the worker's own in-place reload (``Worker.reload_weights(weights_iterator=...)``,
+no disk). A plain ``model.load_weights`` is not enough: on a CPU, vLLM repacks each linear weight for oneDNN after
+loading and leaves an empty parameter behind, so a second plain load has nowhere to write; the reload puts each
+layer back in checkpoint form, loads it and runs the same post-processing again, on CPU and GPU alike.
 
-The caller must reset the engine's prefix cache (and its multimodal caches) after every write: KV blocks cached
-under the previous weights would otherwise answer for the new proxy. :class:`dmo.scoring.vllm_backend.VLLMScorer`
-does. Method names start with ``dmo_`` because vLLM refuses an extension whose names clash with the worker's.
-This module imports nothing from vLLM, so it can be imported (and tested) without it.
+The reload processes a vLLM layer once every tensor of it has arrived, and a layer only partly fed would be
+processed with garbage in the missing part. vLLM packs several checkpoint modules into one layer (q/k/v into
+``qkv_proj``, gate/up into ``gate_up_proj``: the model's ``packed_modules_mapping``), so a write also feeds the base
+values of the *companions* of what the bank changes (``k_proj`` when only ``q_proj`` and ``v_proj`` are adapted,
+every bias of those modules), read once from the base checkpoint.
+
+The reload resets the worker's encoder and multimodal caches; the caller must also reset the engine's prefix cache,
+its multimodal cache and its encoder-cache bookkeeping (``LLM.reset_prefix_cache``, ``LLM.reset_mm_cache``,
+``LLM.llm_engine.reset_encoder_cache``): :class:`dmo.scoring.vllm_backend.VLLMScorer` does. Method names start with
+``dmo_`` because vLLM refuses an extension whose names clash with the worker's. This module imports nothing from
+vLLM, so it can be imported (and tested) without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from dmo.errors import DmoError
-from dmo.merge.live import ExpertBank, load_into
+from dmo.merge.checkpoint import Checkpoint
+from dmo.merge.live import ExpertBank
+
+
+def companions(changed: Iterable[str], available: Iterable[str], packed: Mapping[str, list[str]]) -> list[str]:
+    """Checkpoint tensors outside ``changed`` that share a serving-engine layer with something in ``changed``.
+
+    A tensor's module is its name less the last part (``weight``, ``bias``); modules named in one group of
+    ``packed`` (``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``) under the same parent form one layer.
+    """
+    group_of = {member: tuple(members) for members in packed.values() for member in members}
+    changed = set(changed)
+    layers: set[str] = set()
+    for name in changed:
+        module = name.rpartition(".")[0]
+        parent, _, leaf = module.rpartition(".")
+        layers.update(f"{parent}.{m}" if parent else m for m in group_of.get(leaf, (leaf,)))
+    return [n for n in available if n not in changed and n.rpartition(".")[0] in layers]
 
 
 class DmoWorkerExtension:
-    """Methods vLLM adds to its worker; ``self`` is the worker (``get_model()`` is its public accessor)."""
+    """Methods vLLM adds to its worker; ``self`` is the worker (``get_model()``, ``reload_weights()`` are public)."""
 
-    _dmo_banks: dict[str, ExpertBank]
+    _dmo_banks: dict[str, tuple[ExpertBank, dict[str, torch.Tensor]]]
 
     def _dmo_model(self) -> torch.nn.Module:
         return self.get_model()  # type: ignore[attr-defined]
 
-    def _dmo_bank(self, key: str) -> ExpertBank:
-        bank = getattr(self, "_dmo_banks", {}).get(key)
-        if bank is None:
+    def _dmo_bank(self, key: str) -> tuple[ExpertBank, dict[str, torch.Tensor]]:
+        entry = getattr(self, "_dmo_banks", {}).get(key)
+        if entry is None:
             raise DmoError(f"no expert bank {key!r} is open in this worker: call dmo_open_bank first")
-        return bank
+        return entry
 
     def dmo_open_bank(
         self, key: str, base: str, experts: dict[str, str], store: str = "device", allow_bin: bool = False
@@ -43,30 +70,42 @@ class DmoWorkerExtension:
         """Read ``experts`` (against the base checkpoint ``base``) onto this worker's device, under ``key``."""
         if not hasattr(self, "_dmo_banks"):
             self._dmo_banks = {}
-        device = next(self._dmo_model().parameters()).device
+        model = self._dmo_model()
+        device = next(model.parameters()).device
         bank = ExpertBank.open(base, experts, device=device, store=store, allow_bin=allow_bin)  # type: ignore[arg-type]
-        self._dmo_banks[key] = bank
-        return {"parameters": len(bank.names), "bytes": bank.nbytes, "device": str(device)}
+        packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+        with Checkpoint.open(base, what="base model", allow_bin=allow_bin) as ckpt:
+            extra = {n: ckpt.view(n).to(device, copy=True) for n in companions(bank.names, ckpt.tensors, packed)}
+        self._dmo_banks[key] = (bank, extra)
+        return {"parameters": len(bank.names), "companions": len(extra), "bytes": bank.nbytes, "device": str(device)}
 
     def dmo_close_bank(self, key: str) -> None:
         getattr(self, "_dmo_banks", {}).pop(key, None)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def dmo_write(self, key: str, weights: dict[str, float], method: str, params: dict[str, Any]) -> int:
-        """Write base + merge(``weights``, ``method``, ``params``) into the live model; returns tensors written."""
-        bank = self._dmo_bank(key)
+    def _dmo_reload(self, named: Iterator[tuple[str, torch.Tensor]], extra: dict[str, torch.Tensor]) -> int:
+        count = 0
+
+        def feed() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count
+            for item in named:
+                count += 1
+                yield item
+            yield from extra.items()
+
         with torch.no_grad():
-            count = load_into(self._dmo_model().load_weights, bank.merged(weights, method, params))
+            self.reload_weights(weights_iterator=feed())  # type: ignore[attr-defined]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return count
 
+    def dmo_write(self, key: str, weights: dict[str, float], method: str, params: dict[str, Any]) -> int:
+        """Write base + merge(``weights``, ``method``, ``params``) into the live model; returns tensors written."""
+        bank, extra = self._dmo_bank(key)
+        return self._dmo_reload(bank.merged(weights, method, params), extra)
+
     def dmo_write_base(self, key: str) -> int:
         """Write the base values of everything bank ``key`` can change back into the live model."""
-        bank = self._dmo_bank(key)
-        with torch.no_grad():
-            count = load_into(self._dmo_model().load_weights, bank.base())
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return count
+        bank, extra = self._dmo_bank(key)
+        return self._dmo_reload(bank.base(), extra)

@@ -13,7 +13,7 @@ from dmo.tinyworld.render import CELL, DOMAINS
 
 #: Bump when rendering, tokenizer, model or training code changes what a config produces: it is part of the
 #: cache key, so stale worlds built by older code are never reused.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 #: Knobs that change speed only, never a byte of the artifacts; they stay out of the cache key.
 _NOT_IN_KEY = frozenset({"threads"})

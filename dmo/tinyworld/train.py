@@ -23,23 +23,11 @@ from dmo.tinyworld.data import load_pixels, read_split
 from dmo.tinyworld.generate import chat_prompt
 from dmo.tinyworld.render import DOMAINS
 
-#: LoRA goes on every linear layer: text attention + MLP, vision attention + MLP, and the patch merger.
-LORA_TARGETS: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",  # text decoder
-    "qkv",
-    "proj",
-    "fc1",
-    "fc2",  # vision blocks ("proj" matches only modules named exactly proj)
-    "mlp.0",
-    "mlp.2",  # patch merger
-)
-LORA_TARGET_REGEX = r"^(?!.*patch_embed).*\.(" + "|".join(t.replace(".", r"\.") for t in LORA_TARGETS) + ")$"
+#: LoRA goes on the language model's linear layers (attention and MLP); the vision tower and the patch merger stay
+#: frozen, as the DMO paper's LLaMA-Factory recipe freezes the tower. vLLM serves LoRA on the language model only,
+#: so an adapter of this world is served the same by the vllm backend as by the hf backend.
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGET_REGEX = r"^.*language_model\..*\.(" + "|".join(LORA_TARGETS) + ")$"
 IGNORE = -100
 
 
@@ -234,8 +222,6 @@ def lora_config(config: WorldConfig):
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=0.0,
-        # A regex, not a name list: vision "proj" would also match the patch embedding, a Conv3d, and LoRA on a
-        # convolution is neither what the paper trains nor something dmo's merge engine accepts.
         target_modules=LORA_TARGET_REGEX,
         bias="none",
         task_type="CAUSAL_LM",
