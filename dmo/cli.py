@@ -33,6 +33,7 @@ app.add_typer(train_app, name="train")
 app.command("ingest")(ingest_command)
 console = Console()
 err = Console(stderr=True)
+_TASKS_DIR_HELP = "A folder of your own lmms-eval task YAMLs (repeatable), besides the space's scoring.tasks."
 
 
 @world_app.command("build")
@@ -94,19 +95,29 @@ def study(
     workers: Annotated[
         int, typer.Option(min=1, help="Local worker processes on the study (more can join from other hosts).")
     ] = 1,
+    tasks_dir: Annotated[list[Path], typer.Option(help=_TASKS_DIR_HELP)] = [],  # noqa: B006
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Trials each worker runs at once, scored in one backend call (default: the "
+            "backend's: vllm max_loras, hf 1).",
+        ),
+    ] = None,
 ) -> None:
     """Run, resume or join an Optuna study over the space's mixture weights."""
     from dmo.pipeline import Session, print_study_result
 
-    session = Session.open(space_file, sampler=sampler, experts=experts, backend=backend, limit=limit)
+    session = Session.open(space_file, sampler=sampler, experts=experts, backend=backend, limit=limit, tasks=tasks_dir)
     if workers > 1:
         from dmo.workers import run_workers
 
         result = run_workers(
-            session.space, session.scorer, workers, n_trials=n_trials, storage=storage, study_name=study_name
-        )
+            session.space, session.scorer, workers, n_trials=n_trials, storage=storage, study_name=study_name,
+            batch=batch,
+        )  # fmt: skip
     else:
-        result = session.run_study(n_trials=n_trials, storage=storage, study_name=study_name)
+        result = session.run_study(n_trials=n_trials, storage=storage, study_name=study_name, batch=batch)
     print_study_result(console, session, result)
 
 
@@ -178,11 +189,12 @@ def demo(
         int, typer.Option(help="Trials of the study (the space's sampler, CMA-ES by default) after the preset grid.")
     ] = 12,
     small: Annotated[bool, typer.Option(help="Use the small test world (seconds).")] = False,
+    tasks_dir: Annotated[list[Path], typer.Option(help=_TASKS_DIR_HELP)] = [],  # noqa: B006
 ) -> None:
     """The whole pipeline on the embedded tiny world: proxies, study, correlation table."""
     from dmo.pipeline import run_demo
 
-    run_demo(console, space_file, n_trials=n_trials, small=small)
+    run_demo(console, space_file, n_trials=n_trials, small=small, tasks=tasks_dir)
 
 
 @app.command()

@@ -423,12 +423,18 @@ def train_register(folder: Annotated[Path, typer.Argument(help="A run folder.")]
 
 
 def ingest_command(
-    root: Annotated[Path, typer.Argument(help="lmms-eval outputs: ROOT/<model>/<benchmark>/**/*_results.json.")],
+    root: Annotated[
+        Path,
+        typer.Argument(
+            help="lmms-eval outputs: ROOT/<model>/<benchmark>/**/*_results.json, or the DMO paper's eval_bench/ "
+            "(or one experiment folder of it)."
+        ),
+    ],
     results: Annotated[
         Path | None, typer.Option(help="Results table (folder or scores.jsonl; default: results/<space>).")
     ] = None,
     space: Annotated[
-        Path | None, typer.Option(help="Search space: its domains, name (group) and results folder.")
+        Path | None, typer.Option(help="Search space: its domains, name (group), candidates and results folder.")
     ] = None,
     manifest: Annotated[Path | None, typer.Option(help="Expert manifest whose domains the mixtures use.")] = None,
     domains: Annotated[str | None, typer.Option(help="Comma-separated domains of the mixtures.")] = None,
@@ -436,9 +442,18 @@ def ingest_command(
     metric_map: Annotated[
         Path | None, typer.Option(help="Metric map YAML (default: dmo/scoring/metrics.yaml).")
     ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Training samples per model, for the paper's names (default: its experts' n or the manifest's)."
+        ),
+    ] = None,
+    skip_unknown: Annotated[
+        bool, typer.Option(help="Skip folders whose names or benchmarks are unknown (listed) and ingest the rest.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option(help="Read and check everything, write nothing.")] = False,
 ) -> None:
-    """Read lmms-eval results of the base, experts and trained mixtures into a results table."""
+    """Read lmms-eval results of the base, experts, trained mixtures and merged proxies into a results table."""
     from dmo.ingest import ingest
     from dmo.paths import results_dir
     from dmo.results import ResultsTable
@@ -446,15 +461,20 @@ def ingest_command(
 
     doms: list[str] | None = None
     name = None
+    candidates: list = []
+    manifest_budget = None
     if space is not None:
-        from dmo.config import load_space
+        from dmo.config import TINYWORLD, TINYWORLD_SMALL, load_manifest, load_space
 
         sp = load_space(space)
-        doms, name = list(sp.domains), sp.name
+        doms, name, candidates = list(sp.domains), sp.name, sp.candidates()
+        if manifest is None and sp.experts not in (None, TINYWORLD, TINYWORLD_SMALL) and Path(sp.experts).is_file():
+            manifest_budget = load_manifest(sp.experts, check_paths=False).budget
     if manifest is not None:
         from dmo.config import load_manifest
 
-        doms = load_manifest(manifest, check_paths=False).domains
+        m = load_manifest(manifest, check_paths=False)
+        doms, manifest_budget = m.domains, m.budget
     if domains:
         doms = [d.strip() for d in domains.split(",") if d.strip()]
     if results is None:
@@ -463,6 +483,7 @@ def ingest_command(
         results = results_dir() / name
     path = results / "scores.jsonl" if results.suffix != ".jsonl" else results
     mm = load_metric_map(metric_map) if metric_map is not None else None
+    skipped: list[str] = []
     new, known = ingest(
         root,
         ResultsTable(path),
@@ -470,7 +491,13 @@ def ingest_command(
         group=group if group is not None else (name or ""),
         metric_map=mm,
         dry_run=dry_run,
+        budget=budget if budget is not None else manifest_budget,
+        candidates=candidates,
+        skip_unknown=skip_unknown,
+        report=skipped,
     )
+    for line in skipped:
+        _note(line)
     kinds: dict[str, int] = {}
     for r in new:
         kinds[r.kind] = kinds.get(r.kind, 0) + 1

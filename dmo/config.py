@@ -225,6 +225,31 @@ class ScoringSpec(_Strict):
     nearest: bool = False
     #: ``vllm`` backend only: its engine options (dmo/scoring/vllm_backend.py, ``VLLMOptions``).
     vllm: VLLMOptions | None = None
+    #: Folders of one's own lmms-eval task YAMLs, put on lmms-eval's include path (relative paths start from the space
+    #: file's folder); earlier folders win over later ones and over lmms-eval's built-in tasks of the same name.
+    tasks: list[Path] = []
+    #: Metric-map entries of one's own, ``{benchmark: {metric, filter, divide_by}}`` as in dmo/scoring/metrics.yaml,
+    #: merged over the shipped map (an entry here replaces the shipped one of the same benchmark).
+    metrics: dict[str, dict[str, Any]] = {}
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_entries(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from dmo.scoring.metrics import parse_metric_map
+
+        try:
+            parse_metric_map(v, "scoring.metrics")
+        except DmoError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    def metric_map(self) -> dict[str, Any] | None:
+        """The shipped metric map with this space's own entries over it; None when the space has none."""
+        if not self.metrics:
+            return None
+        from dmo.scoring.metrics import load_metric_map, parse_metric_map
+
+        return {**load_metric_map(), **parse_metric_map(self.metrics, "scoring.metrics")}
 
     @model_validator(mode="after")
     def _backend_only(self) -> ScoringSpec:
@@ -388,9 +413,13 @@ def load_space(path: str | Path) -> SearchSpace:
         updates["name"] = safe_name(path.stem, "space name")
     if space.experts and space.experts not in (TINYWORLD, TINYWORLD_SMALL):
         updates["experts"] = str((path.parent / Path(space.experts).expanduser()).resolve())
+    scoring: dict[str, Any] = {}
     if space.scoring.table:
-        table = str((path.parent / Path(space.scoring.table).expanduser()).resolve())
-        updates["scoring"] = space.scoring.model_copy(update={"table": table})
+        scoring["table"] = str((path.parent / Path(space.scoring.table).expanduser()).resolve())
+    if space.scoring.tasks:  # task folders of one's own, relative to the space file
+        scoring["tasks"] = [(path.parent / t.expanduser()).resolve() for t in space.scoring.tasks]
+    if scoring:
+        updates["scoring"] = space.scoring.model_copy(update=scoring)
     return space.model_copy(update=updates) if updates else space
 
 

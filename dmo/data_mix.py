@@ -4,6 +4,7 @@ A *data folder* is what LLaMA-Factory calls a ``dataset_dir``::
 
     <out>/dataset_info.json                  one entry per domain pool and per materialised mixture
     <out>/domains/<domain>.jsonl             each domain's pool, converted once (see below)
+    <out>/validation/<domain>.jsonl          each domain's held-out validation split, where the source has one
     <out>/mixtures/<name>.jsonl              an exactly mixed training set (strategy "exact")
     <out>/mixtures/<name>.json               what a mixture is: weights, counts, seed, strategy, repeats
 
@@ -19,6 +20,12 @@ tiny world's own: sharegpt (``messages`` with role/content, or ``conversations``
 file's folder. Every image must exist and every row must hold as many ``<image>`` placeholders as images (the
 placeholder is prepended to dmo-format questions), as LLaMA-Factory requires: a source that breaks either is
 refused before anything is written.
+
+**Validation splits.** A domain's source may come with a held-out split (``<domain>/val.jsonl``, ``<domain>/val.json``,
+``<domain>/validation.jsonl`` or ``<domain>.val.json[l]``, same formats): its first :data:`VAL_ROWS` rows (the DMO
+paper's ``_eval_small`` size) become ``validation/<domain>.jsonl``, registered as dataset ``<domain>-val``
+(:func:`val_name`; a domain name has no ``-``, so it never collides with a pool or a mixture). ``dmo train`` gives
+LLaMA-Factory these splits as its ``eval_dataset``; a source without one is trained without evaluation, as before.
 
 **Strategies.** ``exact`` (the default) takes ``n_i = round(w_i * budget)`` rows of domain ``i``: the first ``n_i``
 of a permutation of its pool that depends only on (seed, domain), so a mixture with more of a domain contains every
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -74,6 +82,19 @@ _SOURCE_PATTERNS = (
     "{d}.jsonl",
     "{d}.json",
 )
+#: Validation sources looked for per domain, in this order (a dmo data folder's own split first).
+_VAL_PATTERNS = (
+    "validation/{d}.jsonl",
+    "{d}/val.jsonl",
+    "{d}/val.json",
+    "{d}/validation.jsonl",
+    "{d}/validation.json",
+    "{d}.val.jsonl",
+    "{d}.val.json",
+)
+#: Rows of a validation split that dmo keeps: the DMO paper evaluates during training on ``<dataset>_eval_small``,
+#: the first 500 rows of each domain's held-out split (utils/create_jsonl_from_mixture_config.py).
+VAL_ROWS = 500
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -90,6 +111,11 @@ def paper_name(counts: Mapping[str, int]) -> str:
 
 def mixture_name(mixture: Mixture, budget: int) -> str:
     return paper_name(mixture.counts(budget))
+
+
+def val_name(domain: str) -> str:
+    """The dataset_info name of a domain's validation split: ``<domain>-val``."""
+    return f"{check_domain_name(domain)}-val"
 
 
 def read_name(name: str, domains: Sequence[str] | None = None) -> Mixture:
@@ -135,6 +161,20 @@ def find_sources(root: Path, domains: Sequence[str]) -> dict[str, Path]:
         else:
             tried = ", ".join(p.format(d=d) for p in _SOURCE_PATTERNS)
             raise DmoError(f"no data for domain {d!r} under {root}: expected one of {tried}")
+    return out
+
+
+def find_val_sources(root: Path, domains: Sequence[str]) -> dict[str, Path]:
+    """The validation source of each domain under ``root`` that has one (see ``_VAL_PATTERNS``)."""
+    root = Path(root)
+    out = {}
+    for d in domains:
+        check_domain_name(d)
+        for pattern in _VAL_PATTERNS:
+            path = root / pattern.format(d=d)
+            if path.is_file():
+                out[d] = path
+                break
     return out
 
 
@@ -370,6 +410,13 @@ class DataFolder:
     def pool_path(self, domain: str) -> Path:
         return self.root / "domains" / f"{check_domain_name(domain)}.jsonl"
 
+    def val_path(self, domain: str) -> Path:
+        return self.root / "validation" / f"{check_domain_name(domain)}.jsonl"
+
+    def val_domains(self) -> list[str]:
+        """Domains with a validation split in this folder (``validation/<domain>.jsonl``)."""
+        return sorted(p.stem for p in (self.root / "validation").glob("*.jsonl") if _valid_domain(p.stem))
+
     def record_path(self, name: str, strategy: str) -> Path:
         return self.root / "mixtures" / (f"{name}.json" if strategy == "exact" else f"{name}.{strategy}.json")
 
@@ -396,12 +443,16 @@ class DataFolder:
 
     # ---------------------------------------------------------------- writing
 
-    def add_pools(self, pools: Sequence[Pool]) -> list[str]:
-        """Write each pool (unless the same bytes are there already); returns the domains written."""
+    def add_pools(self, pools: Sequence[Pool], split: Literal["train", "val"] = "train") -> list[str]:
+        """Write each pool (unless the same bytes are there already); returns the domains written.
+
+        ``split="val"`` writes validation splits (their first :data:`VAL_ROWS` rows) instead of training pools.
+        """
         written = []
-        texts = {p.domain: self._pool_text(p) for p in pools}
+        path_of = self.pool_path if split == "train" else self.val_path
+        texts = {p.domain: self._pool_text(p, VAL_ROWS if split == "val" else None) for p in pools}
         for d, text in texts.items():
-            path = self.pool_path(d)
+            path = path_of(d)
             if path.is_file():
                 if path.read_text() == text:
                     continue
@@ -410,16 +461,16 @@ class DataFolder:
                     "write to a new --out folder (mixtures made from the old pool would no longer match)"
                 )
         for d, text in texts.items():
-            path = self.pool_path(d)
+            path = path_of(d)
             if not path.is_file():
                 with atomic_file(path) as fh:
                     fh.write(text)
                 written.append(d)
         return written
 
-    def _pool_text(self, pool: Pool) -> str:
+    def _pool_text(self, pool: Pool, limit: int | None = None) -> str:
         lines = []
-        for row in pool.rows:
+        for row in pool.rows[:limit]:
             images = [os.path.relpath(p, self.root) for p in row["images"]]
             lines.append(json.dumps({"messages": row["messages"], "images": images}, ensure_ascii=False))
         return "\n".join(lines) + "\n"
@@ -454,14 +505,17 @@ class DataFolder:
             picked = draw(counts, sizes, seed, allow_repeats)
             lf: dict[str, Any] = {"dataset": name}
         else:
-            total = sum(counts.values())
             doms = sorted(counts)
             # interleave_under stops at the first exhausted pool; say so when that comes before the budget
             short = {d: {"pool": int(sizes[d]), "requested": n} for d, n in counts.items() if n > sizes[d]}
+            # The paper's interleave_probs are the mixture's weights themselves (scripts/simple/train_mixed.sh), and
+            # datasets' sampler refuses probabilities that do not sum to 1 within 1.5e-8: so the weights of the
+            # domains used, renormalised, at full precision (0.25, not 0.250000; 0.3247, not the count's 0.324697).
+            kept = math.fsum(mixture[d] for d in doms)
             lf = {
                 "dataset": ",".join(doms),
                 "mix_strategy": "interleave_under",
-                "interleave_probs": ",".join(f"{counts[d] / total:.6g}" for d in doms),
+                "interleave_probs": ",".join(repr(mixture[d] / kept) for d in doms),
             }
         record = MixRecord(
             name=name,
@@ -515,14 +569,23 @@ def source_pools(
     return pools, {d: len(p) for d, p in pools.items()}
 
 
+def source_val_pools(source: Path, domains: Sequence[str], media_dir: Path | None) -> dict[str, Pool]:
+    """Read (and check) the validation splits that ``source`` has for ``domains`` (see the module docstring)."""
+    src = DataFolder(source)
+    media = src.root if src.is_dmo() else media_dir
+    return {d: read_pool(p, d, media) for d, p in find_val_sources(Path(source), domains).items()}
+
+
 def prepare(
     source: Path,
     out: Path,
     domains: Sequence[str] | None = None,
     media_dir: Path | None = None,
     pools: Mapping[str, Pool] | None = None,
+    val_pools: Mapping[str, Pool] | None = None,
 ) -> DataFolder:
-    """Make ``out`` a dmo data folder holding the pools of ``domains`` read from ``source``.
+    """Make ``out`` a dmo data folder holding the pools of ``domains`` read from ``source``, and their validation
+    splits where ``source`` has them.
 
     Everything is read and checked before anything is written. ``source`` may itself be a dmo data folder.
     """
@@ -542,11 +605,18 @@ def prepare(
     if pools is None:
         media = src.root if src.is_dmo() else media_dir
         pools = {d: read_pool(p, d, media) for d, p in find_sources(source, domains).items()}
+    if val_pools is None:
+        val_pools = source_val_pools(source, domains, media_dir)
     with folder.locked():
         written = folder.add_pools([pools[d] for d in domains])
+        folder.add_pools([val_pools[d] for d in domains if d in val_pools], split="val")
         info = folder.info()
-        if written or any(d not in info for d in domains):
-            folder.update_info({d: {"file_name": f"domains/{d}.jsonl", **SHAREGPT_ENTRY} for d in domains})
+        entries = {d: {"file_name": f"domains/{d}.jsonl", **SHAREGPT_ENTRY} for d in domains}
+        entries.update(
+            {val_name(d): {"file_name": f"validation/{d}.jsonl", **SHAREGPT_ENTRY} for d in domains if d in val_pools}
+        )
+        if written or any(name not in info for name in entries):
+            folder.update_info(entries)
     return folder
 
 
@@ -574,6 +644,7 @@ def mix(
     if not domains:
         raise DmoError(f"every mixture rounds to 0 samples at budget {budget}: raise --budget")
     pools, sizes = source_pools(Path(source), domains, media_dir)
+    val_pools = source_val_pools(Path(source), domains, media_dir)
     folder = DataFolder(out)
     plans = [
         folder.plan_mix(
@@ -581,7 +652,7 @@ def mix(
         )
         for m in mixtures
     ]
-    folder = prepare(Path(source), out, domains, media_dir, pools)
+    folder = prepare(Path(source), out, domains, media_dir, pools, val_pools)
     with folder.locked():
         for record, picked in plans:
             folder.write_mix(record, picked)

@@ -1,32 +1,58 @@
-"""Read lmms-eval output folders into the results table: scores of the base, the experts and trained mixtures.
+"""Read lmms-eval output folders into the results table: scores of the base, the experts, trained mixtures and proxies.
 
 Layout: ``<root>/<model>/<benchmark>/**/*_results.json``, i.e. one
 ``lmms-eval --output_path <root>/<model>/<benchmark>`` per model and benchmark (lmms-eval adds a folder named
-after the model and writes ``<date>_results.json`` into it). When a folder holds several results files, the newest
-wins: by the date lmms-eval puts in the file name, else by time of modification. The benchmark folder's name is the
-lmms-eval task whose score is read, through the metric map (``dmo/scoring/metrics.yaml``).
+after the model and writes ``<date>_results.json`` into it). When a model and benchmark have several results files
+(also across folders naming the same model, such as an export and its ``-HF`` twin), the newest wins: by the date
+lmms-eval puts in the file name, else by time of modification. The benchmark folder's name is the lmms-eval task whose
+score is read, through the metric map (``dmo/scoring/metrics.yaml``); the paper's lenient benchmarks ``chartqa``,
+``pope``, ``mmstar`` and ``cv_bench_2d`` (its own lmms-eval's keys) are recorded as dmo's ``chartqa_dmo``,
+``pope_dmo``, ``mmstar_dmo`` and ``cv_bench_2d_dmo``, which report the same metric by the same rule.
 
-A model folder's name says what the model is:
+The DMO paper's own result tree (``eval_bench/``, written by its ``scripts/*/eval_bench_*.sh``) is read as it is::
 
-* ``base``: the base model;
-* ``expert-<domain>``, ``expert_<domain>`` or a bare domain name (``ocr``): that domain's expert; a model trained
-  on one domain only (``ocr-102400``, ``ocr-1``) is an expert too;
-* a model trained on a mixture: the DMO paper's name (``general-25600++ocr-76800``), a canonical mixture id
-  (``general-0.25+ocr-0.75``), or either followed by ``.seed<N>`` / ``_seed<N>`` / ``-seed<N>`` (dmo's run names).
+    eval_bench/base_models/<base model>/<benchmark>/...          e.g. Qwen2-VL-2B, InternVL3_5-2B-Pretrained
+    eval_bench/<experiment>/<model id>/<benchmark>/...           e.g. exp_qwen2_2b_100k/qwen2_2b_lora_mixed_...
 
-Trained rows get one weight per domain of the space (``--space``), the manifest (``--manifest``) or, without
-either, of every domain named under ``root``, so that their mixture ids match those of the proxies they are
-compared with. Everything is read and checked before the first row is written; re-ingesting the same files adds
-nothing, and a newer file for the same model and benchmark supersedes the older row.
+``root`` may be one experiment folder (its base model is then read from ``../base_models`` when that exists) or
+``eval_bench`` itself, when it holds one experiment. A model folder's name says what the model is:
+
+* ``base``, or a base model's folder name (``Qwen2-VL-2B``, ``Qwen2-VL-2B-Instruct``, ``Qwen2-VL-7B[-Instruct]``,
+  ``InternVL3_5-{2B,8B}-{Pretrained,Instruct}``): the base model, when it is the base of the experiment's models
+  (``qwen2instr_2b_*`` models are trained from ``Qwen2-VL-2B-Instruct``); another base model is skipped, and said;
+* ``expert-<domain>``, ``expert_<domain>``, a bare domain name (``ocr``), a model trained on one domain only
+  (``ocr-102400``, ``ocr-1``), or the paper's ``<family>_<size>_<ft>_expert_<domain>-<n>``: that domain's expert;
+* a model trained on a mixture: the paper's name of its data (``general-25600++ocr-76800``), a canonical mixture id
+  (``general-0.25+ocr-0.75``), either followed by ``.seed<N>`` / ``_seed<N>`` / ``-seed<N>`` (dmo's run names), or the
+  paper's ``<family>_<size>_<ft>_mixed_<domain>-<n>++<domain>-<n>...``;
+* the paper's merged proxies ``<family>_<size>_<ft>_merged_<domain>-<n>++...--<method>``: proxy rows of that merge
+  method (the paper's name for it: task_arithmetic, ties, dare_ta, ...).
+
+Any name may end in ``-HF`` (the paper's transformers-format InternVL exports): the same model. A model folder's
+``checkpoint-<n>`` sub-folders (the paper's intermediate checkpoints) are skipped, and said. All models of the paper's
+naming under ``root`` must share one ``<family>_<size>_<ft>``. A folder whose name says none of this, or a benchmark
+absent from the metric map, is *unknown*: ingestion lists every one and stops, unless told to skip them.
+
+Weights. A paper name gives sample counts ``n_i``; the mixture is ``n_i / budget`` (budget: the experts' ``n``, or
+the manifest's). The paper rounds ``n_i = round(w_i * budget)``, so a count may be off ``w_i * budget`` by half a
+sample: a candidate mixture of the space (or one of the paper's published mixtures, :mod:`dmo.presets`) whose counts
+at the budget are exactly the name's is taken as the mixture it names, so that trained and proxy rows get the same
+ids as the proxies dmo scores; any other name's weights are ``n_i / sum(n)``, which is ``n_i / budget`` whenever the
+counts add up to the budget (counts that add up to anything else are refused). Trained rows get one weight per domain
+of the space (``--space``), the manifest (``--manifest``) or, without either, of every domain named under ``root``,
+so that their mixture ids match those of the proxies they are compared with; models on other domains are skipped,
+and said. Everything is read and checked before the first row is written; re-ingesting the same files adds nothing,
+and a newer file for the same model and benchmark supersedes the older row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +60,77 @@ from dmo.errors import DmoError
 from dmo.mixture import Mixture, check_domain_name, from_paper_name
 from dmo.results import ResultsTable, ScoreRow, cache_key
 from dmo.scoring.metrics import MetricSpec, metric_spec, score_from_results
+from dmo.scoring.paper_tasks import PAPER_TASKS
 
 RESULTS_GLOB = "*_results.json"
 _SEED = re.compile(r"^(?P<model>.+?)[._-]seed(?P<seed>\d+)$")
 _EXPERT = re.compile(r"^expert[-_](?P<domain>[a-z][a-z0-9_]*)$")
 _DATE = re.compile(r"^(\d{8}_\d{6})")
+#: The paper's model ids (utils/eval_bench_utils.py, model_merging.py): ``<family>_<size>_<ft>_<type>_<composition>``,
+#: merged ones followed by ``--<method>``. The family is e.g. qwen2, qwen2instr, intern35, intern35instr.
+_PAPER_MODEL = re.compile(
+    r"^(?P<tag>(?P<base>(?P<family>[a-z][a-z0-9]*)_(?P<size>\d+(?:\.\d+)?[bm]))_(?P<ft>[a-z][a-z0-9]*))"
+    r"_(?P<type>expert|mixed|merged)_(?P<composition>[a-z][a-z0-9_]*-\d+(?:\+\+[a-z][a-z0-9_]*-\d+)*)"
+    r"(?:--(?P<method>[A-Za-z0-9_.]+))?$"
+)
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+_EXPERIMENT = "exp_"
+_BASE_MODELS = "base_models"
+_HF = "-HF"
+#: The paper's base models (utils/model_paths.py), by ``<family>_<size>``: the folder names its results use (the
+#: path's last part without ``-HF``). The ``instr`` families are fine-tuned from the instruct models.
+PAPER_BASES: dict[str, str] = {
+    "qwen2_2b": "Qwen2-VL-2B",
+    "qwen2instr_2b": "Qwen2-VL-2B-Instruct",
+    "qwen2_7b": "Qwen2-VL-7B",
+    "qwen2instr_7b": "Qwen2-VL-7B-Instruct",
+    "intern35_2b": "InternVL3_5-2B-Pretrained",
+    "intern35instr_2b": "InternVL3_5-2B-Instruct",
+    "intern35_8b": "InternVL3_5-8B-Pretrained",
+    "intern35instr_8b": "InternVL3_5-8B-Instruct",
+}
+_BASE_NAMES = {name: key for key, name in PAPER_BASES.items()}
+#: The paper's benchmark name (its own lmms-eval) -> dmo's task that reports the same metric on a stock lmms-eval.
+DMO_TASK_OF = {stock: ours for ours, stock in PAPER_TASKS.items()}
 #: Recorded in every ingested row's cache key, so ingested rows never collide with scored ones.
 INGEST_VERSION = "lmms-eval-ingest-v1"
+_NAMING_HELP = (
+    "name a model's folder base, expert-<domain>, a mixture id such as general-0.25+ocr-0.75 or a paper name such "
+    "as general-25600++ocr-76800 (optionally .seed<N>), or use the paper's qwen2_2b_lora_mixed_general-25600++ocr-76800"
+    " / qwen2_2b_lora_merged_general-25600++ocr-76800--task_arithmetic / qwen2_2b_lora_expert_ocr-102400"
+)
 
 
 @dataclass(frozen=True)
 class ModelName:
-    kind: str  # base | expert | trained
+    kind: str  # base | expert | trained | proxy
     label: str  # the results table's mixture column: "base", the domain, or the mixture id
     mixture: Mixture | None = None
     seed: int | None = None
+    method: str = ""  # proxies: the merge method
+    tag: str | None = None  # the paper's <family>_<size>_<ft> (base models: <family>_<size>)
+    budget: int | None = None  # the paper's experts: their sample count
+    domains_used: tuple[str, ...] = ()  # the domains the model was trained on (experts: its domain)
 
 
-def parse_model_name(name: str, domains: Sequence[str] | None = None) -> ModelName:
-    """What a model folder name says (see the module docstring); refuses names it cannot read."""
+def parse_model_name(
+    name: str,
+    domains: Sequence[str] | None = None,
+    *,
+    budget: int | None = None,
+    candidates: Sequence[Mixture] = (),
+) -> ModelName:
+    """What a model folder name says (see the module docstring); refuses names it cannot read.
+
+    ``budget`` and ``candidates`` turn the paper's sample counts into weights (see the module docstring).
+    """
+    if name.endswith(_HF) and len(name) > len(_HF):
+        name = name[: -len(_HF)]
+    if name in _BASE_NAMES:
+        return ModelName("base", "base", tag=_BASE_NAMES[name])
+    paper = _PAPER_MODEL.match(name)
+    if paper:
+        return _paper_model(name, paper, domains, budget, candidates)
     seed = None
     m = _SEED.match(name)
     if m:
@@ -71,10 +149,7 @@ def parse_model_name(name: str, domains: Sequence[str] | None = None) -> ModelNa
         else:
             mixture = Mixture.parse(name)
     except DmoError:
-        raise DmoError(
-            f"cannot tell which model {name!r} is: name its folder base, expert-<domain>, a mixture id such as "
-            "general-0.25+ocr-0.75 or a paper name such as general-25600++ocr-76800 (optionally .seed<N>)"
-        ) from None
+        raise DmoError(f"cannot tell which model {name!r} is: {_NAMING_HELP}") from None
     used = [d for d, w in mixture.as_dict().items() if w > 0]
     if len(used) == 1:
         return _expert(used[0], seed, domains, name)
@@ -83,7 +158,80 @@ def parse_model_name(name: str, domains: Sequence[str] | None = None) -> ModelNa
             mixture = Mixture.from_mapping(mixture.as_dict(), list(domains), tolerance=mixture.tolerance)
         except DmoError as exc:
             raise DmoError(f"model folder {name!r}: {exc}") from None
-    return ModelName("trained", mixture.id, mixture, seed if seed is not None else 0)
+    return ModelName("trained", mixture.id, mixture, seed if seed is not None else 0, domains_used=tuple(used))
+
+
+def _paper_model(
+    name: str, m: re.Match[str], domains: Sequence[str] | None, budget: int | None, candidates: Sequence[Mixture]
+) -> ModelName:
+    counts: dict[str, int] = {}
+    for item in m["composition"].split("++"):
+        domain, _, n = item.rpartition("-")
+        check_domain_name(domain)
+        if domain in counts:
+            raise DmoError(f"model folder {name!r} names domain {domain!r} twice")
+        counts[domain] = int(n)
+    counts = {d: n for d, n in counts.items() if n > 0}  # the paper's merging drops zero counts the same way
+    kind = {"expert": "expert", "mixed": "trained", "merged": "proxy"}[m["type"]]
+    method = m["method"] or ""
+    if (kind == "proxy") != bool(method):
+        want = "ends in --<merge method>" if kind == "proxy" else "has no --<merge method>"
+        raise DmoError(f"cannot tell which model {name!r} is: a paper {m['type']} model's name {want}")
+    if not counts:
+        raise DmoError(f"cannot tell which model {name!r} is: it names no samples")
+    if kind == "expert":
+        if len(counts) != 1:
+            raise DmoError(f"cannot tell which model {name!r} is: an expert names one domain")
+        ((domain, n),) = counts.items()
+        if budget is not None and n != budget:
+            raise DmoError(f"model folder {name!r}: an expert of {n} samples, but the budget is {budget}")
+        return ModelName("expert", domain, tag=m["tag"], budget=n, domains_used=(domain,))
+    if kind == "trained" and len(counts) == 1:  # trained on one domain only: an expert, if on the whole budget
+        ((domain, n),) = counts.items()
+        if budget is not None and n != budget:
+            raise DmoError(f"model folder {name!r}: trained on {n} samples of one domain, not the budget {budget}")
+        return ModelName("expert", domain, tag=m["tag"], domains_used=(domain,))
+    mixture = paper_mixture(counts, domains, budget, candidates, name)
+    seed = 0 if kind == "trained" else None
+    return ModelName(kind, mixture.id, mixture, seed, method, m["tag"], domains_used=tuple(sorted(counts)))
+
+
+def paper_mixture(
+    counts: Mapping[str, int],
+    domains: Sequence[str] | None,
+    budget: int | None,
+    candidates: Sequence[Mixture] = (),
+    name: str = "",
+) -> Mixture:
+    """The mixture a paper name's sample counts stand for (see the module docstring)."""
+    total = sum(counts.values())
+    if budget is not None and abs(total - budget) > len(counts) / 2:
+        raise DmoError(
+            f"model folder {name!r} names {total} samples in all, not the budget {budget} (give the right budget, or "
+            "rename the folder)"
+        )
+    if domains is not None and any(d not in domains for d in counts):
+        raise DmoError(f"unknown domain {next(d for d in counts if d not in domains)!r}: domains are {list(domains)}")
+    at = budget if budget is not None else total
+    found: dict[str, Mixture] = {}
+    for c in candidates:
+        if {d: n for d, n in c.counts(at).items() if n > 0} == dict(counts):
+            found.setdefault(c.id, c)
+    if len(found) == 1:
+        (c,) = found.values()
+        used = {d: w for d, w in c.as_dict().items() if w > 0}
+        return Mixture.from_mapping(used, list(domains) if domains is not None else None, tolerance=c.tolerance)
+    weights = {d: n / total for d, n in counts.items()}
+    if domains is not None:
+        return Mixture.from_mapping(weights, list(domains))
+    return Mixture.from_mapping(weights)
+
+
+def paper_mixtures() -> list[Mixture]:
+    """Every mixture the paper trained (:mod:`dmo.presets`): the names of its result folders stand for these."""
+    from dmo.presets import PRESETS
+
+    return [m for make in PRESETS.values() for m in make(True)]
 
 
 def _is_domain(name: str) -> bool:
@@ -99,15 +247,29 @@ def _expert(domain: str, seed: int | None, domains: Sequence[str] | None, name: 
         raise DmoError(
             f"model folder {name!r} is an expert of {domain!r}, which is not among the domains {list(domains)}"
         )
-    return ModelName("expert", domain, None, seed)
+    return ModelName("expert", domain, None, seed, domains_used=(domain,))
 
 
 @dataclass
 class Found:
     model: str
-    benchmark: str
+    benchmark: str  # the benchmark recorded (dmo's task name for the paper's lenient benchmarks)
     path: Path
     parsed: ModelName
+    task: str = ""  # the lmms-eval task the results file reports (the benchmark folder's name)
+
+    def __post_init__(self) -> None:
+        self.task = self.task or self.benchmark
+
+
+@dataclass
+class Scan:
+    """What a results tree holds: the newest file per (model, benchmark), the unknown folders, and what was skipped."""
+
+    found: list[Found] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    budget: int | None = None
 
 
 def newest(files: Sequence[Path]) -> Path:
@@ -120,34 +282,144 @@ def newest(files: Sequence[Path]) -> Path:
     return max(files, key=key)
 
 
-def scan(root: Path, domains: Sequence[str] | None = None) -> list[Found]:
-    """Every (model, benchmark) under ``root`` with its newest results file; refuses any folder without one."""
+def _dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _rel(path: Path, root: Path) -> str:
+    return os.path.relpath(path, root)
+
+
+def model_folders(root: Path) -> tuple[list[Path], Path | None]:
+    """The model folders under ``root`` and the paper's ``base_models`` folder to look in, if any."""
     root = Path(root)
     if not root.is_dir():
         raise DmoError(f"{root} is not a folder: give the folder of lmms-eval outputs (<root>/<model>/<benchmark>/)")
-    models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not models:
+    children = _dirs(root)
+    experiments = [c for c in children if c.name.startswith(_EXPERIMENT)]
+    if experiments and all(c.name.startswith(_EXPERIMENT) or c.name == _BASE_MODELS for c in children):
+        if len(experiments) > 1:  # the paper's eval_bench/ with several experiments: never mix them
+            names = ", ".join(c.name for c in experiments)
+            raise DmoError(
+                f"{root} holds {len(experiments)} of the paper's experiments ({names}): ingest one at a time, e.g. "
+                f"dmo ingest {root / experiments[0].name}"
+            )
+        base_models = root / _BASE_MODELS
+        return _dirs(experiments[0]), base_models if base_models.is_dir() else None
+    sibling = root.parent / _BASE_MODELS
+    if root.name.startswith(_EXPERIMENT) and sibling.is_dir():
+        return children, sibling
+    return children, None
+
+
+def scan(
+    root: Path,
+    domains: Sequence[str] | None = None,
+    *,
+    budget: int | None = None,
+    candidates: Sequence[Mixture] = (),
+    metric_map: Mapping[str, MetricSpec] | None = None,
+) -> Scan:
+    """Every (model, benchmark) under ``root`` with its newest results file, and every folder it cannot read.
+
+    Refuses a model or benchmark folder without a results file, and models of several of the paper's base models.
+    """
+    root = Path(root)
+    folders, base_models = model_folders(root)
+    candidates = [*candidates, *paper_mixtures()]
+    if not folders:
         raise DmoError(f"no model folders under {root}: expected {root}/<model>/<benchmark>/**/{RESULTS_GLOB}")
-    parsed = {m.name: parse_model_name(m.name) for m in models}
+    out = Scan()
+    explicit = domains is not None
+    # First pass (no weights yet): what every folder is, the experiment's base model, the experts' budget.
+    first: dict[Path, ModelName] = {}
+    for folder in folders:
+        try:
+            first[folder] = parse_model_name(folder.name)
+        except DmoError as exc:
+            why = "" if _NAMING_HELP in str(exc) else f" ({exc})"  # the naming help is said once, at the end
+            out.unknown.append(f"model folder {_rel(folder, root)}{why}")
+    tags = sorted({p.tag for p in first.values() if p.tag is not None and p.kind != "base"})
+    if len(tags) > 1:
+        raise DmoError(
+            f"{root} holds models of several of the paper's base models or methods ({', '.join(tags)}): "
+            "ingest each experiment's folder on its own"
+        )
+    tag = tags[0] if tags else None
+    base_key = tag.rsplit("_", 1)[0] if tag is not None else None
+    if base_models is not None and base_key in PAPER_BASES:
+        for name in (PAPER_BASES[base_key], PAPER_BASES[base_key] + _HF):
+            if (base_models / name).is_dir():
+                folders.append(base_models / name)
+                first[base_models / name] = ModelName("base", "base", tag=base_key)
+    budgets = sorted({p.budget for p in first.values() if p.kind == "expert" and p.budget is not None})
+    if len(budgets) > 1:
+        raise DmoError(f"the experts under {root} were trained on different budgets ({budgets}): ingest them apart")
+    if budgets:
+        if budget is not None and budget != budgets[0]:
+            raise DmoError(
+                f"the experts under {root} were trained on {budgets[0]} samples, not the budget {budget} (given, "
+                f"or the manifest's): pass --budget {budgets[0]} if that is the experiment's"
+            )
+        budget = budgets[0]
+    out.budget = budget
+    bases = [f for f, p in first.items() if p.kind == "base"]
+    if base_key is not None:
+        other = [f for f in bases if first[f].tag not in (None, base_key)]
+        for f in other:
+            out.notes.append(f"skipped {_rel(f, root)}: the base model of other experiments, not of {tag}")
+        bases = [f for f in bases if f not in other]
+    elif len({first[f].tag for f in bases}) > 1:
+        names = ", ".join(_rel(f, root) for f in bases)
+        raise DmoError(f"several base models under {root} ({names}): keep the one these models were trained from")
     if domains is None:  # every domain named under root, so that trained mixture ids are comparable
-        named = set()
-        for p in parsed.values():
-            named |= set(p.mixture.domains) if p.mixture is not None else {p.label} if p.kind == "expert" else set()
+        named: set[str] = set()
+        for p in first.values():
+            named |= set(p.domains_used)
         domains = sorted(named)
-    out = []
-    for m in models:
-        info = parse_model_name(m.name, domains)
-        benches = sorted(p for p in m.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not benches:
-            raise DmoError(f"model folder {m} has no benchmark folders: expected {m}/<benchmark>/**/{RESULTS_GLOB}")
-        for b in benches:
+    # Second pass: weights, and the domains' filter.
+    by_model: dict[tuple[Any, ...], dict[str, list[Path]]] = {}
+    info: dict[tuple[Any, ...], tuple[str, ModelName]] = {}
+    for folder in folders:
+        if folder not in first or (first[folder].kind == "base" and folder not in bases):
+            continue
+        if explicit and any(d not in domains for d in first[folder].domains_used):
+            outside = sorted(set(first[folder].domains_used) - set(domains))
+            out.notes.append(f"skipped {_rel(folder, root)}: trained on {', '.join(outside)}, outside {list(domains)}")
+            continue
+        try:
+            parsed = parse_model_name(folder.name, domains, budget=budget, candidates=candidates)
+        except DmoError as exc:
+            out.unknown.append(f"model folder {_rel(folder, root)} ({exc})")
+            continue
+        ident = (parsed.kind, parsed.label, parsed.seed, parsed.method)
+        info.setdefault(ident, (folder.name.removesuffix(_HF), parsed))
+        benches = by_model.setdefault(ident, {})
+        subs = _dirs(folder)
+        if not subs:
+            raise DmoError(
+                f"model folder {folder} has no benchmark folders: expected {folder}/<benchmark>/**/{RESULTS_GLOB}"
+            )
+        for b in subs:
+            if _CHECKPOINT.match(b.name):
+                out.notes.append(f"skipped {_rel(b, root)}: an intermediate checkpoint, not the finished model")
+                continue
             files = [f for f in b.rglob(RESULTS_GLOB) if f.is_file()]
             if not files:
                 raise DmoError(
                     f"no lmms-eval results JSON (*_results.json) under {b}: did that evaluation finish? remove the "
                     "folder or re-run it"
                 )
-            out.append(Found(m.name, b.name, newest(files), info))
+            benches.setdefault(b.name, []).extend(files)
+    for ident, benches in by_model.items():
+        model, parsed = info[ident]
+        for task, files in sorted(benches.items()):
+            try:
+                metric_spec(task, metric_map)
+            except DmoError:
+                out.unknown.append(f"benchmark folder {task!r} (of {model}): no metric map entry")
+                continue
+            out.found.append(Found(model, DMO_TASK_OF.get(task, task), newest(files), parsed, task))
     return out
 
 
@@ -161,23 +433,50 @@ def _read_json(path: Path) -> Mapping[str, Any]:
     return data
 
 
+def unknown_error(root: Path, unknown: Iterable[str]) -> DmoError:
+    items = list(unknown)
+    return DmoError(
+        f"{len(items)} unknown folder(s) under {root}, nothing ingested: {'; '.join(items)}. To ingest a model, "
+        f"{_NAMING_HELP}; to ingest a benchmark, add it to the metric map; or pass --skip-unknown to ingest the rest"
+    )
+
+
 def ingest_rows(
     root: Path,
     *,
     domains: Sequence[str] | None = None,
     group: str = "",
     metric_map: Mapping[str, MetricSpec] | None = None,
+    budget: int | None = None,
+    candidates: Sequence[Mixture] = (),
+    skip_unknown: bool = False,
+    report: list[str] | None = None,
 ) -> list[ScoreRow]:
-    """The results table rows of every (model, benchmark) under ``root``; raises before returning any if one is bad."""
+    """The results table rows of every (model, benchmark) under ``root``; raises before returning any if one is bad.
+
+    Unknown folders raise (listing them all) unless ``skip_unknown``; ``report`` receives what was skipped.
+    """
+    root = Path(root)
+    found = scan(root, domains, budget=budget, candidates=candidates, metric_map=metric_map)
+    if found.unknown and not skip_unknown:
+        raise unknown_error(root, found.unknown)
+    if report is not None:
+        report.extend(found.notes)
+        report.extend(f"skipped unknown {u}" for u in found.unknown)
     rows = []
-    for f in scan(root, domains):
+    for f in found.found:
         data = _read_json(f.path)
         try:
-            score = score_from_results(f.benchmark, data, metric_map)
+            score = score_from_results(f.task, data, metric_map)
         except DmoError as exc:
             raise DmoError(f"{f.path}: {exc}") from None
-        spec = metric_spec(f.benchmark, metric_map)
+        spec = metric_spec(f.task, metric_map)
         p = f.parsed
+        parts: dict[str, Any] = dict(
+            source=INGEST_VERSION, kind=p.kind, model=p.label, seed=p.seed, benchmark=f.benchmark, group=group
+        )
+        if p.method:  # proxies of several merge methods of one mixture are different models
+            parts["method"] = p.method
         rows.append(
             ScoreRow(
                 kind=p.kind,  # type: ignore[arg-type]
@@ -187,12 +486,11 @@ def ingest_rows(
                 metric="+".join(spec.keys),
                 weights=p.mixture.as_dict() if p.mixture is not None else {},
                 group=group,
+                method=p.method,
                 seed=p.seed,
-                source=f"lmms-eval:{f.path.relative_to(root)}",
+                source=f"lmms-eval:{_rel(f.path, root)}",
                 fingerprint=hashlib.sha256(f.path.read_bytes()).hexdigest()[:16],
-                key=cache_key(
-                    source=INGEST_VERSION, kind=p.kind, model=p.label, seed=p.seed, benchmark=f.benchmark, group=group
-                ),
+                key=cache_key(**parts),
             )
         )
     return rows
@@ -206,9 +504,22 @@ def ingest(
     group: str = "",
     metric_map: Mapping[str, MetricSpec] | None = None,
     dry_run: bool = False,
+    budget: int | None = None,
+    candidates: Sequence[Mixture] = (),
+    skip_unknown: bool = False,
+    report: list[str] | None = None,
 ) -> tuple[list[ScoreRow], int]:
     """Append the rows of ``root`` that the table does not hold yet; returns (new rows, rows already there)."""
-    rows = ingest_rows(Path(root), domains=domains, group=group, metric_map=metric_map)
+    rows = ingest_rows(
+        Path(root),
+        domains=domains,
+        group=group,
+        metric_map=metric_map,
+        budget=budget,
+        candidates=candidates,
+        skip_unknown=skip_unknown,
+        report=report,
+    )
     have = {(r.get("key"), r.get("fingerprint")) for r in table.records() if r.get("status") == "ok"}
     new = [r for r in rows if (r.key, r.fingerprint) not in have]
     if new and not dry_run:

@@ -42,7 +42,15 @@ from typing import Any, Literal
 import yaml
 
 from dmo.atomic import _explain, atomic_file, file_lock, write_text
-from dmo.data_mix import SHAREGPT_ENTRY, DataFolder, MixRecord, prepare, source_pools
+from dmo.data_mix import (
+    SHAREGPT_ENTRY,
+    DataFolder,
+    MixRecord,
+    prepare,
+    source_pools,
+    source_val_pools,
+    val_name,
+)
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.paths import safe_name
@@ -50,30 +58,84 @@ from dmo.paths import safe_name
 Method = Literal["lora", "full"]
 
 # ------------------------------------------------------------------------------------------------ the defaults
-#: The DMO paper's training recipe, the one place it is written down. The budget is 800 steps x 128 = 102,400
-#: samples per model, experts and mixtures alike; LoRA rank 16 / alpha 32 on every linear layer of the language
-#: model; lr 2e-5 with cosine decay and 10% warm-up; bf16; the vision tower and the merger frozen.
+#: The DMO paper's training recipe, the one place it is written down: its LLaMA-Factory config
+#: ``training_configs/qwen2_2b_lora.yaml`` (and ``qwen2_2b_full.yaml``), with the values its scripts pass on the
+#: command line. The budget is 800 steps x 128 = 102,400 samples per model, experts and mixtures alike; LoRA rank 16
+#: on every linear layer of the language model (alpha 32: LLaMA-Factory's default of 2 x rank, which the paper
+#: leaves unset); lr 2e-5 with cosine decay and 10% warm-up; bf16; images of at most 518,400 pixels; sequences cut
+#: at 4096 tokens; the vision tower frozen and the multi-modal projector (Qwen2-VL's merger) not frozen. With LoRA
+#: the projector flag changes nothing in LLaMA-Factory 0.9.4/0.9.5 (``lora_target: all`` never reaches the
+#: projector, and LoRA trains adapters only); with ``--method full`` the projector is trained, as in the paper.
+#: Where dmo deliberately differs from the paper's config, :data:`PAPER_DIFFERENCES` says which key and why.
 PAPER_BUDGET = 102_400
 PAPER_GLOBAL_BATCH = 128
 PAPER_PER_DEVICE_BATCH = 4
 PAPER_DEFAULTS: dict[str, Any] = {
+    "image_max_pixels": 518_400,
     "stage": "sft",
     "do_train": True,
-    "learning_rate": 2.0e-5,
-    "lr_scheduler_type": "cosine",
-    "warmup_ratio": 0.1,
-    "bf16": True,
     "freeze_vision_tower": True,
-    "freeze_multi_modal_projector": True,
-    "cutoff_len": 2048,
+    "freeze_multi_modal_projector": False,
+    "freeze_language_model": False,
+    "cutoff_len": 4096,
+    "overwrite_cache": True,
+    "preprocessing_num_workers": 16,
+    "dataloader_num_workers": 4,
     "logging_steps": 10,
     "save_steps": 100,  # checkpoints in .partial/<run> let a killed run resume; removed once it finishes
     "save_total_limit": 1,
     "plot_loss": True,
     "report_to": "none",
+    "learning_rate": 2.0e-5,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.1,
+    "bf16": True,
     "ddp_timeout": 180000000,
 }
 LORA_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "lora_alpha": 32, "lora_target": "all", "lora_dropout": 0.0}
+#: Evaluation during training, as the paper's configs do it, whenever every domain of a run has a validation split
+#: (``dmo.data_mix``: ``<domain>-val``): the loss on it every 1/8 of training (``eval_steps: 0.125``, a fraction of
+#: the steps). ``per_device_eval_batch_size`` is the run's per-device training batch. ``eval_on_each_dataset`` is
+#: dmo's own: one loss per domain (``eval_<domain>-val_loss``) rather than one over the pooled domains.
+EVAL_DEFAULTS: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 0.125, "eval_on_each_dataset": True}
+#: Every key where a config written by dmo deliberately differs from the paper's (qwen2_2b_lora.yaml with the values
+#: its train scripts pass), and why. tests/test_llamafactory.py compares the two key by key and fails on any other
+#: difference, so this list is complete.
+PAPER_DIFFERENCES: dict[str, str] = {
+    "model_name_or_path": "a hub id or a local folder (--base), not the paper's ../checkpoints/base_models/<name>",
+    "trust_remote_code": "not set (off): Qwen2-VL and InternVL3.5-HF are built into transformers, so no checkpoint "
+    "code needs to run",
+    "dataset": "dmo's names: the domain's pool, or the mixture's own set (exact strategy) or the domains' pools "
+    "(interleave), where the paper names expert_<domain>-102400 sets",
+    "eval_dataset": "<domain>-val for each domain of the run, where the paper names expert_<domain>-102400_eval_small "
+    "(the same thing: the first 500 held-out rows of each domain)",
+    "output_dir": "the run folder's .partial/<run>, moved into place when finished",
+    "run_name": "dmo's run name",
+    "save_steps": "100 with save_total_limit 1, only so that a killed run resumes; the checkpoints are deleted when "
+    "it finishes (the paper's scripts pass save_steps=100000 or 10000: no intermediate checkpoint)",
+    "save_only_model": "not set: resuming needs the optimizer state",
+    "overwrite_output_dir": "not set: a planned run resumes from its checkpoint instead of starting over",
+    "resume_from_checkpoint": "not set: LLaMA-Factory resumes from the output folder's last checkpoint by itself",
+    "report_to": "none instead of wandb (offline): dmo keeps LLaMA-Factory's own logs and loss plot",
+    "per_device_train_batch_size": "--per-device-batch (default 4) x --gpus (default 1) x accumulation = the same "
+    "global batch of 128; the paper ran 8 x 4 GPUs x 4",
+    "gradient_accumulation_steps": "made up so that the global batch is 128 on the GPUs given (see above)",
+    "per_device_eval_batch_size": "the per-device training batch (the paper: 8 for Qwen2-VL-2B LoRA)",
+    "num_train_epochs": "not set: max_steps (800 = 102,400 / 128) decides the length, as the paper's scripts make it",
+    "mix_strategy": "mixtures only: not set by dmo's default --strategy exact, which trains on exactly round(w_i x "
+    "budget) rows of each domain; --strategy interleave writes the paper's interleave_under",
+    "interleave_probs": "mixtures only: as mix_strategy; with --strategy interleave, the mixture's weights, as the "
+    "paper passes them",
+}
+#: Keys dmo writes that the paper's config does not (all at LLaMA-Factory's default value or equivalent, or dmo's).
+DMO_ONLY_KEYS: dict[str, str] = {
+    "lora_alpha": "32, LLaMA-Factory's default (2 x lora_rank) that the paper's config leaves unset",
+    "lora_dropout": "0.0, LLaMA-Factory's default",
+    "dataset_dir": "the dmo data folder",
+    "save_total_limit": "1: only the last resumption checkpoint is kept",
+    "seed": "the run's training seed (--seeds), LLaMA-Factory's default 42 in the paper",
+    "eval_on_each_dataset": "one validation loss per domain instead of one over the pooled domains",
+}
 #: Templates dmo knows to fit a model family (LLaMA-Factory has many more; any of its names is accepted).
 KNOWN_TEMPLATES = {"qwen2_vl": "Qwen2-VL and Qwen2.5-VL", "intern_vl": "InternVL3/3.5 (the -HF checkpoints)"}
 #: Keys dmo sets from its own options; ``--set`` may not override them.
@@ -96,6 +158,7 @@ _OWNED_KEYS = frozenset(
         "run_name",
         "overwrite_output_dir",
         "resume_from_checkpoint",
+        "eval_dataset",
     }
 )
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -148,26 +211,45 @@ class Recipe:
         return self.global_batch // (self.per_device_batch * self.gpus)
 
     def config(self, *, dataset_dir: Path, data: Mapping[str, Any], output_dir: Path, seed: int, run: str) -> dict:
-        """The LLaMA-Factory YAML of one run (a dict, in the order it is written)."""
-        cfg: dict[str, Any] = {"model_name_or_path": self.base}
-        cfg.update({k: v for k, v in PAPER_DEFAULTS.items() if k in ("stage", "do_train")})
+        """The LLaMA-Factory YAML of one run (a dict, in the paper's order).
+
+        ``data`` holds the dataset keys (``dataset``, ``mix_strategy``, ``interleave_probs``) and, when the run's
+        domains have validation splits, ``eval_dataset``: then evaluation is switched on (:data:`EVAL_DEFAULTS`).
+        """
+        data = dict(data)
+        eval_dataset = data.pop("eval_dataset", None)
+        d = PAPER_DEFAULTS
+        cfg: dict[str, Any] = {"model_name_or_path": self.base, "image_max_pixels": d["image_max_pixels"]}
+        cfg.update({k: d[k] for k in ("stage", "do_train")})
         cfg["finetuning_type"] = self.method
+        cfg.update({k: d[k] for k in ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")})
         if self.method == "lora":
             cfg.update(LORA_DEFAULTS)
-        cfg.update({k: v for k, v in PAPER_DEFAULTS.items() if k not in ("stage", "do_train")})
+        cfg.update({**data, "template": self.template, "dataset_dir": str(dataset_dir)})
+        cfg.update({k: d[k] for k in ("cutoff_len", "overwrite_cache", "preprocessing_num_workers")})
+        cfg["dataloader_num_workers"] = d["dataloader_num_workers"]
+        cfg["output_dir"] = str(output_dir)
+        cfg.update({k: d[k] for k in ("logging_steps", "save_steps", "save_total_limit", "plot_loss", "report_to")})
+        cfg["run_name"] = run
         cfg.update(
             {
-                "template": self.template,
-                "dataset_dir": str(dataset_dir),
-                **dict(data),
-                "output_dir": str(output_dir),
-                "run_name": run,
-                "seed": int(seed),
                 "per_device_train_batch_size": self.per_device_batch,
                 "gradient_accumulation_steps": self.accumulation,
+                **{k: d[k] for k in ("learning_rate", "lr_scheduler_type", "warmup_ratio", "bf16", "ddp_timeout")},
                 "max_steps": self.max_steps,
+                "seed": int(seed),
             }
         )
+        if eval_dataset:
+            cfg.update(
+                {
+                    "eval_dataset": eval_dataset,
+                    "per_device_eval_batch_size": self.per_device_batch,
+                    "eval_strategy": EVAL_DEFAULTS["eval_strategy"],
+                    "eval_steps": EVAL_DEFAULTS["eval_steps"],
+                    "eval_on_each_dataset": EVAL_DEFAULTS["eval_on_each_dataset"],
+                }
+            )
         cfg.update(self.overrides)
         return cfg
 
@@ -343,6 +425,7 @@ for name, cfg in configs.items():
             close = difflib.get_close_matches(str(template), list(TEMPLATES), n=4, cutoff=0.5) or sorted(TEMPLATES)[:6]
             raise ValueError(f"unknown template {template!r}: did you mean {' or '.join(close)}?")
         names = [d.strip() for d in str(cfg.get("dataset", "")).split(",") if d.strip()]
+        names += [d.strip() for d in str(cfg.get("eval_dataset") or "").split(",") if d.strip()]
         # dataset_info: what dataset_info.json will hold once dmo has written the mixtures these configs train on
         get_dataset_list(names, dataset_info if dataset_info is not None else cfg.get("dataset_dir", "data"))
         check = dict(cfg)
@@ -486,11 +569,15 @@ def plan_runs(
 
     # Read and check everything first.
     given = DataFolder(data)
+    val_pools = None
     if given.is_dmo():
         data_folder, pools, sizes = given, None, given.pool_sizes(needed)
+        with_val = set(given.val_domains())
     else:
         data_folder = DataFolder(folder.root / "data")
         pools, sizes = source_pools(Path(data), needed, None)
+        val_pools = source_val_pools(Path(data), needed, None)
+        with_val = set(val_pools) | set(data_folder.val_domains())
     plans = [
         data_folder.plan_mix(m, recipe.budget, sizes, seed=data_seed, strategy=strategy, allow_repeats=allow_repeats)
         for m in targets
@@ -502,6 +589,7 @@ def plan_runs(
                 runs.append(expert_run(m.domains[0], record, manifest, seed))
             else:
                 runs.append(mixture_run(record, manifest, seed))
+    notes = _wire_validation(runs, plans, with_val)
     configs = {
         r.name: recipe.config(
             dataset_dir=data_folder.root, data=r.data, output_dir=folder.root / r.partial, seed=r.seed, run=r.name
@@ -512,6 +600,7 @@ def plan_runs(
     if lf_bin is not None and Path(lf_bin).is_file():
         info = data_folder.info()
         info.update({d: {"file_name": f"domains/{d}.jsonl", **SHAREGPT_ENTRY} for d in needed})
+        info.update({val_name(d): {"file_name": f"validation/{d}.jsonl", **SHAREGPT_ENTRY} for d in with_val})
         for record, picked in plans:
             if picked is not None:
                 info[record.name] = {"file_name": f"mixtures/{record.name}.jsonl", **SHAREGPT_ENTRY}
@@ -520,14 +609,34 @@ def plan_runs(
 
     # Then write: the pools and mixtures, the configs, the plan.
     if pools is not None:
-        prepare(Path(data), data_folder.root, needed, pools=pools)
+        prepare(Path(data), data_folder.root, needed, pools=pools, val_pools=val_pools)
     with data_folder.locked():
         for record, picked in plans:
             data_folder.write_mix(record, picked)
     with folder.locked():
         folder.add(recipe, runs, configs, name)
-    notes = [n for record, _ in plans for n in record.notes()]
+    notes = [n for record, _ in plans for n in record.notes()] + notes
     return Planned(folder, runs, notes, validated)
+
+
+def _wire_validation(runs: Sequence[Run], plans: Sequence[tuple[MixRecord, Any]], with_val: set[str]) -> list[str]:
+    """Give each run whose domains all have a validation split LLaMA-Factory's ``eval_dataset``; say who has none."""
+    counts = {record.mixture: record.counts for record, _ in plans}
+    notes: list[str] = []
+    lacking: set[str] = set()
+    for run in runs:
+        domains = sorted(d for d, n in counts[run.mixture].items() if n > 0)
+        if all(d in with_val for d in domains):
+            run.data["eval_dataset"] = ",".join(val_name(d) for d in domains)
+        else:
+            lacking |= {d for d in domains if d not in with_val}
+    if lacking:
+        which = ", ".join(sorted(lacking))
+        notes.append(
+            f"no validation split for domain(s) {which}: runs on them train without LLaMA-Factory's evaluation "
+            "(add <domain>/val.jsonl beside the training data to evaluate as the paper does)"
+        )
+    return notes
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ class Session:
     manifest: ExpertManifest
     scorer: Scorer
     table: ResultsTable
-    include_path: Path | None = None
+    include_path: Path | list[Path] | None = None  # lmms-eval task folders: the space's own, then the tiny world's
 
     @classmethod
     def open(
@@ -62,6 +63,7 @@ class Session:
         backend: str | None = None,
         limit: int | None = None,
         space: SearchSpace | None = None,
+        tasks: Sequence[Path] = (),
     ) -> Session:
         space = space or load_space(space_file)
         updates: dict[str, Any] = {}
@@ -70,25 +72,41 @@ class Session:
         if experts:
             updates["experts"] = str(Path(experts).resolve())
         scoring = space.scoring.model_copy(update={k: v for k, v in (("backend", backend), ("limit", limit)) if v})
+        if tasks:  # --tasks-dir: relative to where the command runs, before the space's own folders
+            scoring = scoring.model_copy(update={"tasks": [*(Path(t).resolve() for t in tasks), *scoring.tasks]})
         updates["scoring"] = scoring
         merged = {**space.model_dump(), **{k: _dump(v) for k, v in updates.items()}}
         space = parse_space(merged, f"{space_file or space.name} with the command-line options")
-        manifest, include_path = resolve_experts(space)
+        metric_map = own_task_folders(space)
+        manifest, world_tasks = resolve_experts(space)
         for d in space.domains:
             if d not in manifest.experts:
                 raise DmoError(f"domain {d!r} of space {space.name!r} has no expert in manifest {manifest.name!r}")
-        scorer = make_scorer(
-            space.scoring.backend,
-            manifest=manifest,
-            include_path=include_path,
-            limit=space.scoring.limit,
-            batch_size=space.scoring.batch_size,
-            device=space.scoring.device,
-            **space.scoring.backend_options(),
-        )
+        folders = [*space.scoring.tasks, *([world_tasks] if world_tasks is not None else [])]
+        include_path = folders[0] if len(folders) == 1 else (folders or None)
+        own = {"metric_map": metric_map} if metric_map is not None else {}
+        try:
+            scorer = make_scorer(
+                space.scoring.backend,
+                manifest=manifest,
+                include_path=include_path,
+                limit=space.scoring.limit,
+                batch_size=space.scoring.batch_size,
+                device=space.scoring.device,
+                **space.scoring.backend_options(),
+                **own,
+            )
+        except TypeError as exc:
+            if "metric_map" not in str(exc):
+                raise
+            raise DmoError(
+                f"the {space.scoring.backend} backend does not take a space's own metric entries (scoring.metrics) "
+                "yet: score with backend hf, or add them to dmo/scoring/metrics.yaml"
+            ) from None
         check = getattr(scorer, "check", None)
         if check is not None and space.benchmarks:
             check(space.benchmarks)
+        check_metrics(space, metric_map)
         assert space.name is not None
         table = ResultsTable(results_dir() / space.name / "scores.jsonl")
         return cls(space, manifest, scorer, table, include_path)
@@ -124,9 +142,51 @@ class Session:
         storage: str | None = None,
         study_name: str | None = None,
         progress: bool = True,
+        batch: int | None = None,
     ) -> StudyResult:
         paths = study_paths(self.space, storage, study_name)
-        return run_study(self.space, self.scorer, paths, n_trials=n_trials, progress=progress)
+        return run_study(
+            self.space, self.scorer, paths, n_trials=n_trials, progress=progress, batch=study_batch(self.scorer, batch)
+        )
+
+
+def study_batch(scorer: Scorer, batch: int | None) -> int:
+    """Trials run at once per worker: ``batch``, or the backend's own (how many targets it scores in one call)."""
+    most = int(getattr(scorer, "max_batch", 1))
+    if batch is None:
+        return min(most, int(getattr(scorer, "default_batch", 1)))
+    if batch > most:
+        raise DmoError(
+            f"--batch {batch} is more than the {scorer.name} backend scores in one call ({most})"
+            + (": raise scoring.vllm.max_loras, or lower --batch" if scorer.name == "vllm" else ": use --batch 1")
+        )
+    return batch
+
+
+def own_task_folders(space: SearchSpace) -> dict[str, Any] | None:
+    """Every task folder of the space exists; returns the merged metric map (None: the space has no entries)."""
+    if space.scoring.tasks:
+        from dmo.scoring.evaluate import include_paths
+
+        include_paths(space.scoring.tasks)
+    return space.scoring.metric_map()
+
+
+def check_metrics(space: SearchSpace, metric_map: dict[str, Any] | None) -> None:
+    """Before a study opens: every benchmark has a score metric in the shipped map or the space's own entries."""
+    if space.scoring.backend == "replay":  # recorded scores: no metric is read
+        return
+    from dmo.scoring.metrics import metric_spec
+
+    for b in space.benchmarks:
+        try:
+            metric_spec(b, metric_map)
+        except DmoError:
+            raise DmoError(
+                f"no score metric known for benchmark {b!r} of space {space.name!r}: add it to the space's scoring "
+                f"section, e.g. 'scoring: {{metrics: {{{b}: {{metric: <lmms-eval metric name>}}}}}}' "
+                "(or to dmo/scoring/metrics.yaml)"
+            ) from None
 
 
 def _dump(value: Any) -> Any:
@@ -182,7 +242,13 @@ def print_study_result(console: Console, session: Session, result: StudyResult) 
     console.print(f"results table: {session.table.path}")
 
 
-def run_demo(console: Console, space_file: Path | None = None, n_trials: int = 12, small: bool = False) -> Path:
+def run_demo(
+    console: Console,
+    space_file: Path | None = None,
+    n_trials: int = 12,
+    small: bool = False,
+    tasks: Sequence[Path] = (),
+) -> Path:
     """The README's main command: world -> references -> preset proxies -> study (CMA-ES by default) -> correlations."""
     from dmo.correlate import correlate
     from dmo.report import render_correlation
@@ -191,7 +257,7 @@ def run_demo(console: Console, space_file: Path | None = None, n_trials: int = 1
     space = load_space(space_file or DEFAULT_SPACE)
     if small and space.experts == TINYWORLD:
         space = space.model_copy(update={"experts": TINYWORLD_SMALL})
-    session = Session.open(space_file or DEFAULT_SPACE, space=space)
+    session = Session.open(space_file or DEFAULT_SPACE, space=space, tasks=tasks)
     console.print(f"[bold]dmo demo[/] on space [bold]{space.name}[/] with experts from {session.manifest.name}")
     session.score(session.references(), "base, experts, trained mixtures")
     grid_space = space.model_copy(update={"sampler": space.sampler.model_copy(update={"name": "grid"})})

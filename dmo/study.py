@@ -46,6 +46,7 @@ import os
 import random
 import secrets
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -62,6 +63,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dmo.atomic import _explain
+from dmo.batcher import Batcher
 from dmo.config import SearchSpace
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
@@ -274,7 +276,7 @@ def _make_storage(url: str, hb: Heartbeat) -> optuna.storages.BaseStorage:
             )
             if url.startswith("sqlite:"):
                 _serialise(storage)
-            return storage
+            return _one_call_at_a_time(storage)
         except Exception as exc:  # sqlalchemy raises many types; the user needs the URL and the reason
             # Workers starting together on a fresh database race to create Optuna's tables: try again.
             racy = type(exc).__name__ in ("IntegrityError", "ProgrammingError") or "already exists" in str(exc)
@@ -283,6 +285,29 @@ def _make_storage(url: str, hb: Heartbeat) -> optuna.storages.BaseStorage:
                 continue
             raise _storage_error(shown, exc) from None
     raise AssertionError("unreachable")
+
+
+def _one_call_at_a_time(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
+    """Let one thread of this process into the database at a time (trials of ``--batch``, heartbeat threads).
+
+    Optuna's cache layer holds a lock of its own while it calls the database; two threads, one waiting for that lock
+    while holding SQLite's write lock and one holding it while waiting for SQLite's, stop each other for good. With
+    every database call of the process behind one lock (calls are milliseconds; scoring happens outside them),
+    SQLite's locks are only ever contended between processes, which its busy timeout resolves.
+    """
+    lock = threading.RLock()
+
+    def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return fn(*args, **kwargs)
+
+        return call
+
+    for name in dir(type(storage)):  # the cache layer calls private methods (_set_trial_param) too
+        if not name.startswith("__") and callable(getattr(type(storage), name, None)):
+            setattr(storage, name, locked(getattr(storage, name)))
+    return storage
 
 
 def _serialise(storage: optuna.storages.RDBStorage) -> None:
@@ -652,17 +677,21 @@ def run_study(
     proxy_target: Callable[[Mixture], Target] | None = None,
     worker_index: int | None = None,
     heartbeat: Heartbeat | None = None,
+    batch: int = 1,
 ) -> StudyResult:
     """Run (or resume, or join) the space's study until it holds ``n_trials`` finished trials.
 
     For a grid, until every candidate has run. Safe to run in any number of processes at once on one storage.
+    ``batch``: trials this process runs at once, their targets scored in one backend call (:mod:`dmo.batcher`).
     """
+    if batch < 1:
+        raise DmoError(f"--batch must be at least 1, got {batch}")
     hb = heartbeat or Heartbeat.from_env()
     params = tuple(sorted(space.merge.params.items()))
     make_target = proxy_target or (lambda m: Target("proxy", mixture=m, method=space.merge.method, params=params))
     preflight(space, scorer, make_target)
     study = open_study(space, paths, worker_index=worker_index, heartbeat=hb)
-    worker = _Worker(study, space, scorer, paths, n_trials or space.sampler.n_trials, make_target, hb)
+    worker = _Worker(study, space, scorer, paths, n_trials or space.sampler.n_trials, make_target, hb, batch)
     with _storage_errors(paths.storage):
         worker.run(progress)
     return summarize(study, worker.evaluated)
@@ -680,8 +709,13 @@ class _Worker:
         target: int,
         make_target: Callable[[Mixture], Target],
         hb: Heartbeat,
+        batch: int = 1,
     ) -> None:
         self.study, self.space, self.scorer, self.paths = study, space, scorer, paths
+        self.batch = batch
+        self.batcher = (
+            Batcher(scorer, paths.table, space.benchmarks, space.name or "", self._count) if batch > 1 else None
+        )
         self.grid = space.sampler.name == "grid"
         self.target = target
         self.make_target = make_target
@@ -711,7 +745,8 @@ class _Worker:
                 if done:
                     break
                 if room:
-                    self.one_trial(bar)
+                    slots = ledger.waiting if self.grid else ledger.waiting + self.target - len(ledger.live)
+                    self.one_trial(bar, max(1, min(self.batch, slots)))
                 elif ledger.running or ledger.pending:
                     if not told:
                         log.info("waiting for %d trial(s) of other workers to finish", ledger.running)
@@ -722,9 +757,16 @@ class _Worker:
                 self.fail_stale()
                 ledger = self.ledger()
 
-    def one_trial(self, bar: _progress) -> None:
+    def one_trial(self, bar: _progress, n: int = 1) -> None:
+        """Run ``n`` trials at once (Optuna's threads; each asks, runs and is told on its own)."""
+        objective = self.objective if self.batcher is None else self._batched_objective
+        if self.batcher is not None:
+            self.batcher.round(n)
+        self._errors: list[BaseException] = []
         try:
-            self.study.optimize(self.objective, n_trials=1, callbacks=[bar], catch=(_Surplus,))
+            self.study.optimize(objective, n_trials=n, n_jobs=n, callbacks=[bar], catch=(_Surplus,))
+            if self._errors:
+                raise self._errors[0]
         except UpdateFinishedTrialError:
             # Another worker took this one for dead (no heartbeat for the grace period) and queued its trial
             # again; the score is in the results table, so the retry reads it instead of scoring again.
@@ -777,6 +819,18 @@ class _Worker:
         rank = sum(1 for lin in ledger.live if lin < lineage)
         return None if rank < self.target else f"the budget of {self.target} trials is taken"
 
+    def _batched_objective(self, trial: optuna.Trial) -> float:
+        assert self.batcher is not None
+        with self.batcher.trial():
+            try:
+                return self.objective(trial)
+            except (optuna.TrialPruned, _Surplus):
+                raise
+            except BaseException as exc:
+                # Optuna's threads do not re-raise what the last trials of a round raise: one_trial does.
+                self._errors.append(exc)
+                raise
+
     def objective(self, trial: optuna.Trial) -> float:
         reason = self.surplus_reason(trial)
         if reason is not None:
@@ -790,14 +844,17 @@ class _Worker:
             target = self.make_target(mixture)
             waited = lambda: trial.set_user_attr(CLAIM_WAIT_ATTR, True)  # noqa: E731
             with scoring_claim(self.paths.folder, claim_key(self.scorer, target), on_wait=waited):
-                scores, errors = score_target(
-                    self.scorer,
-                    self.paths.table,
-                    target,
-                    self.space.benchmarks,
-                    group=self.space.name or "",
-                    on_evaluate=self._count,
-                )
+                if self.batcher is not None:
+                    scores, errors = self.batcher.score(target)
+                else:
+                    scores, errors = score_target(
+                        self.scorer,
+                        self.paths.table,
+                        target,
+                        self.space.benchmarks,
+                        group=self.space.name or "",
+                        on_evaluate=self._count,
+                    )
             for b, s in scores.items():
                 trial.set_user_attr(f"score:{b}", s)
             if errors:
@@ -844,7 +901,10 @@ class _progress:
     def __enter__(self) -> _progress:
         if self.enabled:
             self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
                 TextColumn("{task.fields[best]}"),
             )
             self.bar.start()

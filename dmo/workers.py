@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dmo.config import SearchSpace
 from dmo.errors import DmoError
 from dmo.paths import results_dir
+from dmo.pipeline import study_batch
 from dmo.scorer import Scorer, Target
 from dmo.study import Heartbeat, StudyResult, open_study, preflight, study_paths, summarize
 
@@ -44,6 +45,7 @@ class WorkerSpec:
     study_name: str
     n_trials: int | None
     results: str  # absolute results root, so a worker's relative paths cannot drift
+    batch: int | None = None
 
 
 @dataclass
@@ -75,6 +77,7 @@ def run_workers(
     study_name: str | None = None,
     progress: bool = True,
     console: Console | None = None,
+    batch: int | None = None,
 ) -> StudyResult:
     """Run the space's study in ``n_workers`` local processes; returns the study's summary.
 
@@ -88,7 +91,8 @@ def run_workers(
     preflight(space, scorer, lambda m: Target("proxy", mixture=m, method=space.merge.method, params=params))
     hb = Heartbeat.from_env()
     study = open_study(space, paths, heartbeat=hb)  # creates the study and enqueues a grid, once, here
-    spec = WorkerSpec(space, paths.storage, paths.study_name, n_trials, str(results_dir().resolve()))
+    study_batch(scorer, batch)  # refuse a batch the backend cannot take before any process starts
+    spec = WorkerSpec(space, paths.storage, paths.study_name, n_trials, str(results_dir().resolve()), batch)
     # Under a scheduler that already numbers this process (DMO_WORKER_INDEX, e.g. one SLURM task running
     # --workers 4), number the workers after it, so that no two workers anywhere share a sampler seed.
     first = _env_index() * n_workers
@@ -192,8 +196,9 @@ def worker_main(spec: WorkerSpec, index: int, messages: Any) -> None:
         session = Session.open("", space=spec.space)
         paths = study_paths(spec.space, spec.storage, spec.study_name, root=Path(spec.results))
         result = run_study(
-            spec.space, session.scorer, paths, n_trials=spec.n_trials, progress=False, worker_index=index
-        )
+            spec.space, session.scorer, paths, n_trials=spec.n_trials, progress=False, worker_index=index,
+            batch=study_batch(session.scorer, spec.batch),
+        )  # fmt: skip
         messages.put(("done", index, result.evaluated, ""))
     except DmoError as exc:
         messages.put(("error", index, 0, str(exc)))

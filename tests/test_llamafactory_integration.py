@@ -12,6 +12,7 @@ $DMO_LF_BIN. Without it the test is skipped, except under CI (CI set), where it 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dmo.config import load_manifest
 from dmo.merge.lora import concat_adapter, expert_delta, load_lora, lora_delta, write_adapter
@@ -66,6 +68,21 @@ def tiny_world(root: Path) -> tuple[Path, Path]:
     return root / "base", root / "data"
 
 
+def with_validation(data: Path, out: Path) -> Path:
+    """The world's training sets, each with a validation split (its test rows) beside it, as a new source folder.
+
+    Image paths become absolute, so nothing of the (possibly cached) world is copied or changed.
+    """
+    for d in DOMAINS:
+        (out / d).mkdir(parents=True)
+        for src, dst in (("train", "train"), ("test", "val")):
+            rows = [json.loads(line) for line in (data / d / f"{src}.jsonl").read_text().splitlines() if line.strip()]
+            for row in rows:
+                row["image"] = str((data / d / row["image"]).resolve())
+            (out / d / f"{dst}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
 def dmo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "dmo.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
@@ -73,7 +90,8 @@ def dmo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_train_register_and_merge(tmp_path):
     assert LF_BIN.is_file(), f"CI is set but LLaMA-Factory is missing at {LF_BIN}: bash scripts/install_llamafactory.sh"
-    base, data = tiny_world(tmp_path / "world")
+    base, world_data = tiny_world(tmp_path / "world")
+    data = with_validation(world_data, tmp_path / "data")  # evaluated during training, as in the paper
     runs = tmp_path / "runs"
     common = ["--base", str(base), "--data", str(data), "--out", str(runs), "--name", "tiny", *STEPS, *CPU,
               "--lf-bin", str(LF_BIN)]  # fmt: skip
@@ -104,11 +122,20 @@ def test_train_register_and_merge(tmp_path):
     again = dmo("train", "register", str(runs), cwd=tmp_path)
     assert again.returncode == 0 and (tmp_path / "experts" / "tiny.yaml").read_bytes() == before
 
-    # LLaMA-Factory trained what the paper's recipe says: LoRA on the language model only, 5 steps.
+    # LLaMA-Factory trained what the paper's recipe says: LoRA on the language model only, 5 steps. The recipe leaves
+    # the projector unfrozen, as the paper's does; with LoRA that adds no adapter to it (lora_target: all never
+    # reaches LLaMA-Factory's projector keys), so the vision side is untouched.
     adapters = {d: load_lora(ref.path) for d, ref in exact.experts.items()}
     for a in adapters.values():
         assert a.r == 16 and a.lora_alpha == 32
-        assert a.modules and not any("visual" in name for name in a.modules)  # vision tower and merger frozen
+        assert a.modules and not any("visual" in name for name in a.modules)
+    # ... and evaluated each run's validation split(s) every 1/8 of training, one loss per domain
+    cfg = yaml.safe_load((runs / "configs" / "expert-ocr.yaml").read_text())
+    assert (cfg["eval_dataset"], cfg["eval_steps"], cfg["freeze_multi_modal_projector"]) == ("ocr-val", 0.125, False)
+    history = json.loads((exact.experts["ocr"].path / "trainer_state.json").read_text())["log_history"]
+    assert sum("eval_ocr-val_loss" in h for h in history) >= 5  # every step of 5 (ceil(0.125 x 5) = 1)
+    mixed_history = json.loads((inter_ref.path / "trainer_state.json").read_text())["log_history"]
+    assert {"eval_general-val_loss", "eval_ocr-val_loss"} <= {key for h in mixed_history for key in h}
     trained = [load_lora(exact_ref.path), load_lora(inter_ref.path)]
     assert set(trained[0].modules) == set(adapters["ocr"].modules)
 

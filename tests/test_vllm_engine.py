@@ -261,7 +261,13 @@ def _lmms_eval(world: SimpleNamespace, out: Path, model: str, model_args: str) -
     logs = list(out.rglob("*dmo_tiny_general*.jsonl"))
     assert logs, f"no sample log under {out}: {proc.stderr[-2000:]}"
     rows = [json.loads(line) for line in logs[0].read_text().splitlines() if line.strip()]
-    return {int(r["doc_id"]): str(r["filtered_resps"][0]).strip() for r in rows}
+    out = {}
+    for r in rows:
+        resp = r["filtered_resps"]
+        while isinstance(resp, list):  # one response per request, as a list (or a list of lists)
+            resp = resp[0]
+        out[int(r["doc_id"])] = str(resp).strip()
+    return out
 
 
 def test_lmms_eval_cli_dmo_models_answer_like_stock_vllm_on_a_dmo_merge_checkpoint(world: SimpleNamespace) -> None:
@@ -276,3 +282,36 @@ def test_lmms_eval_cli_dmo_models_answer_like_stock_vllm_on_a_dmo_merge_checkpoi
     assert len(stock) == WorldConfig.small().test_size and len(set(stock.values())) > 3  # not one answer to all
     assert ours == stock
     assert hf_model == stock
+
+
+def test_a_batched_grid_study_scores_like_one_at_a_time_and_fills_the_engine(
+    world: SimpleNamespace, engine: VLLMScorer
+) -> None:
+    """``--batch 4``: four adapter proxies generated in one engine call; every trial's value as with ``--batch 1``."""
+    from dmo.config import parse_space
+    from dmo.study import run_study, study_paths
+
+    space = parse_space({
+        "name": "batched", "domains": list(DOMAINS), "experts": str(world.root / "experts.yaml"),
+        "mixtures": {"lattice": {"resolution": 6}}, "benchmarks": BENCHMARKS, "sampler": {"name": "grid"},
+    })  # fmt: skip
+    generate = engine.lmm.llm.generate
+    calls: list[int] = []
+
+    def counted(prompts: list, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len({r.lora_int_id for r in kwargs.get("lora_request") or [] if r is not None}))
+        return generate(prompts, *args, **kwargs)
+
+    engine.lmm.llm.generate = counted
+    try:
+        values = {}
+        for k in (1, 4):
+            calls.clear()
+            paths = study_paths(space, root=world.tmp / f"batch{k}")
+            result = run_study(space, engine, paths, progress=False, batch=k)
+            values[k] = {t.user_attrs["mixture"]: t.value for t in result.study.get_trials() if t.value is not None}
+            assert len(values[k]) == len(space.candidates())
+            assert max(calls) == (1 if k == 1 else 4), calls  # distinct adapters in one generate call
+    finally:
+        engine.lmm.llm.generate = generate
+    assert values[1] == values[4]

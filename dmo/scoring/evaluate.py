@@ -26,17 +26,22 @@ from dmo.scoring.paper_tasks import TASK_DIR as PAPER_TASK_DIR
 _LOCAL_BUILDERS = frozenset({"csv", "json", "parquet", "text", "pandas", "arrow"})
 
 
+#: lmms-eval task folders: one, several (earlier ones win), or none.
+IncludePath = Path | Sequence[Path] | None
+
+
 def evaluate(
     lmm: Any,
     benchmarks: Sequence[str],
-    include_path: Path | None,
+    include_path: IncludePath,
     limit: int | None = None,
     *,
     metric_map: Mapping[str, MetricSpec] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``lmm`` (an lmms-eval model object) on ``benchmarks``; returns ``{benchmark: score in [0, 1]}``.
 
-    ``include_path`` is a folder of extra task YAMLs (e.g. from :func:`dmo.scoring.tasks.write_tiny_tasks`).
+    ``include_path`` is a folder of extra task YAMLs (e.g. from :func:`dmo.scoring.tasks.write_tiny_tasks`), or a
+    list of such folders (a space's ``scoring: {tasks: [...]}``; earlier folders win).
     lmms-eval's ~2,000 built-in tasks are indexed only when a benchmark is not found there, which saves a few
     seconds per call. ``limit`` caps the documents per task (the first ``limit``), for tests and smoke runs.
     Every benchmark is checked (known to lmms-eval, has a score metric, local data present) before anything
@@ -63,7 +68,21 @@ def evaluate(
     return {b: score_from_results(b, results, metric_map) for b in benchmarks}
 
 
-def task_manager_for(benchmarks: Sequence[str], include_path: Path | None) -> Any:
+def include_paths(include_path: IncludePath) -> list[Path]:
+    """``include_path`` as a list of folders, each checked to exist."""
+    if include_path is None:
+        return []
+    folders = [Path(include_path)] if isinstance(include_path, (str, os.PathLike)) else [Path(p) for p in include_path]
+    for folder in folders:
+        if not folder.is_dir():
+            raise DmoError(
+                f"task folder {folder} does not exist: write your lmms-eval task YAMLs there, or fix the path "
+                "(a space's scoring.tasks are relative to the space file)"
+            )
+    return folders
+
+
+def task_manager_for(benchmarks: Sequence[str], include_path: IncludePath) -> Any:
     """A TaskManager that knows every benchmark, indexing the built-in tasks only when needed.
 
     dmo's paper tasks (dmo.scoring.paper_tasks) are always included, after ``include_path``: earlier folders win.
@@ -71,12 +90,8 @@ def task_manager_for(benchmarks: Sequence[str], include_path: Path | None) -> An
     from lmms_eval.tasks import TaskManager
 
     benchmarks = list(dict.fromkeys(task_of(b) for b in benchmarks))
-    paths = [str(PAPER_TASK_DIR)]
-    if include_path is not None:
-        include_path = Path(include_path)
-        if not include_path.is_dir():
-            raise DmoError(f"task folder {include_path} does not exist: write the tasks first (dmo.scoring.tasks)")
-        paths.insert(0, str(include_path.resolve()))
+    folders = include_paths(include_path)
+    paths = [*(str(f.resolve()) for f in folders), str(PAPER_TASK_DIR)]
     with _quiet_task_loader():
         manager = TaskManager("ERROR", include_path=paths, include_defaults=False)
         if all(b in manager.all_tasks for b in benchmarks):
@@ -84,10 +99,11 @@ def task_manager_for(benchmarks: Sequence[str], include_path: Path | None) -> An
         manager = TaskManager("ERROR", include_path=paths, include_defaults=True)
     unknown = [b for b in benchmarks if b not in manager.all_tasks]
     if unknown:
-        where = f"in {include_path} or " if include_path is not None else ""
+        where = f"in {', '.join(str(f) for f in folders)} or " if folders else ""
         raise DmoError(
             f"unknown benchmark {unknown[0]!r}: it is not a task {where}among lmms-eval's built-in tasks; "
-            "check the name (see `python -m lmms_eval --tasks list`) or the task folder"
+            "check the name (see `python -m lmms_eval --tasks list`), or put its task YAML in a folder that the "
+            "space's scoring.tasks (or --tasks-dir) names"
             + (f" (also unknown: {unknown[1:]})" if len(unknown) > 1 else "")
         )
     return manager

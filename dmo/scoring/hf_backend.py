@@ -7,7 +7,7 @@ on top of it, written into the live weights for the duration of one lmms-eval ru
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from dmo.scorer import Evaluation, Target, register_scorer
 from dmo.scoring.evaluate import evaluate
 from dmo.scoring.lmms_model import DmoLMM, load_pretrained
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
+from dmo.scoring.metrics import MetricSpec, own_metrics
 
 
 def _device(name: str) -> str:
@@ -43,6 +44,7 @@ class HFScorer:
         limit: int | None = None,
         batch_size: int = 64,
         device: str = "auto",
+        metric_map: Mapping[str, MetricSpec] | None = None,  # a space's own entries over the shipped map
     ) -> None:
         if manifest.kind != "lora":
             raise DmoError(
@@ -55,6 +57,7 @@ class HFScorer:
         self.limit = limit
         self.batch_size = batch_size
         self.device = _device(device)
+        self.metric_map = metric_map
         self._trained: dict[Path, LoraAdapter] = {}
 
     @cached_property
@@ -113,7 +116,7 @@ class HFScorer:
 
         self.experts  # noqa: B018 - loads and validates every expert adapter
         for b in benchmarks:
-            metric_spec(b)
+            metric_spec(b, self.metric_map)
         task_manager_for(benchmarks, self.include_path)
 
     def fingerprint(self, target: Target) -> str:
@@ -131,6 +134,7 @@ class HFScorer:
             "limit": self.limit,
             "lmms_eval": getattr(lmms_eval, "__version__", "?"),
             "generation": "greedy",
+            **own_metrics(self.metric_map),
         }
 
     def _delta(self, target: Target) -> dict[str, torch.Tensor] | None:
@@ -156,7 +160,7 @@ class HFScorer:
         lmm.set_proxy(self._delta(target), self.fingerprint(target))
         try:
             try:
-                return Evaluation(evaluate(lmm, benchmarks, self.include_path, self.limit))
+                return Evaluation(evaluate(lmm, benchmarks, self.include_path, self.limit, metric_map=self.metric_map))
             except DmoError:
                 raise
             except Exception:  # one benchmark broke the joint run: score them one by one to keep the others
@@ -165,7 +169,7 @@ class HFScorer:
             scores, errors = {}, {}
             for b in benchmarks:
                 try:
-                    scores.update(evaluate(lmm, [b], self.include_path, self.limit))
+                    scores.update(evaluate(lmm, [b], self.include_path, self.limit, metric_map=self.metric_map))
                 except Exception as exc:  # recorded as a failed row, with the reason
                     errors[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             return Evaluation(scores, errors=errors)

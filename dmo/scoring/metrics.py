@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
+import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -87,6 +89,19 @@ def load_metric_map(path: Path | None = None) -> dict[str, MetricSpec]:
     return parse_metric_map(raw, str(path))
 
 
+def own_metrics(metric_map: Mapping[str, MetricSpec] | None) -> dict[str, str]:
+    """For a scorer's settings (its cache key): a digest of the entries of ``metric_map`` that differ from the shipped
+    map, so that changing one's own metric re-scores; nothing for the shipped map (cache keys stay as they were)."""
+    if metric_map is None:
+        return {}
+    shipped = _default_map()
+    own = {k: v for k, v in metric_map.items() if shipped.get(k) != v}
+    if not own:
+        return {}
+    blob = json.dumps({k: [list(v.keys), v.filter, v.divide_by] for k, v in sorted(own.items())})
+    return {"metrics": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
 def task_of(benchmark: str) -> str:
     """The lmms-eval task that reports ``benchmark``: the name itself, or the part before "/" of a sub-score."""
     return benchmark.split(SUBSCORE_SEP, 1)[0]
@@ -101,8 +116,9 @@ def metric_spec(benchmark: str, metric_map: Mapping[str, MetricSpec] | None = No
         if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(benchmark, pattern):
             return spec
     raise DmoError(
-        f"no score metric known for benchmark {benchmark!r}: add '{benchmark}: {{metric: <lmms-eval metric name>}}' "
-        "to dmo/scoring/metrics.yaml (or to your own metric map file)"
+        f"no score metric known for benchmark {benchmark!r}: add it to the space's scoring section, "
+        f"'metrics: {{{benchmark}: {{metric: <lmms-eval metric name>}}}}' (or to dmo/scoring/metrics.yaml, or to your "
+        "own metric map file)"
     )
 
 

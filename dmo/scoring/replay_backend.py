@@ -58,9 +58,10 @@ class ReplayScorer:
         limit: int | None = None,
         batch_size: int = 64,
         device: str = "auto",
+        metric_map: Any = None,
     ) -> None:
-        # manifest, include_path, limit, batch_size and device are what every backend is built with
-        # (dmo.pipeline.Session.open); a replay has no model, so they change nothing.
+        # manifest, include_path, limit, batch_size, device and metric_map are what every backend is built with
+        # (dmo.pipeline.Session.open); a replay has no model and reads recorded scores, so they change nothing.
         if table is None:
             raise DmoError(
                 "the replay backend needs a recorded results table: add 'table: PATH' to the space's 'scoring' "
@@ -133,6 +134,12 @@ class ReplayScorer:
         )
 
     # ---------------------------------------------------------------------------------------------- lookups
+
+    #: Targets answered in one call: any number (a table look-up), so studies with ``--batch`` can be replayed.
+    max_batch = 64
+
+    def evaluate_many(self, targets: Sequence[Target], benchmarks: Sequence[str]) -> list[Evaluation]:
+        return [self.evaluate(t, benchmarks) for t in targets]
 
     def mixtures(self, domains: Sequence[str], method: str = "linear") -> list[Mixture]:
         """The recorded proxy mixtures over exactly ``domains`` (e.g. the lattice a sampler is replayed on)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from dmo.merge.stream import expert_kind
 from dmo.paths import cache_dir
 from dmo.scorer import Evaluation, Target, register_scorer
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
+from dmo.scoring.metrics import MetricSpec, own_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,18 @@ def on_cpu() -> bool:
     except ImportError:
         return True
     return bool(current_platform.is_cpu())
+
+
+def require_vllm() -> None:
+    """Import vLLM, or say in one line how to get a working one (a missing or broken install)."""
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken torch/torchvision pairing raising at import
+        raise DmoError(
+            f"the vllm backend cannot import vLLM ({_one_line(exc)}): on a CPU machine run "
+            "'bash scripts/install_vllm.sh' and use .venv-vllm/bin/dmo; on a GPU machine pip install 'dmo[vllm]'"
+        ) from None
 
 
 def checkpoint_dtype(base: Path) -> str:
@@ -196,6 +209,7 @@ class VLLMScorer:
         llm_factory: Callable[..., Any] | None = None,
         batch_size: int | None = None,  # the hf backend's knobs; vLLM schedules its own batches on its own GPU
         device: str | None = None,
+        metric_map: Mapping[str, MetricSpec] | None = None,
     ) -> None:
         del batch_size, device
         local_base(manifest)
@@ -211,6 +225,7 @@ class VLLMScorer:
         self.store = store
         self.adapter_dir = Path(adapter_dir) if adapter_dir else cache_dir() / "adapters"
         self.engine_extra = dict(engine or {})
+        self.metric_map = metric_map
         self._factory = llm_factory
         self._written: str | None = None  # fingerprint of the proxy written into the live weights, if any
         self._written_bank: str | None = None  # and the bank it came from
@@ -291,6 +306,14 @@ class VLLMScorer:
         self._written, self._written_bank, self._banks = None, None, set()
         return DmoVLLM(llm=llm, processor=processor, name=self.manifest.name)
 
+    @property
+    def max_batch(self) -> int:
+        """Targets scored in one call: adapter-served proxies go to the engine together, up to ``max_loras``."""
+        return self.max_loras
+
+    #: ``dmo study`` without ``--batch``: as many trials at once as the engine serves adapters together
+    default_batch = max_batch
+
     def close(self) -> None:
         """Shut the engine down (its processes and memory); the next target starts a new one."""
         old = self.__dict__.pop("lmm", None)
@@ -309,10 +332,11 @@ class VLLMScorer:
         from dmo.scoring.evaluate import task_manager_for
         from dmo.scoring.metrics import metric_spec
 
+        require_vllm()
         self._lora_experts  # noqa: B018 - loads and validates every LoRA expert
         self._engine_kwargs()  # refuses an adapter rank over max_lora_rank
         for b in benchmarks:
-            metric_spec(b)
+            metric_spec(b, self.metric_map)
         task_manager_for(benchmarks, self.include_path)
 
     # ------------------------------------------------------------------------------------------------ targets
@@ -368,6 +392,7 @@ class VLLMScorer:
             "lmms_eval": getattr(lmms_eval, "__version__", "?"),
             "vllm": engine,
             "generation": "greedy",
+            **own_metrics(self.metric_map),
         }
 
     # ------------------------------------------------------------------------------------------- switching
@@ -511,7 +536,9 @@ class VLLMScorer:
         for i in range(len(proxies)):
             lmm.active = i
             try:
-                out.append(Evaluation(evaluate(lmm, benchmarks, self.include_path, self.limit)))
+                out.append(
+                    Evaluation(evaluate(lmm, benchmarks, self.include_path, self.limit, metric_map=self.metric_map))
+                )
                 continue
             except DmoError:
                 raise
@@ -521,7 +548,7 @@ class VLLMScorer:
             scores, errors = {}, {}
             for b in benchmarks:
                 try:
-                    scores.update(evaluate(lmm, [b], self.include_path, self.limit))
+                    scores.update(evaluate(lmm, [b], self.include_path, self.limit, metric_map=self.metric_map))
                 except Exception as exc:  # recorded as a failed row, with the reason
                     if _is_engine_death(exc):
                         raise

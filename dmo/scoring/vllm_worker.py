@@ -24,6 +24,7 @@ vLLM, so it can be imported (and tested) without it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -85,17 +86,26 @@ class DmoWorkerExtension:
             torch.cuda.empty_cache()
 
     def _dmo_reload(self, named: Iterator[tuple[str, torch.Tensor]], extra: dict[str, torch.Tensor]) -> int:
+        # The first value is computed before the reload starts: a merge that refuses its inputs (most do so on
+        # their first parameter) then fails with the model untouched.
+        first = next(named, None)
         count = 0
 
         def feed() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal count
-            for item in named:
+            for item in itertools.chain([first] if first is not None else [], named):
                 count += 1
                 yield item
             yield from extra.items()
 
         with torch.no_grad():
-            self.reload_weights(weights_iterator=feed())  # type: ignore[attr-defined]
+            try:
+                self.reload_weights(weights_iterator=feed())  # type: ignore[attr-defined]
+            except BaseException:
+                # Half a reload leaves layers unprocessed: reload the engine's own checkpoint (the base), so the
+                # engine is whole again whatever the caller writes next.
+                self.reload_weights()  # type: ignore[attr-defined]
+                raise
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return count
