@@ -23,6 +23,16 @@ larger size (``--sizes 0.5b,1.5b``) checks that dmo's anonymous memory does not 
 
 Run: ``python benchmarks/merge_throughput.py [--sizes 0.5b,1.5b] [--repeats 3] [--skip naive,mergekit] [--root DIR]``.
 Generated checkpoints go to a temporary folder that is deleted at the end unless ``--keep`` or ``--root``.
+
+``--layer`` measures instead what the whole-matrix methods (``svd``, ``iso``, ``wudi``, ``wudi2``; ``ties`` as the
+chunked baseline) cost on *one* linear layer, the unit they work on: K random float32 task matrices of a 2B-scale
+shape (Qwen2-VL-2B's MLP: ``8960x1536`` for gate/up, ``1536x8960`` for down), each method in a fresh subprocess,
+reporting its time and peak memory (anonymous RSS sampled every 5 ms on the CPU, ``max_memory_allocated`` on a GPU)
+above what holding the inputs costs. WUDI runs ``--layer-iterations`` optimiser steps (the paper: 300), timed apart
+from its setup (SVDs, the fixed ``H`` and ``B``); the table extrapolates to 300 steps (each step costs the same).
+
+Run: ``python benchmarks/merge_throughput.py --layer [--shapes 8960x1536,1536x8960] [--experts 4]
+[--layer-methods svd,iso,wudi,wudi2,ties] [--layer-iterations 3] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -235,6 +245,61 @@ def child_naive(folder: Path, out: Path) -> dict:
     return {"work_s": time.perf_counter() - t0, "read": read, "written": written}
 
 
+def child_layer(spec: str) -> dict:
+    """``method:MxN:K:iterations:device``: one merge of K random m x n task matrices, timed inside the process."""
+    import torch
+
+    from dmo.merge.registry import get_method
+
+    method, shape, k, iterations, device = spec.split(":")
+    m, n = (int(x) for x in shape.split("x"))
+    k, iterations = int(k), int(iterations)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    deltas = torch.randn((k, m, n), generator=g, device=dev).mul_(0.002)  # like the checkpoints' expert noise
+    weights = torch.full((k,), 1.0 / k, device=dev)
+    import dmo.merge.wudi as wudi_module
+
+    fn = get_method(method).fn
+    extra = {"name": "model.layers.0.mlp.up_proj.weight"} if get_method(method).takes_name else {}
+    wudi = method in ("wudi", "wudi2")
+    loop_s = [0.0]
+
+    def timed(optimiser):  # the optimiser's steps apart from the setup (SVDs, H and B), in the same call
+        def run_steps(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            result = optimiser(*args, **kwargs)
+            sync()
+            loop_s[0] += time.perf_counter() - t0
+            return result
+
+        return run_steps
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    wudi_module.adam, wudi_module.sgd = timed(wudi_module.adam), timed(wudi_module.sgd)
+    if dev.type == "cuda":
+        fn(deltas[:, :64, :64].contiguous(), weights, **({"iterations": 1} if wudi else {}), **extra)  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+    loop_s[0] = 0.0
+    before = _status(os.getpid()).get("RssAnon", 0)
+    cuda_before = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+    sync()
+    t0 = time.perf_counter()
+    fn(deltas, weights, **({"iterations": iterations} if wudi else {}), **extra)
+    sync()
+    total = time.perf_counter() - t0
+    setup = total - loop_s[0] if wudi else None
+    out = {"work_s": total, "setup_s": setup, "anon_before": before, "inputs": deltas.numel() * 4}
+    if dev.type == "cuda":
+        out["cuda_peak_extra"] = torch.cuda.max_memory_allocated() - cuda_before
+        out["device_name"] = torch.cuda.get_device_name(dev)
+    return out
+
+
 CHILDREN = {
     "copy": child_copy,
     "dmo": child_dmo,
@@ -317,12 +382,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="warm runs per contender (the table shows the best)")
     parser.add_argument("--root", type=Path, help="keep the generated checkpoints here (reused next time)")
     parser.add_argument("--keep", action="store_true", help="do not delete the generated checkpoints")
+    parser.add_argument("--layer", action="store_true", help="per-layer cost of the whole-matrix merge methods")
+    parser.add_argument("--shapes", default="8960x1536,1536x8960", help="--layer: comma-separated MxN task matrices")
+    parser.add_argument("--experts", type=int, default=4, help="--layer: number of experts K")
+    parser.add_argument("--layer-methods", default="svd,iso,wudi,wudi2,ties", help="--layer: methods to time")
+    parser.add_argument("--layer-iterations", type=int, default=300, help="--layer: WUDI steps to run (paper: 300)")
+    parser.add_argument("--device", default="cpu", help="--layer: cpu or cuda")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(CHILDREN[args.child](args.folder, args.out)))
+        if args.child.startswith("layer:"):
+            print(json.dumps(child_layer(args.child.removeprefix("layer:"))))
+        else:
+            print(json.dumps(CHILDREN[args.child](args.folder, args.out)))
+        return
+    if args.layer:
+        layer_costs(args)
         return
 
     root = args.root or Path(tempfile.mkdtemp(prefix="dmo-merge-bench-"))
@@ -354,6 +431,46 @@ def main() -> None:
         if not args.keep and args.root is None:
             shutil.rmtree(root, ignore_errors=True)
     print_table(rows)
+
+
+def layer_costs(args: argparse.Namespace) -> None:
+    """Each (shape, method) in a fresh subprocess; one table row each."""
+    import torch
+
+    rows = []
+    for shape in [x.strip() for x in args.shapes.split(",") if x.strip()]:
+        for method in [x.strip() for x in args.layer_methods.split(",") if x.strip()]:
+            steps = args.layer_iterations if method in ("wudi", "wudi2") else 1
+            spec = f"layer:{method}:{shape}:{args.experts}:{steps}:{args.device}"
+            r = run_child(spec, Path("."), Path("."))
+            r |= {"shape": shape, "method": method, "steps": steps}
+            print(json.dumps(r), file=sys.stderr)
+            rows.append(r)
+    threads = torch.get_num_threads()
+    print(
+        f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs ({threads} torch threads), device {args.device}; "
+        f"K={args.experts} random float32 task matrices; load average now "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    header = ["shape", "method", "steps run", "time s", "setup s", "per step ms", "time at 300 steps s",
+              "inputs GB", "peak extra GB", "peak RSS GB"]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['method']} | error: {r['error']} |")
+            continue
+        wudi = r["method"] in ("wudi", "wudi2")
+        per_step = (r["work_s"] - r["setup_s"]) / r["steps"] if wudi and r["steps"] else None
+        at_300 = r["setup_s"] + 300 * per_step if per_step is not None else None
+        extra = r.get("cuda_peak_extra", r["peak_anon"] - r["anon_before"])
+        cells = [
+            r["shape"], r["method"], r["steps"] if wudi else "-", f"{r['work_s']:.2f}",
+            f"{r['setup_s']:.2f}" if wudi else "-", f"{per_step * 1e3:.1f}" if per_step is not None else "-",
+            f"{at_300:.2f}" if at_300 is not None else "-", f"{r['inputs'] / 1e9:.2f}", f"{extra / 1e9:.2f}",
+            f"{r['peak_rss'] / 2**30:.2f}",
+        ]  # fmt: skip
+        print("| " + " | ".join(str(x) for x in cells) + " |")
 
 
 def print_table(rows: list[dict]) -> None:

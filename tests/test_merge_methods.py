@@ -26,7 +26,9 @@ from dmo.merge.ties import magnitude_mask, ties
 def test_registry_lists_every_method_with_its_parameters() -> None:
     names = registry.method_names()
     assert {"linear", "task_arithmetic", "ties", "dare", "dare_ties", "robustmerge"} <= set(names)
-    assert registry.get_method("ties").defaults == {"density": 0.2, "consensus": "sum", "normalize": True, "scale": 1.0}
+    assert registry.get_method("ties").defaults == {
+        "density": 0.2, "consensus": "sum", "normalize": True, "scale": 1.0, "weighted": True,
+    }  # fmt: skip
     assert registry.get_method("dare").takes_name and not registry.get_method("ties").takes_name
     assert registry.get_method("robustmerge").inputs == "lora"
     assert registry.get_method("task_arithmetic").fn is registry.get_method("linear").fn

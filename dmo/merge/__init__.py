@@ -2,9 +2,11 @@
 
 ``lora`` reads LoRA experts and builds the exact linear proxy in memory (as one LoRA adapter or as dense deltas),
 ``dense`` applies deltas to weights, ``names`` reconciles checkpoint and live parameter names, ``registry`` holds the
-merge methods by name (``linear``/``task_arithmetic`` there, ``ties``, ``dare``/``dare_ties`` and ``robustmerge`` in
-their own modules). At checkpoint scale, ``checkpoint`` reads and writes safetensors tensor by tensor, ``stream``
-merges whole checkpoints (full fine-tunes and/or LoRA adapters) into a dense model with bounded memory, and ``proxy``
-writes a proxy as a dense model or one PEFT adapter from an expert manifest (``dmo merge``). Import the submodules
-directly; this package imports nothing so that it stays cheap.
+merge methods by name (``linear``/``task_arithmetic`` and ``weight_average`` there, ``ties``, ``dare``/``dare_ties``,
+``robustmerge``, ``spectral`` (``svd``, ``iso``), ``wudi`` (``wudi``, ``wudi2``) and ``fisher`` (``fisher``,
+``fisher_nn``) in their own modules). At checkpoint scale, ``checkpoint`` reads and writes safetensors tensor by
+tensor, ``stream`` merges whole checkpoints (full fine-tunes and/or LoRA adapters) into a dense model with bounded
+memory, ``live`` merges experts held on a device for any mixture, and ``proxy`` writes a proxy as a dense model or one
+PEFT adapter from an expert manifest (``dmo merge``). Import the submodules directly; this package imports nothing so
+that it stays cheap.
 """

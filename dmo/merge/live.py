@@ -6,6 +6,9 @@ change (the base values of those parameters, each LoRA expert's factors, each fu
 keeps it on a device (the GPU, or pinned host memory when it does not fit), and computes any proxy's parameters
 there: ``base + merge(deltas, weights)`` with any registered merge method.
 
+Every registered method works here, the whole-matrix ones (``svd``, ``iso``, ``wudi``, ``wudi2``) one parameter at
+a time on the device; methods with per-expert inputs (Fisher merging) get them from ``extra`` at :meth:`open`.
+
 Names are the base checkpoint's, so the output can go straight into a serving engine's ``load_weights`` (vLLM
 maps checkpoint names and packs q/k/v and gate/up itself) or into a live transformers model
 (:class:`ModuleWriter`). Values are absolute (not increments), so writing proxy after proxy never accumulates
@@ -24,8 +27,8 @@ from torch import Tensor
 
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
-from dmo.merge.registry import MergeMethod, get_method
-from dmo.merge.stream import check_weights, close_experts, open_experts
+from dmo.merge.registry import MergeMethod, get_method, stack_extra
+from dmo.merge.stream import _map_names, _open_extra, check_weights, close_experts, open_experts
 
 Store = Literal["device", "host"]
 
@@ -51,12 +54,16 @@ class ExpertBank:
         lora: dict[str, dict[str, _Factors]],
         full: dict[str, dict[str, Tensor]],
         device: torch.device,
+        extra: dict[str, dict[str, dict[str, Tensor]]] | None = None,
     ) -> None:
         self.experts = experts
         self.device = device
         self._base = base
         self._lora = lora
         self._full = full
+        #: per-expert inputs: key -> expert -> parameter -> tensor (e.g. Fisher weights)
+        self._extra = extra or {}
+        self._prepared: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
 
     # ---------------------------------------------------------------------------------------------- building
 
@@ -69,8 +76,13 @@ class ExpertBank:
         device: str | torch.device = "cpu",
         store: Store = "device",
         allow_bin: bool = False,
+        extra: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
     ) -> ExpertBank:
-        """Read every expert (LoRA adapter or full checkpoint) against the base checkpoint folder ``base``."""
+        """Read every expert (LoRA adapter or full checkpoint) against the base checkpoint folder ``base``.
+
+        ``extra``: per-expert inputs of methods that need them, e.g. ``{"fisher": {expert: folder or file}}`` (the
+        tensors of the parameters the experts change are kept, like the experts' own).
+        """
         if not experts:
             raise DmoError("no experts given")
         if store not in ("device", "host"):
@@ -102,9 +114,11 @@ class ExpertBank:
                         full.setdefault(param, {})[e.name] = keep(value)
                 for param in sorted(set(lora) | set(full)):
                     base_values[param] = keep(ckpt.view(param))
+                inputs = {key: _read_extra(key, paths, names, ckpt, base_values, keep) for key, paths in
+                          (extra or {}).items()}  # fmt: skip
             finally:
                 close_experts(opened)
-        return cls(names, base_values, lora, full, dev)
+        return cls(names, base_values, lora, full, dev, inputs)
 
     # ----------------------------------------------------------------------------------------------- reading
 
@@ -140,10 +154,33 @@ class ExpertBank:
         order = list(active)
         w = torch.tensor([active[n] for n in order], dtype=torch.float32, device=self.device)
         with torch.no_grad():
+            prepared = self._prepare(spec, order)
             for name, base in self._base.items():
                 base = base.to(self.device, non_blocking=True)
-                delta = self._delta(name, base, spec, w, order, params)
+                delta = self._delta(name, base, spec, w, order, {**params, **prepared})
                 yield name, (base.to(torch.float32) + delta).to(base.dtype)
+
+    def _changes(self, name: str, order: list[str]) -> bool:
+        return any(n in self._lora.get(name, {}) or n in self._full.get(name, {}) for n in order)
+
+    def _prepare(self, spec: MergeMethod, order: list[str]) -> dict[str, Any]:
+        """The method's model-wide statistics (Fisher norms) over the parameters this mixture changes (cached)."""
+        for key in spec.extra:
+            missing = [n for n in order if n not in self._extra.get(key, {})]
+            if missing:
+                raise DmoError(
+                    f"merge method {spec.name!r} needs the {key} weights of every expert in the mixture; the bank "
+                    f"has none for expert {missing[0]!r}: open it with extra={{{key!r}: {{expert: folder}}}}"
+                )
+        if spec.prepare is None:
+            return {}
+        cache = (spec.name, tuple(order))
+        if cache not in self._prepared:
+            names = [p for p in self._base if self._changes(p, order)]
+            data = {key: [{p: self._extra[key][n][p] for p in names if p in self._extra[key][n]} for n in order]
+                    for key in spec.extra}  # fmt: skip
+            self._prepared[cache] = dict(spec.prepare(data))
+        return self._prepared[cache]
 
     def _delta(
         self, name: str, base: Tensor, spec: MergeMethod, w: Tensor, order: list[str], params: Mapping[str, Any]
@@ -182,11 +219,45 @@ class ExpertBank:
             elif n in lora:
                 f = lora[n]
                 torch.matmul(self._dev(f.b).float(), self._dev(f.a).float(), out=stacked[i]).mul_(f.scale)
-        extra = {"name": name} if spec.takes_name else {}
-        return spec.fn(stacked, w, **params, **extra)
+        inputs: dict[str, Any] = {"name": name} if spec.takes_name else {}
+        for key in spec.extra:
+            values = [self._extra[key][n].get(name) for n in order]
+            inputs[key] = stack_extra(key, name, base.shape, [None if v is None else self._dev(v) for v in values],
+                                      self.device, [f"expert {n!r}" for n in order])  # fmt: skip
+        return spec.fn(stacked, w, **params, **inputs)
 
     def _dev(self, t: Tensor) -> Tensor:
         return t.to(self.device, non_blocking=True)
+
+
+def _read_extra(
+    key: str,
+    paths: Mapping[str, str | os.PathLike[str]],
+    experts: tuple[str, ...],
+    base: Checkpoint,
+    params: Mapping[str, Tensor],
+    keep: Callable[[Tensor], Tensor],
+) -> dict[str, dict[str, Tensor]]:
+    """Expert -> parameter -> tensor of the per-expert input ``key``, for the parameters in ``params``."""
+    unknown = [n for n in paths if n not in experts]
+    if unknown:
+        raise DmoError(f"{key} weights given for unknown expert {unknown[0]!r}; the experts are {list(experts)}")
+    out: dict[str, dict[str, Tensor]] = {}
+    for expert, path in paths.items():
+        what = f"the {key} weights of expert {expert!r}"
+        with _open_extra(path, what) as ckpt:
+            mapped = _map_names(ckpt.tensors, base, what)  # their name -> base name
+            out[expert] = {}
+            for theirs, param in mapped.items():
+                if param not in params:
+                    continue
+                value = ckpt.view(theirs)
+                if tuple(value.shape) != tuple(params[param].shape):
+                    raise DmoError(f"{what} give {param} the shape {list(value.shape)} in {ckpt.tensors[theirs].file}, "
+                                   f"but the base has {list(params[param].shape)}: they were computed for another "
+                                   "model; recompute them")  # fmt: skip
+                out[expert][param] = keep(value)
+    return out
 
 
 def _changed(expert: Checkpoint, base: Checkpoint) -> Iterator[tuple[str, Tensor]]:

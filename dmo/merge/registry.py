@@ -15,8 +15,24 @@ statistics pass over each expert's flattened delta (chunks in order), then a mer
 its own. The streaming engine (:mod:`dmo.merge.stream`) uses it to merge checkpoints with memory bounded by a chunk
 (plus what the statistics keep); the plain function is the same computation on one chunk holding the whole tensor.
 
-One module per method: ``linear`` (and its alias ``task_arithmetic``) lives here, ``ties``, ``dare`` (with
-``dare_ties``) and ``robustmerge`` in their own modules, imported on first lookup.
+A chunked form may also ask for a *joint* pass (``joint = True``): after the statistics pass, ``observe_all`` sees
+every chunk of all K deltas together once (the paper's TIES needs one number over the whole tensor, its majority
+sign, before any chunk can be merged).
+
+Methods that need more per-expert inputs than the deltas (Fisher merging's diagonal Fisher weights) name them with
+``extra=``: the function takes them as keyword arguments (stacked like the deltas), :func:`merge_deltas` takes
+them with ``extra=``, and they are not user parameters. A method whose computation needs a statistic over *all*
+merged parameters (Fisher merging's per-expert norm) registers ``prepare=``: it receives the extra inputs of every
+merged parameter once (per expert, name -> tensor) and returns keyword arguments for every call.
+
+Mixture weights: every method takes them. Methods that the DMO paper's code runs without its coefficients (TIES,
+DARE, DARE-TIES, TSV, Iso-C, WUDI) have a ``weighted`` parameter: ``True`` (the default) is dmo's weighted form,
+``False`` the paper's: every expert present in the mixture (weight != 0) counts alike. :data:`PAPER_PARAMS` holds,
+per method, the parameters that reproduce the paper's ``merge_models``.
+
+One module per method: ``linear`` (and its alias ``task_arithmetic``) and ``weight_average`` live here, ``ties``,
+``dare`` (with ``dare_ties``), ``robustmerge``, ``spectral`` (``svd``, ``iso``), ``wudi`` (``wudi``, ``wudi2``) and
+``fisher`` (``fisher``, ``fisher_nn``) in their own modules, imported on first lookup.
 """
 
 from __future__ import annotations
@@ -35,10 +51,35 @@ from torch import Tensor
 from dmo.errors import DmoError
 
 MergeFn = Callable[..., Any]
+Prepare = Callable[[Mapping[str, Sequence[Mapping[str, Tensor]]]], Mapping[str, Any]]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 #: Modules that register the built-in methods (imported lazily so that ``import dmo.merge.registry`` stays cheap).
-BUILTIN_MODULES = ("dmo.merge.ties", "dmo.merge.dare", "dmo.merge.robustmerge")
+BUILTIN_MODULES = (
+    "dmo.merge.ties",
+    "dmo.merge.dare",
+    "dmo.merge.robustmerge",
+    "dmo.merge.spectral",
+    "dmo.merge.wudi",
+    "dmo.merge.fisher",
+)
+#: Per method, the parameters with which dmo reproduces the DMO paper's ``merge_models`` (mLLMs_merging_4_DMO's
+#: ``model_merging.py``; the paper's coefficients come from :meth:`dmo.mixture.Mixture.rounded_to_budget`). Its
+#: ``task_arithmetic`` and ``weight_average`` are dmo's defaults; ``dare`` is its ``dare_ta``; its ``svd`` applies
+#: TSV only to ``lm_head.weight`` and averages every other tensor (``scope: lm_head``).
+PAPER_PARAMS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {},
+    "weight_average": {},
+    "ties": {"weighted": False, "density": 0.2},
+    "dare": {"weighted": False, "drop_rate": 0.2, "rescale": "inverse"},
+    "dare_ties": {"weighted": False, "drop_rate": 0.2, "rescale": "inverse", "density": 0.2},
+    "svd": {"weighted": False, "scope": "lm_head"},
+    "iso": {"weighted": False},
+    "wudi": {"weighted": False},
+    "wudi2": {"weighted": False},
+    "fisher": {},
+    "fisher_nn": {},
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +97,10 @@ class MergeMethod:
     takes_name: bool = False
     #: chunked form of a delta method (see :class:`Chunked`), or None
     chunked: type[Chunked] | None = None
+    #: per-expert inputs besides the deltas, passed stacked as keyword arguments (e.g. ``("fisher",)``)
+    extra: tuple[str, ...] = ()
+    #: model-wide statistics from the extra inputs: ``prepare({key: [per-expert {param: tensor}]}) -> kwargs``
+    prepare: Prepare | None = None
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` validated against the function's keywords: unknown names are refused with the valid ones."""
@@ -72,6 +117,8 @@ class Chunked(abc.ABC):
 
     #: whether ``observe``/``done`` must run over every expert before ``merge``
     stats = False
+    #: whether ``observe_all`` must see every chunk of all K deltas (after the statistics pass) before ``merge``
+    joint = False
 
     def __init__(self, weights: Tensor, numel: int, name: str = "", **params: Any):
         self.weights = weights
@@ -83,6 +130,9 @@ class Chunked(abc.ABC):
 
     def done(self, index: int) -> None:  # noqa: B027 - optional hook
         """Expert ``index`` has been observed completely."""
+
+    def observe_all(self, deltas: Tensor, lo: int) -> None:  # noqa: B027 - optional hook
+        """Chunk ``[lo, lo + n)`` of all K flat deltas, shape (K, n) (when ``joint``); may modify it in place."""
 
     @abc.abstractmethod
     def merge(self, deltas: Tensor, lo: int) -> Tensor:
@@ -98,6 +148,8 @@ class Chunked(abc.ABC):
             for i in range(k):
                 method.observe(i, 0, flat[i])
                 method.done(i)
+        if method.joint:
+            method.observe_all(flat.clone(), 0)
         return method.merge(flat.clone(), 0).reshape(deltas.shape[1:])
 
 
@@ -112,8 +164,13 @@ def merge_method(
     lora_exact: bool = False,
     inputs: Literal["delta", "lora"] = "delta",
     chunked: type[Chunked] | None = None,
+    extra: tuple[str, ...] = (),
+    prepare: Prepare | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
-    """Register ``fn(deltas, weights, **params) -> Tensor`` under ``name``; the function is returned unchanged."""
+    """Register ``fn(deltas, weights, **params) -> Tensor`` under ``name``; the function is returned unchanged.
+
+    ``extra`` names keyword arguments that are per-expert inputs (stacked like the deltas), not parameters.
+    """
     if not _NAME.match(name):
         raise DmoError(f"invalid merge method name {name!r}: use lower-case letters, digits and '_'")
     if inputs not in ("delta", "lora"):
@@ -126,11 +183,19 @@ def merge_method(
         positional = 3 if inputs == "lora" else 2
         sig = inspect.signature(fn)
         params = list(sig.parameters.values())[positional:]
-        defaults = {p.name: p.default for p in params if p.name != "name" and p.default is not inspect.Parameter.empty}
+        missing = [x for x in extra if x not in sig.parameters]
+        if missing:
+            raise DmoError(f"merge method {name!r}: its function has no argument {missing[0]!r} for extra=")
+        defaults = {
+            p.name: p.default
+            for p in params
+            if p.name != "name" and p.name not in extra and p.default is not inspect.Parameter.empty
+        }
         takes_name = "name" in sig.parameters
         _METHODS[name] = MergeMethod(
-            name, fn, description or (doc[0] if doc else ""), lora_exact, inputs, defaults, takes_name, chunked
-        )
+            name, fn, description or (doc[0] if doc else ""), lora_exact, inputs, defaults, takes_name, chunked,
+            tuple(extra), prepare,
+        )  # fmt: skip
         return fn
 
     return register
@@ -158,11 +223,18 @@ def method_names() -> tuple[str, ...]:
 
 
 def merge_deltas(
-    method: str, task_vectors: Sequence[Mapping[str, Tensor]], weights: Sequence[float], **params: Any
+    method: str,
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float],
+    *,
+    extra: Mapping[str, Sequence[Mapping[str, Tensor]]] | None = None,
+    **params: Any,
 ) -> dict[str, Tensor]:
     """Merge K experts' dense task vectors parameter by parameter with a registered method.
 
-    Parameters adapted by only some experts get zero task vectors for the others. Returns float32 deltas.
+    Parameters adapted by only some experts get zero task vectors for the others. ``extra`` holds the per-expert
+    inputs a method names in ``extra=`` (e.g. ``{"fisher": [fisher_of_expert_0, ...]}``, one dict per expert, each
+    with every parameter merged). Returns float32 deltas.
     """
     spec = get_method(method)
     if spec.inputs != "delta":
@@ -176,8 +248,23 @@ def merge_deltas(
     if not task_vectors:
         raise DmoError("no experts to merge")
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    extra = dict(extra or {})
+    for key in spec.extra:
+        per_expert = extra.get(key)
+        if per_expert is None or len(per_expert) != len(task_vectors):
+            raise DmoError(
+                f"merge method {method!r} needs extra={{{key!r}: [...]}}: one dict of tensors per expert "
+                f"({len(task_vectors)})"
+            )
+    unknown = [k for k in extra if k not in spec.extra]
+    if unknown:
+        raise DmoError(f"merge method {method!r} takes no extra input {unknown[0]!r}")
+    names = sorted(set().union(*task_vectors))
+    prepared: dict[str, Any] = {}
+    if spec.prepare is not None:
+        prepared = dict(spec.prepare({k: [{p: e[p] for p in names if p in e} for e in v] for k, v in extra.items()}))
     out: dict[str, Tensor] = {}
-    for param in sorted(set().union(*task_vectors)):
+    for param in names:
         present = [tv[param] for tv in task_vectors if param in tv]
         shape = present[0].shape
         if any(t.shape != shape for t in present):
@@ -186,9 +273,55 @@ def merge_deltas(
         stacked = torch.stack(
             [tv[param].to(torch.float32) if param in tv else torch.zeros(shape, device=device) for tv in task_vectors]
         )
-        extra = {"name": param} if spec.takes_name else {}
-        out[param] = spec.fn(stacked, w.to(device), **params, **extra)
+        inputs: dict[str, Any] = {"name": param} if spec.takes_name else {}
+        inputs |= prepared
+        for key in spec.extra:
+            inputs[key] = stack_extra(key, param, shape, [e.get(param) for e in extra[key]], device)
+        out[param] = spec.fn(stacked, w.to(device), **params, **inputs)
     return out
+
+
+def stack_extra(
+    key: str,
+    param: str,
+    shape: Sequence[int],
+    values: Sequence[Tensor | None],
+    device: torch.device | str,
+    who: Sequence[str] | None = None,
+) -> Tensor:
+    """The per-expert input ``key`` of ``param`` stacked as (K, *shape) float32; missing or misshaped ones refused.
+
+    ``who`` names the experts in messages (default: their positions).
+    """
+    for i, v in enumerate(values):
+        expert = who[i] if who is not None else f"expert #{i}"
+        if v is None:
+            raise DmoError(
+                f"the {key} weights of {expert} have no tensor {param}: they were computed for another model or "
+                "another set of parameters; recompute them"
+            )
+        if tuple(v.shape) != tuple(shape):
+            raise DmoError(
+                f"the {key} weights of {expert} give {param} the shape {list(v.shape)}, but it has shape "
+                f"{list(shape)}: they were computed for another model; recompute them"
+            )
+    return torch.stack([v.to(device=device, dtype=torch.float32) for v in values if v is not None])
+
+
+def coefficients(weights: Tensor, weighted: bool) -> Tensor:
+    """Each expert's coefficient: its mixture weight, or (``weighted=False``, the DMO paper's unweighted methods)
+    1 for every expert present in the mixture (weight != 0) and 0 for the others."""
+    w = weights.to(torch.float32)
+    return w if weighted else (w != 0).to(torch.float32)
+
+
+def weighted_mean(deltas: Tensor, coef: Tensor) -> Tensor:
+    """``sum_i c_i delta_i / sum_i c_i``: the plain mean of the present experts when every ``c_i`` is 0 or 1."""
+    total = float(coef.sum())
+    if total == 0:
+        raise DmoError(f"the mixture weights {coef.tolist()} sum to 0: their weighted mean is undefined")
+    out = torch.tensordot(coef.to(device=deltas.device, dtype=deltas.dtype), deltas, dims=1)
+    return out.div_(total)
 
 
 @merge_method("linear", lora_exact=True)
@@ -199,3 +332,24 @@ def linear(deltas: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
 
 
 merge_method("task_arithmetic", lora_exact=True, description="Alias of linear: scale * sum_i w_i * delta_i.")(linear)
+
+
+class WeightAverageChunks(Chunked):
+    """``weight_average`` in chunks: a linear merge with the renormalised weights (no statistics pass)."""
+
+    def __init__(self, weights: Tensor, numel: int, name: str = "", weighted: bool = True):
+        super().__init__(weights, numel, name)
+        coef = coefficients(weights, weighted)
+        total = float(coef.sum())
+        if total == 0:
+            raise DmoError(f"weight_average: the weights {weights.tolist()} sum to 0 and cannot be renormalised")
+        self.coef = coef / total
+
+    def merge(self, deltas: Tensor, lo: int) -> Tensor:
+        return torch.tensordot(self.coef.to(device=deltas.device, dtype=deltas.dtype), deltas, dims=1)
+
+
+@merge_method("weight_average", chunked=WeightAverageChunks)
+def weight_average(deltas: Tensor, weights: Tensor, weighted: bool = True) -> Tensor:
+    """Weighted average: sum_i w_i delta_i / sum_i w_i (the paper's weight_average; weighted=False: plain mean)."""
+    return WeightAverageChunks.whole(deltas.to(torch.float32), weights, weighted=weighted)

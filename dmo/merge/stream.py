@@ -24,7 +24,12 @@ How it stays near the hardware's limit:
   finds each expert's exact trim threshold in a statistics pass (holding one float32 copy of the tensor's
   magnitudes, i.e. one tensor, at a time), DARE draws its masks per fixed block; then chunks are merged as above.
   RobustMerge merges each LoRA module's factors first and then streams like ``linear``. A method registered without
-  a chunked form runs one whole tensor at a time and holds ``K + 3`` float32 copies of it (K experts).
+  a chunked form runs one whole tensor at a time and holds ``K + 3`` float32 copies of it (K experts), plus what
+  the method itself needs: the matrix methods (``svd``, ``iso``, ``wudi``, ``wudi2``) work on one whole linear
+  layer at a time, so memory stays flat in the model's size (it grows with its largest tensor).
+* Methods with per-expert inputs (Fisher merging) read them memory-mapped from the files given in ``extra``
+  (``{"fisher": {expert: folder or file}}``), one parameter at a time, after one pass over them for the statistics
+  the method needs over the whole model (the Fisher norms).
 
 Which tensors are merged: ``include`` / ``exclude`` are regular expressions searched in the base checkpoint's tensor
 names; a tensor is merged when it matches an include pattern (all do without ``include``) and no exclude pattern,
@@ -67,7 +72,7 @@ from dmo.merge.checkpoint import (
 from dmo.merge.dense import _resolve
 from dmo.merge.lora import LoraAdapter, LoraModule, load_lora
 from dmo.merge.names import KeyMap
-from dmo.merge.registry import Chunked, MergeMethod, get_method
+from dmo.merge.registry import Chunked, MergeMethod, get_method, stack_extra
 
 #: The DMO paper's parameters that keep the base value, by how the experts were trained.
 PAPER_EXCLUDE: dict[str, tuple[str, ...]] = {
@@ -503,12 +508,134 @@ def _plan_chunked(
     return values, terms, lambda: cls(weights, info.numel, **extra, **full)
 
 
+class ExtraInputs:
+    """A method's per-expert inputs (``MergeMethod.extra``, e.g. Fisher weights), memory-mapped from safetensors.
+
+    ``files[key][i]`` is expert ``i``'s checkpoint for input ``key`` and its names by base tensor name.
+    """
+
+    def __init__(self, files: dict[str, list[tuple[Checkpoint, dict[str, str]]]], who: list[str]):
+        self.files = files
+        self.who = who
+
+    @classmethod
+    def open(
+        cls,
+        method: MergeMethod,
+        base: Checkpoint,
+        experts: Sequence[Expert],
+        paths: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None,
+    ) -> ExtraInputs | None:
+        given = dict(paths or {})
+        unknown = [k for k in given if k not in method.extra]
+        if unknown:
+            takes = f"takes only {', '.join(method.extra)}" if method.extra else "takes no per-expert inputs"
+            raise DmoError(f"{unknown[0]} weights given, but merge method {method.name!r} {takes}")
+        if not method.extra:
+            return None
+        files: dict[str, list[tuple[Checkpoint, dict[str, str]]]] = {}
+        try:
+            for key in method.extra:
+                per = given.get(key)
+                if per is None:
+                    raise DmoError(
+                        f"merge method {method.name!r} needs each expert's {key} weights (safetensors, one tensor per "
+                        f"merged parameter); none were given"
+                    )
+                missing = [e.name for e in experts if e.name not in per]
+                if missing:
+                    raise DmoError(f"no {key} weights given for expert {missing[0]!r}; {method.name} needs them for "
+                                   "every expert in the mixture")  # fmt: skip
+                files[key] = []
+                for e in experts:
+                    what = f"the {key} weights of {e.what}"
+                    ckpt = _open_extra(per[e.name], what)
+                    try:
+                        mapped = _map_names(ckpt.tensors, base, what)
+                    except BaseException:
+                        ckpt.close()
+                        raise
+                    files[key].append((ckpt, {b: f for f, b in mapped.items()}))
+        except BaseException:
+            for per_expert in files.values():
+                for ckpt, _ in per_expert:
+                    ckpt.close()
+            raise
+        return cls(files, [e.what for e in experts])
+
+    def close(self) -> None:
+        for per_expert in self.files.values():
+            for ckpt, _ in per_expert:
+                ckpt.close()
+
+    def check(self, param: str, shape: Sequence[int]) -> None:
+        """Refuse, before anything is written, inputs that lack ``param`` or give it another shape."""
+        for key, per_expert in self.files.items():
+            for (ckpt, names), who in zip(per_expert, self.who):
+                if param not in names:
+                    raise DmoError(
+                        f"the {key} weights of {who} ({ckpt.folder}) have no tensor for {param}: they were computed "
+                        "for another model or another set of parameters; recompute them"
+                    )
+                info = ckpt.tensors[names[param]]
+                if tuple(info.shape) != tuple(shape):
+                    raise DmoError(
+                        f"the {key} weights of {who} give {param} the shape {list(info.shape)} in {info.file}, but the "
+                        f"base has {list(shape)}: they were computed for another model; recompute them"
+                    )
+
+    def views(self, key: str, param: str) -> list[Tensor | None]:
+        return [ckpt.view(names[param]) if param in names else None for ckpt, names in self.files[key]]
+
+    def stacked(self, param: str, shape: Sequence[int], device: torch.device) -> dict[str, Tensor]:
+        return {key: stack_extra(key, param, shape, self.views(key, param), device, self.who) for key in self.files}
+
+    def prepare(self, method: MergeMethod, params: Sequence[str]) -> tuple[dict[str, Any], int]:
+        """The method's model-wide statistics over ``params`` and the bytes read for them."""
+        if method.prepare is None:
+            return {}, 0
+        data = {
+            key: [{p: ckpt.view(names[p]) for p in params if p in names} for ckpt, names in per_expert]
+            for key, per_expert in self.files.items()
+        }
+        nbytes = sum(
+            ckpt.tensors[names[p]].nbytes
+            for per_expert in self.files.values()
+            for ckpt, names in per_expert
+            for p in params
+            if p in names
+        )
+        return dict(method.prepare(data)), nbytes
+
+    def nbytes(self, param: str) -> int:
+        return sum(ckpt.tensors[n[param]].nbytes for per in self.files.values() for ckpt, n in per if param in n)
+
+
+def _open_extra(path: str | os.PathLike[str], what: str) -> Checkpoint:
+    """A folder of safetensors, or one ``.safetensors`` file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        from dmo.merge.checkpoint import read_header
+
+        return Checkpoint(path.parent, read_header(path)[0], what=what)
+    return Checkpoint.open(path, what=what)
+
+
 def _plan_whole(
-    name: str, base: Checkpoint, experts: Sequence[Expert], method: MergeMethod, params: Mapping[str, Any]
+    name: str,
+    base: Checkpoint,
+    experts: Sequence[Expert],
+    method: MergeMethod,
+    params: Mapping[str, Any],
+    extra: ExtraInputs | None = None,
+    prepared: Mapping[str, Any] | None = None,
 ) -> Callable[[torch.device], Tensor] | None:
+    """``prepared`` (the method's model-wide statistics) may still be filled in after planning, before running."""
     if not any(e.checkpoint is not None or name in e.modules or name in e.extra for e in experts):
         return None
     info = base.tensors[name]
+    if extra is not None:
+        extra.check(name, info.shape)
     weights = torch.tensor([e.weight for e in experts], dtype=torch.float32)
 
     def compute(device: torch.device) -> Tensor:
@@ -525,9 +652,12 @@ def _plan_whole(
                 m = e.modules[name]
                 b_, a_ = m.b.to(device, torch.float32), m.a.to(device, torch.float32)
                 deltas[i].view(b_.shape[0], a_.shape[1]).addmm_(b_, a_, alpha=m.scale)
-        extra = {"name": name} if method.takes_name else {}
-        merged = method.fn(deltas, weights.to(device), **params, **extra)
-        del deltas
+        inputs: dict[str, Any] = {"name": name} if method.takes_name else {}
+        inputs |= dict(prepared or {})
+        if extra is not None:
+            inputs |= extra.stacked(name, info.shape, device)
+        merged = method.fn(deltas, weights.to(device), **params, **inputs)
+        del deltas, inputs
         return merged.add_(b32)
 
     return compute
@@ -791,8 +921,12 @@ class _Runner:
         src = flat[lo:hi]
         return out[: hi - lo].copy_(src if self.device.type == "cpu" else src.to(self.device, non_blocking=True))
 
-    def _chunker(self, plan: _Plan, acc: Tensor, scratch: Tensor) -> Chunked:
-        """The plan's chunked method, with its statistics pass run once (by the first worker to need it)."""
+    def _chunker(self, plan: _Plan, acc: Tensor, stack: Tensor) -> Chunked:
+        """The plan's chunked method, with its statistics (and joint) pass run once (by the first worker to need it).
+
+        ``stack`` is a (K, chunk) float32 buffer; its first row is the statistics pass's scratch.
+        """
+        scratch = stack[0]
         with plan._lock:
             if plan._chunker is not None:
                 return plan._chunker
@@ -818,6 +952,20 @@ class _Runner:
                     method.done(i)
                 with self._lock:
                     self.bytes_read += nread
+            if method.joint:  # every chunk of all K deltas once more, before any chunk is merged
+                base_flat = plan.terms[0].flat()
+                fulls = [v.full.flat() if v.full is not None else None for v in plan.values]
+                chunk = min(self._chunk_size(plan), acc.numel(), stack.shape[1])
+                chunk = max(plan.cols, chunk // plan.cols * plan.cols)
+                for lo in range(0, plan.numel, chunk):
+                    hi = min(lo + chunk, plan.numel)
+                    b32 = self._base_chunk(plan, base_flat, lo, hi, acc)
+                    deltas = stack[:, : hi - lo]
+                    for i, value in enumerate(plan.values):
+                        value.delta_into(deltas[i], fulls[i], b32, lo, plan.cols)
+                    method.observe_all(deltas, lo)
+                with self._lock:
+                    self.bytes_read += sum(t.info.nbytes for t in plan.terms if t.info is not None)
             plan._chunker = method
             return method
 
@@ -832,7 +980,7 @@ class _Runner:
         stack = stacks.get(k)
         if stack is None or stack.shape[1] < chunk:
             stack = stacks[k] = torch.empty((k, chunk), dtype=torch.float32, device=self.device)
-        method = self._chunker(plan, acc_buf, stack[0])
+        method = self._chunker(plan, acc_buf, stack)
         out = self._stage(staging, plan.out.dtype, blk.hi - blk.lo)
         base_flat = plan.terms[0].flat()
         fulls = [v.full.flat() if v.full is not None else None for v in plan.values]
@@ -930,13 +1078,15 @@ def merge_checkpoints(
     allow_bin: bool = False,
     fsync: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
 ) -> MergeStats:
     """Merge ``experts`` (name -> folder) into ``base`` with ``weights`` and write the model to ``out``.
 
     ``weights`` are used as given (zeros drop the expert; pass :meth:`dmo.mixture.Mixture.rounded_to_budget` for
     the paper's coefficients). ``kind`` picks the default ``exclude`` (default: ``"lora"`` when every expert is a
     LoRA adapter, else ``"full"``). ``dtype``: output dtype of floating tensors (default: each base tensor's).
-    ``progress(done, total, tensor)`` is called from the calling thread after each output tensor.
+    ``progress(done, total, tensor)`` is called from the calling thread after each output tensor. ``extra``: the
+    per-expert inputs the method needs (``fisher``/``fisher_nn``: ``{"fisher": {expert: folder or .safetensors}}``).
     Raises :class:`DmoError` (one line naming the file and tensor) on bad input; nothing is left at ``out`` then.
     """
     start = time.perf_counter()
@@ -961,6 +1111,10 @@ def merge_checkpoints(
             raise DmoError(f"merge method {spec.name!r} merges LoRA experts only, but {full.what} ({full.folder}) is "
                            "a full checkpoint")  # fmt: skip
         keep = ParamFilter(kind or ("lora" if kinds == {"lora"} else "full"), include, exclude)
+        inputs = ExtraInputs.open(spec, base_ckpt, opened, extra)
+        if inputs is not None:
+            stack.callback(inputs.close)
+        prepared: dict[str, Any] = {}
         adapted = {n for e in opened for n in (*e.modules, *e.extra)}
         excluded_adapted = tuple(sorted(n for n in adapted if not keep(n)))
         names = list(base_ckpt.tensors)  # file order of the base, which is the order it is read in
@@ -991,13 +1145,18 @@ def merge_checkpoints(
                         plan.mode = "chunked"
                         plan.values, plan.terms, plan.chunked = planned
                 else:
-                    whole = _plan_whole(name, base_ckpt, opened, spec, params)
+                    whole = _plan_whole(name, base_ckpt, opened, spec, params, inputs, prepared)
                     if whole is not None:
                         plan.mode, plan.whole = "whole", whole
                         plan.read_bytes = info.nbytes + sum(
                             e.checkpoint.tensors[name].nbytes for e in opened if e.checkpoint is not None
                         )
+                        plan.read_bytes += inputs.nbytes(name) if inputs is not None else 0
             plans.append(plan)
+        extra_bytes = 0
+        if inputs is not None:  # model-wide statistics (Fisher norms) over exactly the tensors merged
+            computed, extra_bytes = inputs.prepare(spec, [p.name for p in plans if p.mode == "whole"])
+            prepared.update(computed)
         merged = sum(p.mode != "copy" for p in plans)
         whole_only = any(p.mode == "whole" for p in plans)
         n_threads = threads or (1 if whole_only or dev.type != "cpu" else max(1, os.cpu_count() or 1))
@@ -1036,6 +1195,7 @@ def merge_checkpoints(
                 "experts": {e.name: {"path": str(e.folder), "kind": e.kind} for e in opened},
                 "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
                 **keep.describe(),
+                **_inputs_record(extra, opened),
                 **dict(metadata or {}),
             }
             (tmp / "dmo_merge.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -1046,7 +1206,7 @@ def merge_checkpoints(
             tensors=len(plans),
             merged=merged,
             copied=len(plans) - merged,
-            bytes_read=runner.bytes_read + lora_bytes,
+            bytes_read=runner.bytes_read + lora_bytes + extra_bytes,
             bytes_written=writer.nbytes,
             seconds=end - start,
             device=str(dev),
@@ -1055,6 +1215,14 @@ def merge_checkpoints(
             files=files,
             phases={"setup": t_setup - start, "stream": t_run - t_setup, "finish": end - t_run},
         )
+
+
+def _inputs_record(
+    extra: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None, experts: Sequence[Expert]
+) -> dict[str, Any]:
+    if not extra:
+        return {}
+    return {"inputs": {key: {e.name: str(paths[e.name]) for e in experts} for key, paths in extra.items()}}
 
 
 def _adapter_bytes(e: Expert) -> int:

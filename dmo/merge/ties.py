@@ -9,6 +9,13 @@ Trimming keeps exactly ``max(1, int(density * n))`` entries of an ``n``-entry te
 the threshold magnitude the ones with the lowest flat index are kept (mergekit's unstable argsort picks an
 arbitrary subset of them; away from such ties both agree exactly). The threshold is found exactly without sorting:
 a sample brackets it, one pass counts the entries above the bracket and collects the few inside it.
+
+``weighted=False`` is the DMO paper's TIES (its ``ties_merging``, from MergeLM), which ignores the mixture's
+coefficients: each expert keeps ``|x| >=`` its ``int(n * (1 - density))``-th smallest magnitude (``n - k + 1``
+entries, plus ties: one more than above), the elected sign is that of the plain sum of the trimmed deltas, where
+that sum is 0 the *majority sign* (the sign of the sum of all elected signs of the tensor) is used, and the entries
+that agree are averaged (divided by how many agree). The majority sign is one number over the whole tensor, so the
+chunked form finds it in a joint pass before merging. Experts with weight 0 do not take part.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 from torch import Tensor
 
 from dmo.errors import DmoError
-from dmo.merge.registry import Chunked, merge_method
+from dmo.merge.registry import Chunked, coefficients, merge_method
 
 #: Below this many entries the threshold is taken with one kthvalue.
 _DIRECT = 1 << 20
@@ -91,6 +98,19 @@ def trim_rule(mags: Tensor, density: float) -> tuple[float, int]:
     return threshold, position + 1
 
 
+def paper_trim_rule(mags: Tensor, density: float) -> tuple[float, int]:
+    """The paper's trim as a :func:`trim_rule`: keep ``mags >=`` the ``int(n * (1 - density))``-th smallest value.
+
+    ``1 - density`` is the paper's mask rate (0.8 for density 0.2; the subtraction is exact for such decimals).
+    """
+    _check_density(density)
+    n = mags.numel()
+    k = int(n * (1 - density))
+    if k < 1:  # nothing to mask (the paper's kthvalue(k=0) would fail on such tiny tensors)
+        return -math.inf, n
+    return kth_largest(mags, n - k + 1), n  # ties at the threshold: all kept (cut = n)
+
+
 def keep(mags: Tensor, lo: int, threshold: float, cut: int) -> Tensor:
     """The trim mask of the chunk ``[lo, lo + n)`` of a flat tensor (ties at the threshold: index < cut)."""
     hi = lo + mags.numel()
@@ -147,6 +167,38 @@ def elect_and_merge(
     return merged
 
 
+def paper_votes(deltas: Tensor, consensus: str = "sum") -> Tensor:
+    """The unweighted election's votes over trimmed ``deltas`` (K, n): their sum, or (``count``) their signs' sum."""
+    if consensus not in ("sum", "count"):
+        raise DmoError(f"consensus must be 'sum' or 'count', got {consensus!r}")
+    return deltas.sum(dim=0) if consensus == "sum" else deltas.sign().sum(dim=0)
+
+
+def paper_elect_and_merge(
+    deltas: Tensor, *, majority: float, consensus: str = "sum", normalize: bool = True, scale: float = 1.0
+) -> Tensor:
+    """The paper's sign election and disjoint mean over trimmed, unweighted ``deltas`` (K, ...).
+
+    ``majority`` replaces a zero vote (its sign: -1, 0 or 1); an entry agrees when it is non-zero and has the
+    elected sign; with ``normalize`` the agreeing entries' sum is divided by their number (at least 1).
+    """
+    sign = torch.sign(paper_votes(deltas, consensus))
+    if majority != 0:
+        sign = torch.where(sign == 0, torch.full_like(sign, math.copysign(1.0, majority)), sign)
+    agree = (deltas * sign) > 0
+    merged = (deltas * agree).sum(dim=0)
+    if normalize:
+        merged /= agree.sum(dim=0).clamp_(min=1)
+    if scale != 1.0:
+        merged *= scale
+    return merged
+
+
+def majority_votes(deltas: Tensor, consensus: str = "sum") -> float:
+    """This chunk's share of the majority vote: the sum of its elected signs (before zeros are replaced)."""
+    return float(torch.sign(paper_votes(deltas, consensus)).sum(dtype=torch.float64))
+
+
 def trim_(delta: Tensor, lo: int, threshold: float, cut: int) -> None:
     """Zero, in place, the entries of chunk ``[lo, lo + n)`` that :func:`keep` drops."""
     hi = lo + delta.numel()
@@ -161,8 +213,36 @@ def trim_(delta: Tensor, lo: int, threshold: float, cut: int) -> None:
     delta.mul_(keep(delta.abs(), lo, threshold, cut))
 
 
+class Trimmer:
+    """Per-expert trim thresholds of flat tensors seen chunk by chunk (one float32 copy of one tensor at a time)."""
+
+    def __init__(self, numel: int, k: int, density: float, weighted: bool):
+        _check_density(density)
+        self.numel, self.k, self.density = numel, k, density
+        self.rule = trim_rule if weighted else paper_trim_rule
+        self.rules: dict[int, tuple[float, int]] = {}
+        self.mags: Tensor | None = None
+
+    def observe(self, lo: int, values: Tensor) -> None:
+        if self.mags is None or self.mags.device != values.device:
+            self.mags = torch.empty(self.numel, dtype=torch.float32, device=values.device)
+        torch.abs(values, out=self.mags[lo : lo + values.numel()])
+
+    def done(self, index: int) -> None:
+        assert self.mags is not None
+        self.rules[index] = self.rule(self.mags, self.density)
+        if len(self.rules) == self.k:
+            self.mags = None  # keep only the rules
+
+    def trim(self, deltas: Tensor, lo: int) -> None:
+        """Zero, in place, what the rules drop from chunk ``[lo, lo + n)`` of every expert."""
+        for i, (threshold, cut) in self.rules.items():
+            trim_(deltas[i], lo, threshold, cut)
+
+
 class TiesChunks(Chunked):
-    """TIES in chunks: the statistics pass finds each expert's exact trim threshold."""
+    """TIES in chunks: the statistics pass finds each expert's exact trim threshold; unweighted (the paper's), a
+    joint pass finds the majority sign."""
 
     stats = True
 
@@ -175,31 +255,48 @@ class TiesChunks(Chunked):
         consensus: str = "sum",
         normalize: bool = True,
         scale: float = 1.0,
+        weighted: bool = True,
     ):
         super().__init__(weights, numel, name)
         _check_density(density)
         if consensus not in ("sum", "count"):
             raise DmoError(f"consensus must be 'sum' or 'count', got {consensus!r}")
         self.density, self.consensus, self.normalize, self.scale = density, consensus, normalize, scale
-        self.rules: dict[int, tuple[float, int]] = {}
-        self._mags: Tensor | None = None
+        self.weighted = weighted
+        self.present = coefficients(weights, weighted)
+        self.trimmer = Trimmer(numel, weights.numel(), density, weighted)
         self.stats = density < 1
+        self.joint = not weighted
+        self._votes = 0.0
+
+    @property
+    def rules(self) -> dict[int, tuple[float, int]]:
+        return self.trimmer.rules
 
     def observe(self, index: int, lo: int, delta: Tensor) -> None:
-        if self._mags is None or self._mags.device != delta.device:
-            self._mags = torch.empty(self.numel, dtype=torch.float32, device=delta.device)
-        torch.abs(delta, out=self._mags[lo : lo + delta.numel()])
+        self.trimmer.observe(lo, delta)
 
     def done(self, index: int) -> None:
-        assert self._mags is not None
-        self.rules[index] = trim_rule(self._mags, self.density)
-        if len(self.rules) == self.weights.numel():
-            self._mags = None  # keep only the rules
+        self.trimmer.done(index)
+
+    def _prepare(self, deltas: Tensor, lo: int) -> None:
+        if self.density < 1:
+            self.trimmer.trim(deltas, lo)
+        if not self.weighted:
+            for i, c in enumerate(self.present.tolist()):
+                if c == 0:  # not in the mixture: takes no part in the paper's unweighted merge
+                    deltas[i].zero_()
+
+    def observe_all(self, deltas: Tensor, lo: int) -> None:
+        self._prepare(deltas, lo)
+        self._votes += majority_votes(deltas, self.consensus)
 
     def merge(self, deltas: Tensor, lo: int) -> Tensor:
-        if self.density < 1:
-            for i, (threshold, cut) in self.rules.items():
-                trim_(deltas[i], lo, threshold, cut)
+        self._prepare(deltas, lo)
+        if not self.weighted:
+            return paper_elect_and_merge(
+                deltas, majority=self._votes, consensus=self.consensus, normalize=self.normalize, scale=self.scale
+            )
         return elect_and_merge(
             deltas, self.weights, consensus=self.consensus, normalize=self.normalize, scale=self.scale
         )
@@ -213,7 +310,9 @@ def ties(
     consensus: str = "sum",
     normalize: bool = True,
     scale: float = 1.0,
+    weighted: bool = True,
 ) -> Tensor:
-    """TIES: trim to density, elect sign, weighted disjoint mean (mergekit's ties)."""
-    params: dict[str, Any] = {"density": density, "consensus": consensus, "normalize": normalize, "scale": scale}
+    """TIES: trim to density, elect sign, weighted disjoint mean (mergekit's ties; weighted=False: the paper's)."""
+    params: dict[str, Any] = {"density": density, "consensus": consensus, "normalize": normalize, "scale": scale,
+                              "weighted": weighted}  # fmt: skip
     return TiesChunks.whole(deltas.to(torch.float32), weights, **params)

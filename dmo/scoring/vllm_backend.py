@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 #: The ranks vLLM accepts for ``max_lora_rank`` (``vllm.config.lora.MaxLoRARanks``).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 WORKER_EXTENSION = "dmo.scoring.vllm_worker.DmoWorkerExtension"
-EXPERTS_BANK = "experts"
 Route = Literal["base", "adapter", "write"]
 
 
@@ -306,6 +305,12 @@ class VLLMScorer:
         self._written, self._written_bank, self._banks = None, None, set()
         return DmoVLLM(llm=llm, processor=processor, name=self.manifest.name)
 
+    @cached_property
+    def _experts_bank(self) -> str:
+        """The worker's key for this manifest's experts (an engine may serve more than one manifest's)."""
+        refs = sorted((d, str(r.path)) for d, r in self.manifest.experts.items())
+        return "experts:" + hashlib.sha256(repr((str(self.manifest.base.path), refs)).encode()).hexdigest()[:16]
+
     @property
     def max_batch(self) -> int:
         """Targets scored in one call: adapter-served proxies go to the engine together, up to ``max_loras``."""
@@ -450,9 +455,9 @@ class VLLMScorer:
         llm = self.lmm.llm
         for key in sorted(self._banks):
             llm.collective_rpc("dmo_write_base", args=(key,))
-            if key != EXPERTS_BANK and key != keep:
+            if key != self._experts_bank and key != keep:
                 llm.collective_rpc("dmo_close_bank", args=(key,))
-        self._banks = {k for k in self._banks if k == EXPERTS_BANK or k == keep}
+        self._banks = {k for k in self._banks if k == self._experts_bank or k == keep}
         self._written = self._written_bank = None
         self._reset_caches()
 
@@ -483,9 +488,9 @@ class VLLMScorer:
             self._write(key, {"trained": 1.0}, "linear", {}, fp)
             return fp, None
         experts = {d: str(self._path(r, f"expert {d!r}")) for d, r in self.manifest.experts.items()}
-        self._bank(EXPERTS_BANK, experts)
+        self._bank(self._experts_bank, experts)
         weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
-        self._write(EXPERTS_BANK, weights, target.method or "linear", dict(target.params), fp)
+        self._write(self._experts_bank, weights, target.method or "linear", dict(target.params), fp)
         return fp, None
 
     # --------------------------------------------------------------------------------------------- scoring
