@@ -36,10 +36,10 @@ from dmo.scoring.tasks import write_tiny_tasks
 DOMAINS = ("counting", "general", "ocr")
 BENCHMARKS = [f"dmo_tiny_{d}" for d in DOMAINS]
 ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
-    "linear (adapter)": ("linear", {}),
-    "robustmerge (adapter)": ("robustmerge", {}),
-    "ties (write)": ("ties", {"density": 0.5}),
-    "dare (write)": ("dare", {"drop_rate": 0.3}),
+    "linear": ("linear", {}),
+    "robustmerge": ("robustmerge", {}),
+    "ties": ("ties", {"density": 0.5}),
+    "dare": ("dare", {"drop_rate": 0.3}),
 }
 
 
@@ -70,10 +70,13 @@ class Clock:
 
 
 def mixtures(n: int, seed: int) -> list[Mixture]:
-    import numpy as np
+    """``n`` distinct mixtures drawn from the resolution-16 lattice (153 points), none a vertex."""
+    import random
 
-    rng = np.random.default_rng(seed)
-    return [Mixture.from_mapping(dict(zip(DOMAINS, rng.dirichlet(np.ones(3)).round(3))), DOMAINS) for _ in range(n)]
+    from dmo.mixture import lattice
+
+    inner = [m for m in lattice(list(DOMAINS), 16) if max(m.as_dict().values()) < 1]
+    return random.Random(seed).sample(inner, n)
 
 
 def proxy(m: Mixture, method: str = "linear", **params: Any) -> Target:
@@ -90,11 +93,25 @@ def instrument(name: str, scorer: Any, clock: Clock) -> None:
         model.generate = clock.wrap(model.generate)
 
 
-def measure(name: str, manifest: Any, tasks: Path, limit: int, adapters: Path, seed: int) -> dict[str, Any]:
+#: the columns: backend, and its options
+BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vllm-writes": ("vllm", {"lora": False}),  # the CPU default: every proxy written into the weights
+    "vllm-adapters": ("vllm", {"lora": True}),  # linear/RobustMerge proxies served as LoRA adapters
+    "hf": ("hf", {"device": "cpu"}),
+}
+
+
+def make(column: str, manifest: Any, tasks: Path, limit: int, work: Path) -> Any:
+    name, options = BACKENDS[column]
+    extra = {"adapter_dir": work / "adapters"} if name == "vllm" else {}
+    return make_scorer(name, manifest=manifest, include_path=tasks, limit=limit, **options, **extra)
+
+
+def measure(column: str, manifest: Any, tasks: Path, limit: int, work: Path, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    name = BACKENDS[column][0]
     t0 = time.perf_counter()
-    kwargs = {"adapter_dir": adapters} if name == "vllm" else {"device": "cpu"}
-    scorer = make_scorer(name, manifest=manifest, include_path=tasks, limit=limit, **kwargs)
+    scorer = make(column, manifest, tasks, limit, work)
     clock = Clock()
     # first proxy: engine/model start plus its first scoring, then the start alone
     warm = proxy(mixtures(1, seed + 99)[0])
@@ -140,19 +157,19 @@ class _NullTable:
         return None
 
 
-def study_ratio(name: str, world: Path, tasks: Path, limit: int, root: Path, n: int, batch: int) -> dict[str, Any]:
-    """A real study (CMA-ES, n trials) and the generation time inside it."""
+def study_ratio(column: str, world: Path, tasks: Path, limit: int, root: Path, n: int, batch: int) -> dict[str, Any]:
+    """A real study (random sampler, n trials) and the generation time inside it."""
     from dmo.study import run_study, study_paths
 
+    name = BACKENDS[column][0]
     manifest = load_manifest(world / "experts.yaml")
     space = parse_space({
-        "name": f"ratio-{name}-{batch}", "domains": list(DOMAINS), "experts": str(world / "experts.yaml"),
+        "name": f"ratio-{column}-{batch}", "domains": list(DOMAINS), "experts": str(world / "experts.yaml"),
         "mixtures": {"lattice": {"resolution": 8}}, "benchmarks": BENCHMARKS,
         "sampler": {"name": "random", "n_trials": n, "seed": batch},
         "scoring": {"backend": name, "limit": limit},
     })  # fmt: skip
-    kwargs = {"adapter_dir": root / "adapters"} if name == "vllm" else {"device": "cpu"}
-    scorer = make_scorer(name, manifest=manifest, include_path=tasks, limit=limit, **kwargs)
+    scorer = make(column, manifest, tasks, limit, root)
     clock = Clock()
     instrument(name, scorer, clock)
     scorer.evaluate(proxy(mixtures(1, 1234)[0]), BENCHMARKS)  # start and warm up outside the timed study
@@ -186,29 +203,27 @@ def main() -> int:
     write_tiny_tasks(world.root / "data", tasks, list(config.domains), max_new_tokens=config.max_new_tokens)
     manifest = load_manifest(world.manifest_path)
     result: dict[str, Any] = {"world": world.root.name, "limit": args.limit, "benchmarks": BENCHMARKS}
-    for name in ("vllm", "hf"):
-        result[name] = measure(name, manifest, tasks, args.limit, args.work / "adapters", args.seed)
-        studies = [study_ratio(name, world.root, tasks, args.limit, args.work / f"study-{name}-1", args.trials, 1)]
-        if name == "vllm":
-            studies.append(study_ratio(name, world.root, tasks, args.limit, args.work / "study-vllm-4", args.trials, 4))
-        result[name]["studies"] = studies
+    for column in BACKENDS:
+        result[column] = measure(column, manifest, tasks, args.limit, args.work, args.seed)
+        batches = (1, 4) if column == "vllm-adapters" else (1,)
+        result[column]["studies"] = [
+            study_ratio(column, world.root, tasks, args.limit, args.work / f"study-{column}-{k}", args.trials, k)
+            for k in batches
+        ]
 
-    print(f"\ntiny world {world.root.name}, {len(BENCHMARKS)} benchmarks x {args.limit} items, greedy")
-    print(f"{'':28}{'vllm (CPU engine)':>26}{'hf':>26}")
-    print(f"{'start (s)':28}{result['vllm']['start_s']:>26}{result['hf']['start_s']:>26}")
+    cols = list(BACKENDS)
+    print(f"\ntiny world {world.root.name}, {len(BENCHMARKS)} benchmarks x {args.limit} items, greedy; seconds")
+    print(f"{'':24}" + "".join(f"{c:>26}" for c in cols))
+    print(f"{'engine/model start':24}" + "".join(f"{result[c]['start_s']:>26}" for c in cols))
     for label in [*ROUTES, "base"]:
-        cells = []
-        for name in ("vllm", "hf"):
-            r = result[name]["per_proxy_s"][label]
-            cells.append(f"{r['wall']:.2f} (gen {r['generation']:.2f})")
-        print(f"{label + ' per proxy (s)':28}{cells[0]:>26}{cells[1]:>26}")
+        cells = [result[c]["per_proxy_s"][label] for c in cols]
+        print(f"{label + ' per proxy':24}" + "".join(f"{r['wall']:>14.2f} (gen {r['generation']:.2f})" for r in cells))
     for k in ("K=1", "K=2", "K=4"):
-        print(f"{'linear proxies/s ' + k:28}{result['vllm']['linear_proxies_per_s'][k]:>26}"
-              f"{result['hf']['linear_proxies_per_s'][k]:>26}")  # fmt: skip
-    for name in ("vllm", "hf"):
-        for s in result[name]["studies"]:
-            print(f"study {name} --batch {s['batch']}: {s['wall_per_trial_s']} s/trial, generation "
-                  f"{s['generation_per_trial_s']} s/trial, ratio {s['ratio']}x")  # fmt: skip
+        print(f"{'linear proxies/s ' + k:24}" + "".join(f"{result[c]['linear_proxies_per_s'][k]:>26}" for c in cols))
+    for c in cols:
+        for st in result[c]["studies"]:
+            print(f"study {c} --batch {st['batch']}: {st['wall_per_trial_s']} s/trial, generation "
+                  f"{st['generation_per_trial_s']} s/trial, ratio {st['ratio']}x")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from dmo.errors import DmoError
 
@@ -197,14 +198,25 @@ def demo(
     run_demo(console, space_file, n_trials=n_trials, small=small, tasks=tasks_dir)
 
 
-@app.command()
+class _MergeCommand(TyperCommand):
+    """``dmo merge``: its ``--method`` help lists the registry's methods, looked up only when help is shown (the
+    registry imports torch, which every other command would pay for)."""
+
+    def format_help(self, ctx, formatter) -> None:  # type: ignore[no-untyped-def]
+        from dmo.merge.registry import method_names
+
+        for param in self.params:
+            if param.name == "method":
+                param.help = f"Merge method: {', '.join(method_names())}."
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_MergeCommand)
 def merge(
     experts: Annotated[Path, typer.Option(help="Expert manifest (experts/*.yaml).")],
     weights: Annotated[str, typer.Option(help="Mixture, e.g. general=0.25,ocr=0.75 (missing domains are 0).")],
     out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
-    method: Annotated[
-        str, typer.Option(help="linear, task_arithmetic, ties, dare, dare_ties, robustmerge.")
-    ] = "linear",
+    method: Annotated[str, typer.Option(help="Merge method (the registered ones are listed here).")] = "linear",
     as_: Annotated[str, typer.Option("--as", help="dense: a full model; adapter: one PEFT LoRA adapter.")] = "dense",
     param: Annotated[
         list[str] | None, typer.Option(help="Method parameter name=value (repeatable), e.g. density=0.5, scale=0.8.")
@@ -255,6 +267,60 @@ def merge(
         console.print(f"kept the base value of {len(stats.excluded_adapted)} adapted tensors (include/exclude), "
                       f"e.g. {stats.excluded_adapted[0]}", highlight=False)  # fmt: skip
     console.print(f"{stats.out}: {stats.summary()}", highlight=False)
+
+
+@app.command("fisher")
+def fisher_command(
+    experts: Annotated[Path, typer.Option(help="Expert manifest (experts/*.yaml).")],
+    data: Annotated[
+        Path,
+        typer.Option(help="Data root holding each expert's domain (<domain>/train.jsonl, <domain>.jsonl, ...)."),
+    ],
+    samples: Annotated[int, typer.Option(min=1, help="Samples per expert (the paper's 2000; all when fewer).")] = 2000,
+    expert: Annotated[
+        list[str] | None, typer.Option(help="Only this expert (repeatable; default: every expert of the manifest).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype for the gradients.")] = "float32",
+    target: Annotated[
+        str, typer.Option(help="labels: log-likelihood of the data's answers; predictions: of the model's own.")
+    ] = "labels",
+    seed: Annotated[int, typer.Option(help="Seed of the sample order (dmo data's per-domain permutation).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Recompute Fisher files that exist.")] = False,
+    update_manifest: Annotated[
+        bool, typer.Option(help="Add each expert's 'fisher:' path to the manifest (else print the lines).")
+    ] = True,
+) -> None:
+    """Diagonal Fisher weights of each expert on its domain's data, for 'dmo merge --method fisher / fisher_nn'."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dmo.fisher import compute_fisher, record_in_manifest
+
+    with Progress(
+        TextColumn("fisher {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+        TimeElapsedColumn(), console=err, transient=True,
+    ) as bar:  # fmt: skip
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+
+        results = compute_fisher(
+            experts, data, samples=samples, experts=expert or None, device=device, dtype=dtype,
+            target=target, seed=seed, overwrite=overwrite, progress=progress,  # type: ignore[arg-type]
+        )  # fmt: skip
+    for r in results:
+        console.print(r.summary(), highlight=False, soft_wrap=True)
+    written, lines = record_in_manifest(experts, {r.expert: r.path for r in results}, write=update_manifest)
+    if written:
+        names = ", ".join(r.expert for r in results)
+        console.print(f"{experts}: recorded the 'fisher:' path of {names}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"add to the experts of {experts} (paths relative to it):", highlight=False, soft_wrap=True)
+        for line in lines:
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -63,6 +63,21 @@ class ModelRef(_Strict):
         return str(self.path) if self.path is not None else f"{self.hub}@{self.revision or 'main'}"
 
 
+class ExpertRef(ModelRef):
+    """An expert: a model reference plus, optionally, its diagonal Fisher weights (``fisher: FILE``, a safetensors
+    file or folder, relative to the manifest; written by ``dmo fisher``, read by the ``fisher``/``fisher_nn``
+    merges). Without ``fisher`` they are looked for where ``dmo fisher`` puts them by default:
+    ``<expert folder>/fisher.safetensors`` (a full checkpoint: ``<expert folder>/fisher/fisher.safetensors``)."""
+
+    fisher: Path | None = None
+
+    def resolved(self, root: Path) -> ExpertRef:
+        out = super().resolved(root)
+        if self.fisher is None:
+            return out
+        return out.model_copy(update={"fisher": (root / self.fisher.expanduser()).resolve()})
+
+
 class TrainedRef(_Strict):
     """A model trained on an actual mixture: the ground truth a proxy is compared with."""
 
@@ -82,7 +97,7 @@ class ExpertManifest(_Strict):
     base: ModelRef
     kind: Literal["lora", "full"] = "lora"
     budget: int | None = Field(default=None, gt=0, description="training samples per expert")
-    experts: dict[str, ModelRef]
+    experts: dict[str, ExpertRef]
     trained: list[TrainedRef] = []
     trust_remote_code: bool = Field(default=False, description="InternVL checkpoints need it; off by default")
 
@@ -93,7 +108,7 @@ class ExpertManifest(_Strict):
 
     @field_validator("experts")
     @classmethod
-    def _domains(cls, v: dict[str, ModelRef]) -> dict[str, ModelRef]:
+    def _domains(cls, v: dict[str, ExpertRef]) -> dict[str, ExpertRef]:
         if not v:
             raise ValueError("list at least one expert")
         for d in v:
@@ -202,7 +217,10 @@ class SamplerSpec(_Strict):
 class VLLMOptions(_Strict):
     """The vllm backend's engine: LoRA serving of exact linear proxies, weight writes for the rest."""
 
-    lora: bool = Field(default=True, description="serve linear/RobustMerge proxies of LoRA experts as adapters")
+    lora: bool | None = Field(
+        default=None,
+        description="serve linear/RobustMerge proxies of LoRA experts as adapters (default: on a GPU, not on a CPU)",
+    )
     max_lora_rank: int | None = Field(default=None, description="default: the smallest vLLM rank >= sum of ranks")
     max_loras: int = Field(default=4, gt=0, description="adapters (proxies) in flight together")
     gpu_memory_utilization: float | None = Field(
@@ -402,6 +420,85 @@ def load_manifest(path: str | Path, check_paths: bool = True) -> ExpertManifest:
         except DmoError as exc:
             raise DmoError(f"{path}: trained: {exc}") from None
     return manifest
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_./~+-][A-Za-z0-9_./~+@=-]*")
+
+
+def _yaml_scalar(text: str) -> str:
+    """``text`` as a YAML scalar that reads back as the same string (plain where safe, else double-quoted)."""
+    if _PLAIN.fullmatch(text) and yaml.safe_load(text) == text:
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def set_expert_field(path: str | Path, field: str, values: dict[str, str]) -> str:
+    """The text of manifest ``path`` with ``experts.<domain>.<field>: value`` set for each of ``values``.
+
+    Everything else (comments, order, quoting, flow or block style) is kept: only the experts' entries change,
+    through the positions PyYAML reports. A string entry ``ocr: ./ocr`` becomes ``ocr: {path: ./ocr, fisher: x}``;
+    a mapping gets the key added (or its value replaced). The result is validated as a manifest; a layout this
+    cannot edit safely (an anchor shared by two experts, ...) raises :class:`DmoError`. Nothing is written here
+    (:func:`dmo.fisher.record_in_manifest` writes it atomically).
+    """
+    path = Path(path)
+    before = _validate(ExpertManifest, _read_yaml(path), str(path))
+    text = path.read_text()
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise DmoError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    experts = None
+    if isinstance(root, yaml.MappingNode):
+        experts = next((v for k, v in root.value if getattr(k, "value", None) == "experts"), None)
+    if not isinstance(experts, yaml.MappingNode):
+        raise DmoError(f"{path}: no 'experts:' mapping to add {field} paths to")
+    edits: list[tuple[int, int, str]] = []
+    found = set()
+    for key, node in experts.value:
+        domain = getattr(key, "value", None)
+        if domain not in values:
+            continue
+        found.add(domain)
+        new = _yaml_scalar(values[domain])
+        start, end = node.start_mark.index, node.end_mark.index
+        if isinstance(node, yaml.ScalarNode):
+            local = str(node.value).startswith(("./", "../", "/", "~"))
+            edits.append((start, end, f"{{{'path' if local else 'hub'}: {text[start:end]}, {field}: {new}}}"))
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            raise DmoError(f"{path}: experts.{domain} is neither a path nor a mapping")
+        existing = next((v for k, v in node.value if getattr(k, "value", None) == field), None)
+        if existing is not None:
+            edits.append((existing.start_mark.index, existing.end_mark.index, new))
+        elif node.flow_style:
+            brace = text.rindex("}", start, end)
+            edits.append((brace, brace, f", {field}: {new}"))
+        else:
+            last = node.value[-1][1]
+            eol = text.find("\n", last.end_mark.index)
+            eol = len(text) if eol < 0 else eol
+            indent = " " * node.value[0][0].start_mark.column
+            edits.append((eol, eol, f"\n{indent}{field}: {new}"))
+    missing = [d for d in values if d not in found]
+    if missing:
+        raise DmoError(f"{path}: no expert {missing[0]!r} under 'experts:'")
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        raise DmoError(f"{path}: cannot add {field} paths to this layout safely")
+    after = _validate(ExpertManifest, data, str(path))
+    same = {d: r.model_copy(update={field: getattr(before.experts[d], field)}) if d in values else r
+            for d, r in after.experts.items()}  # fmt: skip
+    if after.model_copy(update={"experts": same}) != before or any(
+        str(getattr(after.experts[d], field)) != str(Path(v)) for d, v in values.items()
+    ):
+        raise DmoError(f"{path}: cannot add {field} paths to this layout safely")
+    return text
 
 
 def load_space(path: str | Path) -> SearchSpace:

@@ -25,9 +25,7 @@ _ID_PART = re.compile(r"^([a-z][a-z0-9_]{0,31})-([0-9.]+)$")
 
 def check_domain_name(name: str) -> str:
     if not isinstance(name, str) or not _DOMAIN.match(name):
-        raise DmoError(
-            f"invalid domain name {name!r}: use lower-case letters, digits and '_', starting with a letter"
-        )
+        raise DmoError(f"invalid domain name {name!r}: use lower-case letters, digits and '_', starting with a letter")
     return name
 
 

@@ -30,8 +30,21 @@ from dmo.errors import DmoError
 Kind = Literal["proxy", "trained", "expert", "base"]
 KINDS: tuple[str, ...] = ("proxy", "trained", "expert", "base")
 BASE_COLUMNS = [
-    "kind", "group", "mixture", "method", "seed", "benchmark", "metric", "score", "status", "error",
-    "source", "fingerprint", "key", "seconds", "time",
+    "kind",
+    "group",
+    "mixture",
+    "method",
+    "seed",
+    "benchmark",
+    "metric",
+    "score",
+    "status",
+    "error",
+    "source",
+    "fingerprint",
+    "key",
+    "seconds",
+    "time",
 ]
 
 

@@ -108,8 +108,12 @@ from dmo.correlate import (  # noqa: E402
 
 def _scipy_perm_p(x, y, n_perm, seed):
     return stats.permutation_test(
-        (x,), lambda a: stats.spearmanr(a, y).statistic, permutation_type="pairings", n_resamples=n_perm,
-        rng=seed, vectorized=False,
+        (x,),
+        lambda a: stats.spearmanr(a, y).statistic,
+        permutation_type="pairings",
+        n_resamples=n_perm,
+        rng=seed,
+        vectorized=False,
     ).pvalue
 
 
@@ -150,7 +154,11 @@ def test_correlate_pvalues_equal_scipy_per_benchmark_and_jointly_for_mean_rho(tm
         return np.mean([stats.spearmanr(xs[b][idx], ys[b]).statistic for b in ("b1", "b2")])
 
     want = stats.permutation_test(
-        (np.arange(n, dtype=float),), mean_rho, permutation_type="pairings", n_resamples=500, rng=5,
+        (np.arange(n, dtype=float),),
+        mean_rho,
+        permutation_type="pairings",
+        n_resamples=500,
+        rng=5,
         vectorized=False,
     ).pvalue
     assert out.at[MEAN_RHO, "spearman_p"] == pytest.approx(want)
@@ -211,8 +219,9 @@ def test_regression_baseline_is_leave_one_out():
     y2 = y.copy()
     y2[4] += 10.0  # a held-out mixture's own score must not move its prediction
     assert regression_loo(w, y2)[4] == pytest.approx(pred[4])
-    assert pred[4] == pytest.approx(ridge_predict(np.delete(regression_features(w), 4, 0), np.delete(y, 4),
-                                                  regression_features(w)[4:5])[0])
+    assert pred[4] == pytest.approx(
+        ridge_predict(np.delete(regression_features(w), 4, 0), np.delete(y, 4), regression_features(w)[4:5])[0]
+    )
     assert regression_loo(w[:3], y[:3]) is None
     # a surface that is quadratic in the weights is recovered from the other mixtures
     quad = 0.2 + w[:, 0] - 2 * w[:, 1] * w[:, 2] + 0.5 * w[:, 0] ** 2
@@ -247,8 +256,11 @@ def test_groups_are_separate_and_ignore_other_groups_domains(tmp_path):
     for group, mixtures in (("two", lattice(["a", "b"], 6)), ("three", lattice(["a", "b", "c"], 3))):
         for m in mixtures:
             v = float(rng.random())
-            rows.append(ScoreRow("proxy", m.id, "x", v + 0.1 * float(rng.random()), weights=m.as_dict(),
-                                 group=group, method="linear"))
+            rows.append(
+                ScoreRow(
+                    "proxy", m.id, "x", v + 0.1 * float(rng.random()), weights=m.as_dict(), group=group, method="linear"
+                )
+            )
             rows.append(ScoreRow("trained", m.id, "x", v, weights=m.as_dict(), seed=0))
     t = ResultsTable(tmp_path / "s.jsonl")
     t.append(rows)

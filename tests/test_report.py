@@ -29,16 +29,41 @@ def table(tmp_path):
             rows.append(ScoreRow("expert", d, b, float(rng.random())))
         for m in mixtures:
             v = m["general"] if b == "bench_a" else m["ocr"] ** 2
-            rows.append(ScoreRow("proxy", m.id, b, v + float(rng.normal(0, 0.1)), weights=m.as_dict(), group="g",
-                                 method="linear"))
+            rows.append(
+                ScoreRow(
+                    "proxy", m.id, b, v + float(rng.normal(0, 0.1)), weights=m.as_dict(), group="g", method="linear"
+                )
+            )
             for seed in (0, 1):
-                rows.append(ScoreRow("trained", m.id, b, v + float(rng.normal(0, 0.05)), weights=m.as_dict(),
-                                     seed=seed))
+                rows.append(
+                    ScoreRow("trained", m.id, b, v + float(rng.normal(0, 0.05)), weights=m.as_dict(), seed=seed)
+                )
     # a proxy-only mixture (a study trial nobody trained) and a failed row, both left out of the comparison
-    rows.append(ScoreRow("proxy", "general-0.3+ocr-0.7", "bench_a", 0.1, weights={"general": 0.3, "ocr": 0.7},
-                         group="g", method="linear"))
-    rows.append(ScoreRow("proxy", mixtures[0].id, "bench_a", None, weights=mixtures[0].as_dict(), group="g",
-                         method="linear", status="failed", error="boom", key="k"))
+    rows.append(
+        ScoreRow(
+            "proxy",
+            "general-0.3+ocr-0.7",
+            "bench_a",
+            0.1,
+            weights={"general": 0.3, "ocr": 0.7},
+            group="g",
+            method="linear",
+        )
+    )
+    rows.append(
+        ScoreRow(
+            "proxy",
+            mixtures[0].id,
+            "bench_a",
+            None,
+            weights=mixtures[0].as_dict(),
+            group="g",
+            method="linear",
+            status="failed",
+            error="boom",
+            key="k",
+        )
+    )
     t = ResultsTable(tmp_path / "scores.jsonl")
     t.append(rows)
     return t
@@ -62,8 +87,19 @@ def test_every_format_carries_the_new_columns(table):
     md = _render(render_correlation, corr, "markdown").splitlines()
     head = [c.strip() for c in md[0].strip("|").split("|")]
     assert head == [
-        "group", "method", "benchmark", "n", "proxy rho [95% CI]", "p", "tau", "r", "top-3",
-        "expert-mix rho [95% CI]", "regression rho [95% CI]", "seed rho", "regret@1",
+        "group",
+        "method",
+        "benchmark",
+        "n",
+        "proxy rho [95% CI]",
+        "p",
+        "tau",
+        "r",
+        "top-3",
+        "expert-mix rho [95% CI]",
+        "regression rho [95% CI]",
+        "seed rho",
+        "regret@1",
     ]
     assert len(md) == 2 + len(corr) and all(line.count("|") == len(head) + 1 for line in md)
     wide = _render(render_correlation, corr, "table", width=200)
@@ -149,8 +185,9 @@ def test_compare_formats(table):
 def test_cli_correlate_and_compare(table):
     runner = CliRunner()
     folder = str(table.path.parent)
-    res = runner.invoke(app, ["correlate", folder, "--format", "csv", "--n-boot", "50", "--n-perm", "100",
-                              "--top-k", "2"])
+    res = runner.invoke(
+        app, ["correlate", folder, "--format", "csv", "--n-boot", "50", "--n-perm", "100", "--top-k", "2"]
+    )
     assert res.exit_code == 0, res.output
     out = pd.read_csv(io.StringIO(res.output))
     assert (out["k"] == 2).all() and MEAN_RHO in set(out["benchmark"])
@@ -165,7 +202,13 @@ def test_cli_correlate_and_compare(table):
 
 def test_compare_counts_a_seedless_trained_model_as_one_seed(tmp_path):
     t = ResultsTable(tmp_path / "s.jsonl")
-    t.append([ScoreRow("proxy", "a-1", "x", 0.5, group="g", method="linear"), ScoreRow("trained", "a-1", "x", 0.4),
-              ScoreRow("proxy", "b-1", "x", 0.1, group="g", method="linear"), ScoreRow("trained", "b-1", "x", 0.2)])
+    t.append(
+        [
+            ScoreRow("proxy", "a-1", "x", 0.5, group="g", method="linear"),
+            ScoreRow("trained", "a-1", "x", 0.4),
+            ScoreRow("proxy", "b-1", "x", 0.1, group="g", method="linear"),
+            ScoreRow("trained", "b-1", "x", 0.2),
+        ]
+    )
     out = compare(t.frame())
     assert list(out["seeds"]) == [1, 1] and list(out["mixture"]) == ["a-1", "b-1"]

@@ -44,10 +44,15 @@ class Bowl:
 
 
 def _space(sampler, n):
-    return parse_space({
-        "name": "s3", "domains": ["counting", "general", "ocr"], "mixtures": {"preset": "paper-3d"},
-        "benchmarks": ["b1", "b2"], "sampler": {"name": sampler, "n_trials": n, "seed": 1},
-    })
+    return parse_space(
+        {
+            "name": "s3",
+            "domains": ["counting", "general", "ocr"],
+            "mixtures": {"preset": "paper-3d"},
+            "benchmarks": ["b1", "b2"],
+            "sampler": {"name": sampler, "n_trials": n, "seed": 1},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +130,10 @@ def test_report_is_one_self_contained_html_with_valid_pngs(results, monkeypatch)
 
 
 def test_two_domain_report_without_study_or_trained_rows(tmp_path):
-    rows = [ScoreRow("proxy", m.id, "x", m["a"], weights=m.as_dict(), group="g2", method="linear")
-            for m in lattice(["a", "b"], 4)]
+    rows = [
+        ScoreRow("proxy", m.id, "x", m["a"], weights=m.as_dict(), group="g2", method="linear")
+        for m in lattice(["a", "b"], 4)
+    ]
     ResultsTable(tmp_path / "scores.jsonl").append(rows)
     text = build_report(tmp_path, n_boot=10)
     assert "No mixture has both a proxy score and a trained score yet" in text
@@ -155,8 +162,10 @@ def test_cli_report_writes_where_asked(tmp_path):
 
 
 def test_unreadable_study_storage_is_reported_not_fatal(tmp_path):
-    rows = [ScoreRow("proxy", m.id, "x", m["a"], weights=m.as_dict(), group="g2", method="linear")
-            for m in lattice(["a", "b"], 4)]
+    rows = [
+        ScoreRow("proxy", m.id, "x", m["a"], weights=m.as_dict(), group="g2", method="linear")
+        for m in lattice(["a", "b"], 4)
+    ]
     ResultsTable(tmp_path / "scores.jsonl").append(rows)
     (tmp_path / "bad.db").write_text("not a database")
     text = build_report(tmp_path, storage=f"sqlite:///{tmp_path / 'bad.db'}", n_boot=10)

@@ -76,7 +76,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def engine(world: SimpleNamespace) -> VLLMScorer:
-    s = VLLMScorer(world.manifest, include_path=world.tasks, adapter_dir=world.tmp / "adapters")
+    s = VLLMScorer(world.manifest, include_path=world.tasks, adapter_dir=world.tmp / "adapters", lora=True)
     yield s
     s.close()
 
@@ -315,3 +315,31 @@ def test_a_batched_grid_study_scores_like_one_at_a_time_and_fills_the_engine(
     finally:
         engine.lmm.llm.generate = generate
     assert values[1] == values[4]
+
+
+def test_a_study_runs_for_every_registered_merge_method(world: SimpleNamespace, engine: VLLMScorer) -> None:
+    """Every method of the registry through a short study on the engine: trials complete, or (methods that need
+    inputs the manifest lacks) the study is refused before it opens with one line."""
+    from dmo.config import parse_space
+    from dmo.errors import DmoError
+    from dmo.merge.registry import method_names
+    from dmo.study import run_study, study_paths
+
+    outcomes = {}
+    for method in method_names():
+        space = parse_space({
+            "name": f"every-{method}", "domains": list(DOMAINS), "experts": str(world.root / "experts.yaml"),
+            "mixtures": [{"general": 0.3, "ocr": 0.7}, {"general": 0.6, "ocr": 0.4}], "benchmarks": BENCHMARKS,
+            "sampler": {"name": "grid"}, "merge": {"method": method},
+        })  # fmt: skip
+        try:
+            result = run_study(space, engine, study_paths(space, root=world.tmp / "every"), progress=False)
+        except DmoError as exc:
+            outcomes[method] = str(exc)
+            continue
+        states = {t.state.name for t in result.study.get_trials()}
+        outcomes[method] = states
+        assert states == {"COMPLETE"}, (method, states)
+    refused = {m: o for m, o in outcomes.items() if isinstance(o, str)}
+    assert set(refused) <= {"fisher", "fisher_nn"}, refused  # only the methods that need Fisher weights
+    assert all("fisher" in text and "\n" not in text for text in refused.values()), refused

@@ -24,6 +24,7 @@ from torch import Tensor
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
 from dmo.merge.lora import ADAPTER_WEIGHTS, LoraAdapter, LoraModule, concat_adapter, load_lora, write_adapter
+from dmo.merge.registry import coefficients as expert_coefficients
 from dmo.merge.registry import get_method
 from dmo.merge.stream import (
     DEFAULT_SHARD_SIZE,
@@ -39,6 +40,8 @@ from dmo.merge.stream import (
 #: The largest ``max_lora_rank`` vLLM accepts.
 VLLM_MAX_LORA_RANK = 512
 LINEAR = ("linear", "task_arithmetic")
+#: Methods whose merge of LoRA experts is the concatenated adapter with some coefficients (:func:`linear_coefficients`).
+ADAPTER_LINEAR = (*LINEAR, "weight_average")
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,26 @@ class AdapterStats:
 def _adapter_refusal(reason: str) -> DmoError:
     return DmoError(
         f"--as adapter writes the exact concatenated LoRA proxy (its rank is the sum of the experts' ranks, and vLLM's "
-        f"max_lora_rank must be >= it), which exists only for the linear method on LoRA experts: {reason}; "
-        "use --as dense instead"
+        f"max_lora_rank must be >= it), which exists only for the linear methods ({', '.join(ADAPTER_LINEAR)}) and "
+        f"robustmerge on LoRA experts: {reason}; use --as dense instead"
     )
+
+
+def linear_coefficients(spec: Any, weights: Mapping[str, float], params: Mapping[str, Any]) -> dict[str, float] | None:
+    """Each expert's coefficient when ``spec`` merges LoRA experts as a weighted sum of their ``s B A`` (so exactly
+    as the concatenated adapter), else None: ``linear``/``task_arithmetic`` ``scale * w_i``, ``weight_average``
+    the weights renormalised to sum 1 (with ``weighted: false``, 1/K for each of the K experts present)."""
+    if spec.name in LINEAR:
+        scale = float(params.get("scale", 1.0))
+        return {k: scale * w for k, w in weights.items()}
+    if spec.name == "weight_average":
+        names = list(weights)
+        w = torch.tensor([float(weights[k]) for k in names], dtype=torch.float64)
+        coef = expert_coefficients(w, bool(params.get("weighted", True)))
+        if float(coef.sum()) == 0:
+            raise DmoError(f"weight_average: the weights {dict(weights)} sum to 0 and cannot be renormalised")
+        return {k: float(c) for k, c in zip(names, (coef / coef.sum()).tolist())}
+    return None
 
 
 def write_lora_proxy(
@@ -89,8 +109,10 @@ def write_lora_proxy(
     start = time.perf_counter()
     spec = get_method(method)
     params = spec.check_params(dict(params or {}))
-    if spec.name not in LINEAR and spec.inputs != "lora":
-        raise _adapter_refusal(f"method {spec.name!r} is not linear")
+    if spec.name not in ADAPTER_LINEAR and spec.inputs != "lora":
+        raise _adapter_refusal(
+            f"method {spec.name!r} is not linear: its merged delta is not a weighted sum of the experts' B·A products"
+        )
     out = Path(out)
     if out.exists() and not overwrite:
         raise DmoError(f"output folder {out} already exists: remove it or pass --overwrite")
@@ -144,9 +166,9 @@ def adapter_proxy(
     adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float], spec: Any, params: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(adapter_config, tensors)`` of the linear proxy (the exact concatenation) or of RobustMerge's adapter."""
-    if spec.name in LINEAR:
-        scale = float(params.get("scale", 1.0))
-        return concat_adapter(adapters, {k: scale * w for k, w in weights.items()})
+    linear = linear_coefficients(spec, weights, params)
+    if linear is not None:
+        return concat_adapter(adapters, linear)
     merged = _robust_adapter(adapters, weights, spec.fn, params)
     return concat_adapter({"merged": merged}, {"merged": 1.0})
 
@@ -228,8 +250,11 @@ def merge_manifest(
 ) -> MergeStats | AdapterStats:
     """Merge an expert manifest's experts for a mixture (``"general=0.25,ocr=0.75"`` or a mapping) into ``out``."""
     from dmo.config import ExpertManifest, load_manifest
+    from dmo.fisher import method_inputs
 
+    manifest_file = None
     if not isinstance(manifest, ExpertManifest):
+        manifest_file = manifest
         manifest = load_manifest(manifest)
     coefficients = mixture_weights(manifest, weights, paper_rounding=paper_rounding)
     experts = {d: _local(ref, f"expert {d!r}", manifest) for d, ref in manifest.experts.items() if d in coefficients}
@@ -241,11 +266,13 @@ def merge_manifest(
         )  # fmt: skip
     if as_ != "dense":
         raise DmoError(f"--as must be 'dense' or 'adapter', not {as_!r}")
+    get_method(method).check_params(dict(params or {}))  # a misspelt parameter before a missing Fisher file
+    extra = method_inputs(manifest, experts, method, manifest_file)  # the Fisher files of fisher / fisher_nn
     return merge_checkpoints(
         _local(manifest.base, "base", manifest), experts, coefficients, out, method=method, params=params,
         kind=manifest.kind, include=include, exclude=exclude, dtype=dtype, max_shard_size=max_shard_size,
         overwrite=overwrite, device=device, threads=threads, progress=progress, allow_bin=allow_bin,
-        metadata={"manifest": manifest.name, "paper_rounding": paper_rounding},
+        metadata={"manifest": manifest.name, "paper_rounding": paper_rounding}, extra=extra or None,
     )  # fmt: skip
 
 

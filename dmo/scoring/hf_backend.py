@@ -16,10 +16,12 @@ import torch
 
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.fisher import fisher_paths, inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, adapter_to, check_same_base, expert_delta, fingerprint, load_lora, lora_delta
 from dmo.merge.names import KeyMap
 from dmo.merge.proxy import LINEAR, _robust_adapter
 from dmo.merge.registry import get_method, merge_deltas
+from dmo.merge.stream import _open_extra
 from dmo.scorer import Evaluation, Target, register_scorer
 from dmo.scoring.evaluate import evaluate
 from dmo.scoring.lmms_model import DmoLMM, load_pretrained
@@ -59,6 +61,7 @@ class HFScorer:
         self.device = _device(device)
         self.metric_map = metric_map
         self._trained: dict[Path, LoraAdapter] = {}
+        self._inputs: dict[str, dict[str, torch.Tensor]] = {}  # Fisher weights per expert (fisher, fisher_nn)
 
     @cached_property
     def lmm(self) -> DmoLMM:
@@ -124,7 +127,19 @@ class HFScorer:
             return f"base:{folder_id(self.manifest.base.path)}"
         adapters, weights = self._parts(target)
         method, params = target.method or "linear", dict(target.params)
-        return f"{folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, method, params)}"
+        fp = f"{folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, method, params)}"
+        if target.kind == "proxy":  # a recomputed Fisher file is another proxy
+            inputs = inputs_id(method_inputs(self.manifest, weights, method))
+            fp += f":{inputs}" if inputs else ""
+        return fp
+
+    def _fisher(self, domain: str) -> dict[str, torch.Tensor]:
+        """Expert ``domain``'s Fisher weights by live parameter name, memory-mapped (read when a merge touches them)."""
+        if domain not in self._inputs:
+            (path,) = fisher_paths(self.manifest, [domain]).values()
+            ckpt = _open_extra(path, f"the fisher weights of expert {domain!r}")
+            self._inputs[domain] = {self._names(n): ckpt.view(n) for n in ckpt.tensors}
+        return self._inputs[domain]
 
     def settings(self) -> dict[str, Any]:
         import lmms_eval
@@ -153,7 +168,11 @@ class HFScorer:
             return expert_delta(_robust_adapter(adapters, weights, spec.fn, params))
         names = list(adapters)
         deltas = [expert_delta(adapters[n]) for n in names]
-        return merge_deltas(spec.name, deltas, [weights[n] for n in names], **params)
+        extra = None
+        if spec.extra:  # fisher, fisher_nn: each expert's Fisher file (a missing one is refused in one line)
+            method_inputs(self.manifest, names, spec.name)
+            extra = {"fisher": [self._fisher(n) for n in names]}
+        return merge_deltas(spec.name, deltas, [weights[n] for n in names], extra=extra, **params)
 
     def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation:
         lmm = self.lmm

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.fisher import inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, check_same_base, fingerprint, load_lora, write_adapter
 from dmo.merge.proxy import LINEAR, VLLM_MAX_LORA_RANK, adapter_proxy
 from dmo.merge.registry import get_method
@@ -196,7 +197,7 @@ class VLLMScorer:
         include_path: Path | None = None,
         limit: int | None = None,
         *,
-        lora: bool = True,
+        lora: bool | None = None,
         max_lora_rank: int | None = None,
         max_loras: int = 4,
         gpu_memory_utilization: float | None = None,
@@ -215,7 +216,10 @@ class VLLMScorer:
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
-        self.lora = lora
+        # None: by platform. vLLM's CPU LoRA kernels made generation ~6x slower than the same proxy written dense
+        # (benchmarks/engine_reuse_vllm.py: 5.5 s against 0.9 s per tiny-world proxy), so a CPU engine writes every
+        # proxy; a GPU engine serves exact linear proxies as adapters, several in one batch.
+        self.lora = (not on_cpu()) if lora is None else lora
         self.max_lora_rank = max_lora_rank
         self.max_loras = max_loras
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -316,8 +320,11 @@ class VLLMScorer:
         """Targets scored in one call: adapter-served proxies go to the engine together, up to ``max_loras``."""
         return self.max_loras
 
-    #: ``dmo study`` without ``--batch``: as many trials at once as the engine serves adapters together
-    default_batch = max_batch
+    @property
+    def default_batch(self) -> int:
+        """``dmo study`` without ``--batch``: as many trials at once as the engine serves adapters together; one
+        when proxies are written (a write holds the engine's weights for one proxy at a time)."""
+        return self.max_loras if self.lora else 1
 
     def close(self) -> None:
         """Shut the engine down (its processes and memory); the next target starts a new one."""
@@ -376,11 +383,13 @@ class VLLMScorer:
             return f"{base}:trained:{folder_id(trained_path(self.manifest, target))}"
         method = target.method or "linear"
         weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
+        inputs = inputs_id(method_inputs(self.manifest, weights, method)) if target.kind == "proxy" else ""
+        inputs = f":{inputs}" if inputs else ""  # a recomputed Fisher file is another proxy
         if self._lora_experts:
-            return f"{base}:{fingerprint(self._lora_experts, weights, method, dict(target.params))}"
+            return f"{base}:{fingerprint(self._lora_experts, weights, method, dict(target.params))}{inputs}"
         ids = sorted((folder_id(self._path(self.manifest.experts[d], d)), w) for d, w in weights.items())
         payload = repr((method, sorted(dict(target.params).items()), ids))
-        return f"{base}:full:{hashlib.sha256(payload.encode()).hexdigest()}"
+        return f"{base}:full:{hashlib.sha256(payload.encode()).hexdigest()}{inputs}"
 
     def settings(self) -> dict[str, Any]:
         import lmms_eval
@@ -434,9 +443,10 @@ class VLLMScorer:
             )
         write_adapter(folder, config, tensors, overwrite=True, metadata={"dmo_fingerprint": folder.name})
 
-    def _bank(self, key: str, experts: dict[str, str]) -> None:
+    def _bank(self, key: str, experts: dict[str, str], inputs: dict[str, dict[str, str]] | None = None) -> None:
         if key not in self._banks:
-            self.lmm.llm.collective_rpc("dmo_open_bank", args=(key, str(self.manifest.base.path), experts, self.store))
+            args = (key, str(self.manifest.base.path), experts, self.store) + ((False, inputs) if inputs else ())
+            self.lmm.llm.collective_rpc("dmo_open_bank", args=args)
             self._banks.add(key)
 
     def _write(self, key: str, weights: dict[str, float], method: str, params: dict[str, Any], fp: str) -> None:
@@ -455,9 +465,9 @@ class VLLMScorer:
         llm = self.lmm.llm
         for key in sorted(self._banks):
             llm.collective_rpc("dmo_write_base", args=(key,))
-            if key != self._experts_bank and key != keep:
+            if not key.startswith(self._experts_bank) and key != keep:
                 llm.collective_rpc("dmo_close_bank", args=(key,))
-        self._banks = {k for k in self._banks if k == self._experts_bank or k == keep}
+        self._banks = {k for k in self._banks if k.startswith(self._experts_bank) or k == keep}
         self._written = self._written_bank = None
         self._reset_caches()
 
@@ -488,9 +498,13 @@ class VLLMScorer:
             self._write(key, {"trained": 1.0}, "linear", {}, fp)
             return fp, None
         experts = {d: str(self._path(r, f"expert {d!r}")) for d, r in self.manifest.experts.items()}
-        self._bank(self._experts_bank, experts)
         weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
-        self._write(self._experts_bank, weights, target.method or "linear", dict(target.params), fp)
+        method = target.method or "linear"
+        # fisher / fisher_nn: a bank that also holds every expert's Fisher weights, beside the plain one
+        inputs = method_inputs(self.manifest, self.manifest.domains, method) if target.kind == "proxy" else {}
+        key = f"{self._experts_bank}:inputs" if inputs else self._experts_bank
+        self._bank(key, experts, inputs)
+        self._write(key, weights, method, dict(target.params), fp)
         return fp, None
 
     # --------------------------------------------------------------------------------------------- scoring

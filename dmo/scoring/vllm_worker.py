@@ -66,14 +66,30 @@ class DmoWorkerExtension:
         return entry
 
     def dmo_open_bank(
-        self, key: str, base: str, experts: dict[str, str], store: str = "device", allow_bin: bool = False
+        self,
+        key: str,
+        base: str,
+        experts: dict[str, str],
+        store: str = "device",
+        allow_bin: bool = False,
+        inputs: dict[str, dict[str, str]] | None = None,
     ) -> dict[str, Any]:
-        """Read ``experts`` (against the base checkpoint ``base``) onto this worker's device, under ``key``."""
+        """Read ``experts`` (against the base checkpoint ``base``) onto this worker's device, under ``key``.
+
+        ``inputs``: per-expert inputs of the merge methods that need them, ``{"fisher": {expert: file}}``.
+        """
         if not hasattr(self, "_dmo_banks"):
             self._dmo_banks = {}
         model = self._dmo_model()
         device = next(model.parameters()).device
-        bank = ExpertBank.open(base, experts, device=device, store=store, allow_bin=allow_bin)  # type: ignore[arg-type]
+        bank = ExpertBank.open(
+            base,
+            experts,
+            device=device,
+            store=store,
+            allow_bin=allow_bin,
+            extra=inputs,  # type: ignore[arg-type]
+        )
         packed = dict(getattr(model, "packed_modules_mapping", None) or {})
         with Checkpoint.open(base, what="base model", allow_bin=allow_bin) as ckpt:
             extra = {n: ckpt.view(n).to(device, copy=True) for n in companions(bank.names, ckpt.tensors, packed)}
