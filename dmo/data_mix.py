@@ -152,30 +152,24 @@ def find_sources(root: Path, domains: Sequence[str]) -> dict[str, Path]:
         raise DmoError(f"data folder {root} does not exist: give a folder with one dataset per domain")
     out = {}
     for d in domains:
-        check_domain_name(d)
-        for pattern in _SOURCE_PATTERNS:
-            path = root / pattern.format(d=d)
-            if path.is_file():
-                out[d] = path
-                break
-        else:
+        path = _first_file(root, d, _SOURCE_PATTERNS)
+        if path is None:
             tried = ", ".join(p.format(d=d) for p in _SOURCE_PATTERNS)
             raise DmoError(f"no data for domain {d!r} under {root}: expected one of {tried}")
+        out[d] = path
     return out
+
+
+def _first_file(root: Path, domain: str, patterns: Sequence[str]) -> Path | None:
+    check_domain_name(domain)
+    return next((root / p.format(d=domain) for p in patterns if (root / p.format(d=domain)).is_file()), None)
 
 
 def find_val_sources(root: Path, domains: Sequence[str]) -> dict[str, Path]:
     """The validation source of each domain under ``root`` that has one (see ``_VAL_PATTERNS``)."""
     root = Path(root)
-    out = {}
-    for d in domains:
-        check_domain_name(d)
-        for pattern in _VAL_PATTERNS:
-            path = root / pattern.format(d=d)
-            if path.is_file():
-                out[d] = path
-                break
-    return out
+    found = {d: _first_file(root, d, _VAL_PATTERNS) for d in domains}
+    return {d: path for d, path in found.items() if path is not None}
 
 
 def discover_domains(root: Path) -> list[str]:
