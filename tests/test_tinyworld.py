@@ -391,13 +391,10 @@ def test_adapters_load_with_peft(world: tuple[World, float]) -> None:
     seed0, seed1 = (w.trained_dir(paper_2d()[3], s) for s in (0, 1))
     peft_model = PeftModel.from_pretrained(model, str(seed0))
     names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
-    assert any(".visual.blocks." in n for n in names)
-    assert any(".visual.merger." in n for n in names)
-    assert any(".language_model." in n for n in names)
-    assert not any("patch_embed" in n for n in names)  # a Conv3d: not what the paper adapts, not mergeable
-    text_linears = 7 * SMALL.text_layers
-    vision_linears = 4 * SMALL.vision_depth + 2
-    assert len(names) == text_linears + vision_linears
+    # the language model's linear layers only: the vision tower and merger stay frozen (as in the paper's recipe),
+    # so vLLM, which serves LoRA on the language model only, serves these adapters whole
+    assert all(".language_model." in n for n in names) and not any("visual" in n for n in names)
+    assert len(names) == 7 * SMALL.text_layers
     rows = read_split(w.root, "ocr", "test")[:3]
     images = [Image.open(w.data_dir("ocr") / r["image"]) for r in rows]
     answers = generate(peft_model, processor, images, [r["question"] for r in rows], max_new_tokens=4)

@@ -102,6 +102,10 @@ class DmoWorkerExtension:
             torch.cuda.empty_cache()
 
     def _dmo_reload(self, named: Iterator[tuple[str, torch.Tensor]], extra: dict[str, torch.Tensor]) -> int:
+        with torch.no_grad():  # around the whole generator's life: it switches grad mode off while it runs
+            return self._dmo_reload_all(named, extra)
+
+    def _dmo_reload_all(self, named: Iterator[tuple[str, torch.Tensor]], extra: dict[str, torch.Tensor]) -> int:
         # The first value is computed before the reload starts: a merge that refuses its inputs (most do so on
         # their first parameter) then fails with the model untouched.
         first = next(named, None)
@@ -114,14 +118,13 @@ class DmoWorkerExtension:
                 yield item
             yield from extra.items()
 
-        with torch.no_grad():
-            try:
-                self.reload_weights(weights_iterator=feed())  # type: ignore[attr-defined]
-            except BaseException:
-                # Half a reload leaves layers unprocessed: reload the engine's own checkpoint (the base), so the
-                # engine is whole again whatever the caller writes next.
-                self.reload_weights()  # type: ignore[attr-defined]
-                raise
+        try:
+            self.reload_weights(weights_iterator=feed())  # type: ignore[attr-defined]
+        except BaseException:
+            # Half a reload leaves layers unprocessed: reload the engine's own checkpoint (the base), so the
+            # engine is whole again whatever the caller writes next.
+            self.reload_weights()  # type: ignore[attr-defined]
+            raise
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return count
