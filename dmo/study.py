@@ -227,16 +227,16 @@ def redact(url: str) -> str:
 _STORAGE_HINT = "use sqlite:///PATH, postgresql://USER@HOST:PORT/DB or journal:PATH"
 
 
-def make_storage(url: str, heartbeat: Heartbeat | None = None) -> optuna.storages.BaseStorage:
+def make_storage(url: str, heartbeat: Heartbeat | None = None, threads: bool = False) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: ``sqlite:///``, ``postgresql://``..., or ``journal:PATH`` for a journal file.
 
     Every storage gets heartbeats, so a trial whose worker died is marked failed and retried once.
     """
     with _quiet():
-        return _make_storage(url, heartbeat or Heartbeat.from_env())
+        return _make_storage(url, heartbeat or Heartbeat.from_env(), threads)
 
 
-def _make_storage(url: str, hb: Heartbeat) -> optuna.storages.BaseStorage:
+def _make_storage(url: str, hb: Heartbeat, threads: bool = False) -> optuna.storages.BaseStorage:
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     shown = redact(url)
     if url.startswith("journal:"):
@@ -276,7 +276,7 @@ def _make_storage(url: str, hb: Heartbeat) -> optuna.storages.BaseStorage:
             )
             if url.startswith("sqlite:"):
                 _serialise(storage)
-            return _one_call_at_a_time(storage)
+            return _one_call_at_a_time(storage) if threads else storage
         except Exception as exc:  # sqlalchemy raises many types; the user needs the URL and the reason
             # Workers starting together on a fresh database race to create Optuna's tables: try again.
             racy = type(exc).__name__ in ("IntegrityError", "ProgrammingError") or "already exists" in str(exc)
@@ -288,7 +288,7 @@ def _make_storage(url: str, hb: Heartbeat) -> optuna.storages.BaseStorage:
 
 
 def _one_call_at_a_time(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
-    """Let one thread of this process into the database at a time (trials of ``--batch``, heartbeat threads).
+    """Let one thread of this process into the database at a time (the trials of ``--batch`` run in threads).
 
     Optuna's cache layer holds a lock of its own while it calls the database; two threads, one waiting for that lock
     while holding SQLite's write lock and one holding it while waiting for SQLite's, stop each other for good. With
@@ -389,7 +389,11 @@ def _is_storage_error(exc: BaseException) -> bool:
 
 
 def open_study(
-    space: SearchSpace, paths: StudyPaths, worker_index: int | None = None, heartbeat: Heartbeat | None = None
+    space: SearchSpace,
+    paths: StudyPaths,
+    worker_index: int | None = None,
+    heartbeat: Heartbeat | None = None,
+    threads: bool = False,
 ) -> optuna.Study:
     """Create the study, or join it once its creator has set it up, if it was made for the same space.
 
@@ -398,7 +402,7 @@ def open_study(
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     hb = heartbeat or Heartbeat.from_env()
-    storage = make_storage(paths.storage, hb)
+    storage = make_storage(paths.storage, hb, threads)
     with _storage_errors(paths.storage):
         try:
             storage.create_new_study([StudyDirection.MAXIMIZE], paths.study_name)
@@ -690,7 +694,7 @@ def run_study(
     params = tuple(sorted(space.merge.params.items()))
     make_target = proxy_target or (lambda m: Target("proxy", mixture=m, method=space.merge.method, params=params))
     preflight(space, scorer, make_target)
-    study = open_study(space, paths, worker_index=worker_index, heartbeat=hb)
+    study = open_study(space, paths, worker_index=worker_index, heartbeat=hb, threads=batch > 1)
     worker = _Worker(study, space, scorer, paths, n_trials or space.sampler.n_trials, make_target, hb, batch)
     with _storage_errors(paths.storage):
         worker.run(progress)
