@@ -102,24 +102,9 @@ def recorded(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def world(tmp_path, recorded) -> Path:
+def world(tmp_path, recorded, replay_space) -> Path:
     """A working folder with a manifest (empty expert folders: replay needs no weights) and a replay space."""
-    for d in ("base", "ea", "eb", "ec"):
-        (tmp_path / "models" / d).mkdir(parents=True)
-    (tmp_path / "experts.yaml").write_text(
-        "name: fake\nbase: ./models/base\nexperts: {a: ./models/ea, b: ./models/eb, c: ./models/ec}\n"
-    )
-    (tmp_path / "space.yaml").write_text(
-        textwrap.dedent(f"""\
-        name: rp
-        domains: [a, b, c]
-        experts: experts.yaml
-        mixtures: {{lattice: {{resolution: 4}}}}
-        benchmarks: [b1, b2]
-        sampler: {{name: random, n_trials: 12, seed: 0}}
-        scoring: {{backend: replay, table: {recorded}, nearest: true}}
-        """)
-    )
+    replay_space(tmp_path, recorded)
     (tmp_path / "marks").mkdir()
     (tmp_path / "worker.py").write_text(WORKER)
     return tmp_path

@@ -7,9 +7,8 @@ tested is the study loop, Optuna's concurrent trials, the batcher and the result
 from __future__ import annotations
 
 import json
-import textwrap
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,30 +56,9 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def space_file(tmp_path: Path, recorded: Path, sampler: str, n: int) -> Path:
-    for d in ("base", "ea", "eb", "ec"):
-        (tmp_path / "models" / d).mkdir(parents=True, exist_ok=True)
-    (tmp_path / "experts.yaml").write_text(
-        "name: fake\nbase: ./models/base\nexperts: {a: ./models/ea, b: ./models/eb, c: ./models/ec}\n"
-    )
-    path = tmp_path / f"{sampler}.yaml"
-    path.write_text(
-        textwrap.dedent(f"""\
-        name: rp
-        domains: [a, b, c]
-        experts: experts.yaml
-        mixtures: {{lattice: {{resolution: 4}}}}
-        benchmarks: [b1, b2]
-        sampler: {{name: {sampler}, n_trials: {n}, seed: 0}}
-        scoring: {{backend: replay, table: {recorded}, nearest: true}}
-        """)
-    )
-    return path
-
-
-def run(tmp_path: Path, recorded: Path, sampler: str, n: int, batch: int) -> tuple[optuna.Study, Recording, list]:
+def run(write: Callable[..., Path], tmp_path: Path, recorded: Path, sampler: str, n: int, batch: int) -> tuple:
     root = tmp_path / f"k{batch}"
-    space = load_space(space_file(tmp_path, recorded, sampler, n))
+    space = load_space(write(tmp_path, recorded, sampler, n, f"{sampler}.yaml"))
     scorer = Recording(recorded, nearest=True)
     paths = study_paths(space, root=root)
     run_study(space, scorer, paths, progress=False, batch=batch)
@@ -96,10 +74,10 @@ def _complete(study: optuna.Study) -> dict[str, float]:
     return {t.user_attrs[MIXTURE_ATTR]: t.value for t in done}
 
 
-def test_grid_results_do_not_depend_on_the_batch(tmp_path: Path, recorded: Path) -> None:
-    candidates = {m.id for m in load_space(space_file(tmp_path, recorded, "grid", 1)).candidates()}
-    one, s1, rows1 = run(tmp_path, recorded, "grid", 1, 1)
-    four, s4, rows4 = run(tmp_path, recorded, "grid", 1, 4)
+def test_grid_results_do_not_depend_on_the_batch(tmp_path: Path, recorded: Path, replay_space) -> None:
+    candidates = {m.id for m in load_space(replay_space(tmp_path, recorded, "grid", 1, "grid.yaml")).candidates()}
+    one, s1, rows1 = run(replay_space, tmp_path, recorded, "grid", 1, 1)
+    four, s4, rows4 = run(replay_space, tmp_path, recorded, "grid", 1, 4)
     assert _complete(one) == _complete(four) and set(_complete(four)) == candidates
     assert set(s1.sizes) == {1} and max(s4.sizes) == 4  # the batch really went to the backend together
     assert sum(s4.sizes) == len(candidates)  # each target scored once
@@ -107,14 +85,14 @@ def test_grid_results_do_not_depend_on_the_batch(tmp_path: Path, recorded: Path)
         assert max(Counter(r["key"] for r in rows).values()) == 1 and len(rows) == len(candidates) * len(BENCHMARKS)
 
 
-def test_a_sampled_study_with_a_batch_runs_its_budget_exactly(tmp_path: Path, recorded: Path) -> None:
-    study, scorer, rows = run(tmp_path, recorded, "tpe", 10, 4)
+def test_a_sampled_study_with_a_batch_runs_its_budget_exactly(tmp_path: Path, recorded: Path, replay_space) -> None:
+    study, scorer, rows = run(replay_space, tmp_path, recorded, "tpe", 10, 4)
     trials = study.get_trials()
     assert len(_complete(study)) == 10 and len(trials) == 10, Counter(t.state.name for t in trials)
     assert sum(scorer.sizes) == 10 and max(scorer.sizes) > 1
     assert len(rows) == 10 * len(BENCHMARKS) and max(Counter(r["key"] for r in rows).values()) == 1
     # resuming runs nothing more
-    study2, scorer2, _ = run(tmp_path, recorded, "tpe", 10, 4)
+    study2, scorer2, _ = run(replay_space, tmp_path, recorded, "tpe", 10, 4)
     assert scorer2.sizes == [] and len(study2.get_trials()) == 10
 
 
