@@ -30,7 +30,7 @@ from typing import Any
 
 from dmo.config import load_manifest, parse_space
 from dmo.mixture import Mixture
-from dmo.scorer import Target, make_scorer, score_targets
+from dmo.scoring.base import Target, make_scorer, score_targets
 from dmo.scoring.tasks import write_tiny_tasks
 
 DOMAINS = ("counting", "general", "ocr")
@@ -159,7 +159,7 @@ class _NullTable:
 
 def study_ratio(column: str, world: Path, tasks: Path, limit: int, root: Path, n: int, batch: int) -> dict[str, Any]:
     """A real study (random sampler, n trials) and the generation time inside it."""
-    from dmo.study import run_study, study_paths
+    from dmo.search.study import run_study, study_paths
 
     name = BACKENDS[column][0]
     manifest = load_manifest(world / "experts.yaml")

@@ -46,7 +46,7 @@ import numpy as np
 from dmo.config import SearchSpace, load_space, parse_space
 from dmo.mixture import Mixture, lattice
 from dmo.presets import preset
-from dmo.scorer import Evaluation, Target
+from dmo.scoring.base import Evaluation, Target
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPACE = ROOT / "search_spaces" / "tiny-3d.yaml"
@@ -140,8 +140,8 @@ def record_surface(space: SearchSpace, resolution: int, progress: bool = True) -
     """Score every lattice mixture's proxy through the results-table cache (the real, slow path)."""
     from rich.progress import Progress
 
-    from dmo.pipeline import Session
-    from dmo.scorer import score_target
+    from dmo.scoring.base import score_target
+    from dmo.session import Session
 
     # The lattice as the space's candidates: the experts are all it needs, not the paper grid's trained models.
     data = space.model_dump(mode="json")
@@ -242,7 +242,7 @@ def replay(
     """The objective of each trial, in trial order, of one study replayed against the surface."""
     import optuna
 
-    from dmo.study import run_study, study_paths
+    from dmo.search.study import run_study, study_paths
 
     sp = replay_space(space, sampler, seed, budget, grid_preset)
     # Study and results table are throw-away: on a RAM disk where there is one (SQLite commits are fsynced).

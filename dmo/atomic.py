@@ -18,7 +18,7 @@ from pathlib import Path
 from dmo.errors import DmoError
 
 
-def _explain(exc: OSError, target: Path) -> DmoError:
+def explain_os_error(exc: OSError, target: Path) -> DmoError:
     if exc.errno == errno.ENOSPC:
         return DmoError(f"no space left on device while writing {target}: free some disk space and re-run")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -45,7 +45,7 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.fchmod(fd, 0o666 & ~_umask())
     except OSError as exc:
-        raise _explain(exc, target) from exc
+        raise explain_os_error(exc, target) from exc
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -55,7 +55,7 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise _explain(exc, target) from exc
+        raise explain_os_error(exc, target) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -78,7 +78,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Itera
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         tmp.chmod(0o777 & ~_umask())
     except OSError as exc:
-        raise _explain(exc, target) from exc
+        raise explain_os_error(exc, target) from exc
     try:
         yield tmp
         if target.exists():
@@ -91,7 +91,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Itera
             os.replace(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _explain(exc, target) from exc
+        raise explain_os_error(exc, target) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -105,7 +105,7 @@ def file_lock(lock: str | os.PathLike[str]) -> Iterator[None]:
         lock.parent.mkdir(parents=True, exist_ok=True)
         fh = open(lock, "a")
     except OSError as exc:
-        raise _explain(exc, lock) from exc
+        raise explain_os_error(exc, lock) from exc
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         yield

@@ -20,11 +20,7 @@ from dmo.errors import DmoError
 from dmo.mixture import Mixture, check_domain_name, dedupe, dirichlet, lattice, uniform
 from dmo.paths import safe_name
 from dmo.presets import preset
-
-#: ``experts: tinyworld`` in a search space means the embedded tiny world (built on first use).
-TINYWORLD = "tinyworld"
-#: ``experts: tinyworld-small``: the small test configuration of the same world.
-TINYWORLD_SMALL = "tinyworld-small"
+from dmo.sources import is_source_name
 
 
 class _Strict(BaseModel):
@@ -203,10 +199,19 @@ class ObjectiveSpec(_Strict):
 
 
 class SamplerSpec(_Strict):
-    name: Literal["grid", "random", "tpe", "gp", "cmaes", "qmc"] = "cmaes"
+    name: str = "cmaes"
     n_trials: int = Field(default=20, gt=0)
     seed: int = 0
     params: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from dmo.search.samplers import sampler_names
+
+        if v not in sampler_names():
+            raise ValueError(f"unknown sampler {v!r}: choose one of {', '.join(sampler_names())}")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -234,6 +239,17 @@ class VLLMOptions(_Strict):
 
 class ScoringSpec(_Strict):
     backend: str = "hf"
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from dmo.scoring.base import scorer_names
+
+        names = scorer_names()
+        if names and v not in names:  # no names at all: a stale install, said when the backend is made
+            raise ValueError(f"unknown scoring backend {v!r}: choose one of {', '.join(names)}")
+        return v
+
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=64, gt=0)
     device: str = "auto"
@@ -376,7 +392,7 @@ def _format_error(source: str, exc: ValidationError) -> DmoError:
     return DmoError(f"{source}: {loc or 'top level'}: {msg}")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -402,7 +418,7 @@ def _validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
 def load_manifest(path: str | Path, check_paths: bool = True) -> ExpertManifest:
     """Read an expert manifest; local paths become absolute and, with ``check_paths``, must exist."""
     path = Path(path)
-    manifest: ExpertManifest = _validate(ExpertManifest, _read_yaml(path), str(path))
+    manifest: ExpertManifest = _validate(ExpertManifest, read_yaml(path), str(path))
     root = path.parent.resolve()
     base = manifest.base.resolved(root)
     experts = {d: r.resolved(root) for d, r in manifest.experts.items()}
@@ -439,10 +455,10 @@ def set_expert_field(path: str | Path, field: str, values: dict[str, str]) -> st
     through the positions PyYAML reports. A string entry ``ocr: ./ocr`` becomes ``ocr: {path: ./ocr, fisher: x}``;
     a mapping gets the key added (or its value replaced). The result is validated as a manifest; a layout this
     cannot edit safely (an anchor shared by two experts, ...) raises :class:`DmoError`. Nothing is written here
-    (:func:`dmo.fisher.record_in_manifest` writes it atomically).
+    (:func:`dmo.groundtruth.fisher.record_in_manifest` writes it atomically).
     """
     path = Path(path)
-    before = _validate(ExpertManifest, _read_yaml(path), str(path))
+    before = _validate(ExpertManifest, read_yaml(path), str(path))
     text = path.read_text()
     try:
         root = yaml.compose(text)
@@ -504,11 +520,11 @@ def set_expert_field(path: str | Path, field: str, values: dict[str, str]) -> st
 def load_space(path: str | Path) -> SearchSpace:
     """Read a search space; ``experts`` (when a path) becomes absolute, resolved against the file's folder."""
     path = Path(path)
-    space: SearchSpace = _validate(SearchSpace, _read_yaml(path), str(path))
+    space: SearchSpace = _validate(SearchSpace, read_yaml(path), str(path))
     updates: dict[str, Any] = {}
     if space.name is None:
         updates["name"] = safe_name(path.stem, "space name")
-    if space.experts and space.experts not in (TINYWORLD, TINYWORLD_SMALL):
+    if space.experts and not is_source_name(space.experts):
         updates["experts"] = str((path.parent / Path(space.experts).expanduser()).resolve())
     scoring: dict[str, Any] = {}
     if space.scoring.table:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from dmo.errors import DmoError
@@ -36,3 +37,46 @@ def cache_dir() -> Path:
 def results_dir() -> Path:
     """Root of study outputs: ``$DMO_RESULTS`` or ``./results``."""
     return Path(os.environ.get("DMO_RESULTS", "results"))
+
+
+@dataclass(frozen=True)
+class SpaceFolder:
+    """The layout of one space's results folder, ``results/<space>/``: the one place that names its files."""
+
+    root: Path
+
+    @classmethod
+    def for_space(cls, space_name: str, results: Path | None = None) -> SpaceFolder:
+        return cls((results or results_dir()) / safe_name(space_name, "space name"))
+
+    @classmethod
+    def of(cls, path: Path) -> SpaceFolder:
+        """The folder of a path a user gave: the results folder itself or its scores table."""
+        path = Path(path)
+        return cls(path.parent if path.suffix == ".jsonl" else path)
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores.jsonl"
+
+    @property
+    def study_db(self) -> Path:
+        return self.root / "study.db"
+
+    @property
+    def study_url(self) -> str:
+        return f"sqlite:///{self.study_db.resolve()}"
+
+    @property
+    def claims(self) -> Path:
+        return self.root / ".claims"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
+def scores_path(path: Path) -> Path:
+    """The scores table a user means by ``path``: a results folder or a ``.jsonl`` file itself."""
+    path = Path(path)
+    return path / "scores.jsonl" if path.is_dir() or path.suffix != ".jsonl" else path

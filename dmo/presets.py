@@ -5,6 +5,9 @@ from __future__ import annotations
 from dmo.errors import DmoError
 from dmo.mixture import Mixture, lattice, uniform
 
+#: Training samples per model in the paper (800 steps x 128).
+PAPER_BUDGET = 102_400
+
 PAPER_2D_DOMAINS = ("general", "ocr")
 PAPER_3D_DOMAINS = ("counting", "general", "ocr")
 PAPER_4D_DOMAINS = ("chart", "counting", "general", "ocr")

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from dmo.atomic import _explain
+from dmo.atomic import explain_os_error
 from dmo.errors import DmoError
 
 Kind = Literal["proxy", "trained", "expert", "base"]
@@ -90,7 +90,7 @@ class ResultsTable:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(self.path, mode)
         except OSError as exc:
-            raise _explain(exc, self.path) from exc
+            raise explain_os_error(exc, self.path) from exc
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX if "a" in mode else fcntl.LOCK_SH)
             yield fh
@@ -121,7 +121,7 @@ class ResultsTable:
                 # A full disk must not leave half a row: cut the file back to what it was (we hold the lock).
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, start)
-                raise _explain(exc, self.path) from exc
+                raise explain_os_error(exc, self.path) from exc
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -249,7 +249,7 @@ CASES = [
     Case("missing-expert-folder", STUDY, r"expert 'c' points at missing folder",
          _space("experts.yaml", "./models/ec", "./models/gone")),
     Case("missing-space-file", ["study", "nope.yaml"], r"nope\.yaml: file not found"),
-    Case("unknown-sampler", [*STUDY, "--sampler", "foo"], r"sampler\.name: Input should be 'grid'"),
+    Case("unknown-sampler", [*STUDY, "--sampler", "foo"], r"sampler\.name: unknown sampler 'foo': choose one of cmaes, gp, grid, qmc"),
     Case("storage-that-is-not-a-url", [*STUDY, "--storage", "results.db"],
          r"cannot use study storage results\.db.*sqlite:///PATH"),
     Case("replay-of-an-unrecorded-mixture", [*STUDY, "--sampler", "random", "--n-trials", "2"],
@@ -537,7 +537,7 @@ def test_remote_code_is_off_by_default_and_never_enabled_silently(tmp_path, monk
 @pytest.mark.parametrize("what", ["study name", "space name", "manifest name", "domain name"])
 def test_names_that_become_paths_are_sanitised(what, tmp_path):
     from dmo.config import load_manifest, parse_space
-    from dmo.study import study_paths
+    from dmo.search.study import study_paths
 
     space = parse_space({"name": "s", "domains": ["a", "b"], "mixtures": [{"a": 1}], "benchmarks": ["x"]})
     for bad in ("../x", "a/b", "/etc", "..", ".hidden", "x" * 200, "a\\b", "a\0b"):
@@ -555,7 +555,7 @@ def test_names_that_become_paths_are_sanitised(what, tmp_path):
 
 
 def test_storage_urls_never_print_a_password():
-    from dmo.study import redact
+    from dmo.search.study import redact
 
     shown = redact("postgresql://dmo:s3cret@127.0.0.1:5432/dmo")
     assert "s3cret" not in shown and "127.0.0.1" in shown

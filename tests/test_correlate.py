@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dmo.correlate import MEAN_RHO, MEAN_SCORE, _rowwise_spearman, correlate
+from dmo.analysis.correlate import MEAN_RHO, MEAN_SCORE, _rowwise_spearman, correlate
 from dmo.mixture import lattice
 from dmo.results import ResultsTable, ScoreRow
 
@@ -94,7 +94,7 @@ def test_no_trained_rows_gives_empty_table(tmp_path):
 
 # --- permutation p-values, top-k overlap, the regression baseline ---------------------------------------------
 
-from dmo.correlate import (  # noqa: E402
+from dmo.analysis.correlate import (  # noqa: E402
     RIDGE_ALPHAS,
     permutation_indices,
     regression_features,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dmo.data_mix import (
+from dmo.errors import DmoError
+from dmo.groundtruth.data_mix import (
     SHAREGPT_ENTRY,
     DataFolder,
     draw,
@@ -20,7 +21,6 @@ from dmo.data_mix import (
     read_name,
     read_pool,
 )
-from dmo.errors import DmoError
 from dmo.mixture import Mixture, from_paper_name
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,18 +31,10 @@ from dmo.config import load_space
 from dmo.errors import DmoError
 from dmo.mixture import Mixture, lattice
 from dmo.results import ResultsTable, ScoreRow
-from dmo.study import (
-    CLAIM_WAIT_ATTR,
-    INIT_ATTR,
-    MIXTURE_ATTR,
-    SURPLUS_ATTR,
-    Heartbeat,
-    make_storage,
-    run_study,
-    scoring_claim,
-    study_paths,
-    worker_seed,
-)
+from dmo.search.claims import scoring_claim
+from dmo.search.storage import Heartbeat, make_storage
+from dmo.search.study import CLAIM_WAIT_ATTR, INIT_ATTR, MIXTURE_ATTR, SURPLUS_ATTR, study_paths, worker_seed
+from dmo.search.trials import run_study
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +138,8 @@ WORKER = textwrap.dedent("""\
     from pathlib import Path
     from dmo.config import load_space
     from dmo.scoring.replay_backend import ReplayScorer
-    from dmo.study import run_study, study_paths
+    from dmo.search.study import study_paths
+    from dmo.search.trials import run_study
 
     class SlowReplay(ReplayScorer):
         def evaluate(self, target, benchmarks):
@@ -475,7 +468,7 @@ def test_claim_of_a_killed_scorer_is_taken_over_at_once(tmp_path):
         [sys.executable, "-c", textwrap.dedent(f"""\
             import time
             from pathlib import Path
-            from dmo.study import scoring_claim
+            from dmo.search.claims import scoring_claim
             with scoring_claim(Path({str(tmp_path)!r}), "k"):
                 print("held", flush=True)
                 time.sleep(60)
@@ -510,7 +503,7 @@ def test_creator_dying_mid_enqueue_is_taken_over_and_nothing_is_enqueued_twice(w
     storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "orphan")
     study = optuna.load_study(study_name="orphan", storage=storage)
     study.set_user_attr(INIT_ATTR, "started")  # the creator's first step...
-    from dmo.simplex import param_names, to_box
+    from dmo.search.simplex import param_names, to_box
 
     for m in space.candidates()[:5]:  # ...and part of its grid, then it died
         study.enqueue_trial(dict(zip(param_names(DOMAINS), to_box(m))), user_attrs={MIXTURE_ATTR: m.id})

@@ -2,7 +2,8 @@
 
 A tiny real Qwen2-VL base (``dmo.tinyworld``) with two PEFT LoRA experts that adapt different modules: the Fisher
 files must hold every parameter either expert changes, and equal a naive per-sample autograd loop on the
-PEFT-merged dense expert, fed by the tiny world's own training encoder (not dmo.fisher's). The merge of those files
+PEFT-merged dense expert, fed by the tiny world's own training encoder (not dmo.groundtruth.fisher's). The merge of
+those files
 must equal the pure ``fisher`` function on the PEFT-merged deltas; the hf backend must merge the same proxy.
 """
 
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 
 from dmo.cli import app
 from dmo.config import load_manifest
-from dmo.data_mix import domain_order
+from dmo.groundtruth.data_mix import domain_order
 from dmo.merge.fisher import fisher, fisher_norms
 from dmo.merge.registry import method_names
 from dmo.tinyworld.config import WorldConfig
@@ -204,7 +205,7 @@ def test_dmo_merge_fisher_is_the_pure_function_on_the_deltas(world: SimpleNamesp
 def test_hf_backend_scores_a_fisher_proxy(world: SimpleNamespace, tmp_path: Path) -> None:
     pytest.importorskip("lmms_eval")
     from dmo.mixture import Mixture
-    from dmo.scorer import Target
+    from dmo.scoring.base import Target
     from dmo.scoring.hf_backend import HFScorer
     from dmo.scoring.tasks import write_tiny_tasks
 
@@ -266,7 +267,7 @@ def test_vllm_backend_passes_the_fisher_files_to_the_worker_bank(world: SimpleNa
     """The vllm backend's weight-write route for a fisher proxy, through dmo's worker extension (no vLLM needed)."""
     pytest.importorskip("lmms_eval")
     from dmo.mixture import Mixture
-    from dmo.scorer import Target
+    from dmo.scoring.base import Target
     from dmo.scoring.vllm_backend import VLLMScorer
     from dmo.scoring.vllm_worker import DmoWorkerExtension
 
@@ -379,7 +380,7 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("text", LAYOUTS)
 def test_fisher_paths_go_into_any_manifest_layout(tmp_path: Path, text: str) -> None:
-    from dmo.fisher import record_in_manifest
+    from dmo.groundtruth.fisher import record_in_manifest
 
     path = tmp_path / "m.yaml"
     path.write_text(text)
@@ -396,7 +397,7 @@ def test_fisher_paths_go_into_any_manifest_layout(tmp_path: Path, text: str) -> 
 
 
 def test_a_manifest_layout_that_cannot_be_edited_safely_is_left_alone(tmp_path: Path) -> None:
-    from dmo.fisher import record_in_manifest
+    from dmo.groundtruth.fisher import record_in_manifest
 
     path = tmp_path / "m.yaml"
     text = "name: m\nbase: ./base\nexperts:\n  general: &shared {path: ./a}\n  ocr: *shared\n"
@@ -407,7 +408,7 @@ def test_a_manifest_layout_that_cannot_be_edited_safely_is_left_alone(tmp_path: 
 
 
 def test_fisher_files_are_found_beside_the_experts_without_manifest_entries(world: SimpleNamespace) -> None:
-    from dmo.fisher import fisher_paths, method_inputs
+    from dmo.merge.inputs import fisher_paths, method_inputs
 
     manifest = load_manifest(world.root / "experts.yaml").model_copy()
     bare = {d: r.model_copy(update={"fisher": None}) for d, r in manifest.experts.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dmo.errors import DmoError
-from dmo.ingest import ingest, ingest_rows, parse_model_name
+from dmo.groundtruth.ingest import ingest, ingest_rows, parse_model_name
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
 
@@ -253,7 +253,7 @@ def test_paper_tree_weights_are_counts_over_the_budget(tmp_path):
     assert two.weights == {"chart": 0.0, "counting": 0.0, "general": 0.25, "ocr": 0.75}  # n_i / 102400
     assert {r.mixture for r in rows if r.kind == "expert"} == {"chart", "counting", "general", "ocr"}
     # without a budget to go by (no experts), a name that is no known mixture reads as n_i / sum(n)
-    from dmo.ingest import paper_mixture
+    from dmo.groundtruth.ingest import paper_mixture
 
     odd = paper_mixture({"general": 1000, "ocr": 3000}, None, None)
     assert odd.as_dict() == {"general": 0.25, "ocr": 0.75}

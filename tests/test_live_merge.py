@@ -137,7 +137,7 @@ def test_hf_backend_proxies_equal_the_streaming_merge(lora_world: dict, tmp_path
     pytest.importorskip("lmms_eval")
     from dmo.config import ExpertManifest
     from dmo.mixture import Mixture
-    from dmo.scorer import Target
+    from dmo.scoring.base import Target
     from dmo.scoring.hf_backend import HFScorer
 
     experts = {k: lora_world["experts"][k] for k in ("a", "b")}

@@ -15,9 +15,9 @@ from PIL import Image
 from test_data_mix import make_sources, rows_of
 
 from dmo.config import load_manifest
-from dmo.data_mix import DataFolder
 from dmo.errors import DmoError
-from dmo.llamafactory import (
+from dmo.groundtruth.data_mix import DataFolder
+from dmo.groundtruth.llamafactory import (
     LORA_DEFAULTS,
     PAPER_DEFAULTS,
     Recipe,
@@ -137,7 +137,7 @@ def paper_sources(root: Path, domains=("chart", "counting", "general", "ocr"), n
 def test_config_key_by_key_against_the_papers(tmp_path):
     """Every key of the paper's config is written with the paper's value, except PAPER_DIFFERENCES (each said why);
     every key dmo adds is in DMO_ONLY_KEYS. Nothing else differs."""
-    from dmo.llamafactory import DMO_ONLY_KEYS, PAPER_DIFFERENCES
+    from dmo.groundtruth.llamafactory import DMO_ONLY_KEYS, PAPER_DIFFERENCES
 
     src = paper_sources(tmp_path)
     recipe = Recipe(base="Qwen/Qwen2-VL-2B", template="qwen2_vl", budget=102_400)
@@ -188,15 +188,17 @@ def test_config_key_by_key_against_the_papers(tmp_path):
 
 
 def first_counts_name(mixture) -> str:
-    from dmo.data_mix import mixture_name
+    from dmo.groundtruth.data_mix import mixture_name
 
     return mixture_name(mixture, 102_400)
 
 
 def test_validation_splits_are_registered_and_wired(tmp_path, monkeypatch):
-    import dmo.data_mix
+    import dmo.groundtruth.data_mix
 
-    monkeypatch.setattr(dmo.data_mix, "VAL_ROWS", 2)  # the paper keeps 500; the first VAL_ROWS rows are kept
+    monkeypatch.setattr(
+        dmo.groundtruth.data_mix, "VAL_ROWS", 2
+    )  # the paper keeps 500; the first VAL_ROWS rows are kept
     src = paper_sources(tmp_path, domains=("general", "ocr"), n=16, val=3)
     (src / "ocr" / "val.jsonl").rename(src / "ocr.val.jsonl")  # the other accepted place
     text = (src / "ocr.val.jsonl").read_text().replace('"images/', '"ocr/images/')
@@ -238,7 +240,7 @@ def test_interleave_probs_sum_to_one_exactly():
     paper's 20 four-domain mixtures); the mixture's own weights are not."""
     import numpy as np
 
-    from dmo.data_mix import DataFolder as Folder
+    from dmo.groundtruth.data_mix import DataFolder as Folder
     from dmo.presets import paper_4d
 
     for m in paper_4d():

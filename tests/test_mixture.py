@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from dmo.errors import DmoError
 from dmo.mixture import Mixture, dirichlet, from_paper_name, lattice, uniform
 from dmo.presets import PAPER_4D_DOMAINS, paper_2d, paper_3d, paper_4d, preset
-from dmo.simplex import from_box, to_box
+from dmo.search.simplex import from_box, to_box
 
 
 def test_validation_messages_are_one_line_and_specific():

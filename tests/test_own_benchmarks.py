@@ -181,7 +181,7 @@ def test_space_fields_resolve_against_the_space_file(mine):
 
 def test_tasks_dir_on_the_command_line(mine):
     """--tasks-dir adds a folder (relative to where the command runs) to the space's, for study and demo alike."""
-    from dmo.pipeline import Session
+    from dmo.session import Session
 
     path = write_space(mine.root / "no_tasks.yaml", mine.space, scoring_tasks=[])
     cwd = Path.cwd()

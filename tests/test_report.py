@@ -10,12 +10,12 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from dmo.analysis.compare import COLUMNS, compare
+from dmo.analysis.correlate import MEAN_RHO, MEAN_SCORE, CorrelationRow, correlate
+from dmo.analysis.tables import render_compare, render_correlation
 from dmo.cli import app
-from dmo.compare import COLUMNS, compare
-from dmo.correlate import MEAN_RHO, MEAN_SCORE, CorrelationRow, correlate
 from dmo.errors import DmoError
 from dmo.mixture import lattice
-from dmo.report import render_compare, render_correlation
 from dmo.results import ResultsTable, ScoreRow
 
 

@@ -14,14 +14,17 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from dmo.analysis.html_report import build_report
 from dmo.cli import app
 from dmo.config import parse_space
-from dmo.html_report import REPORT_NAME, build_report, write_report
 from dmo.mixture import lattice
+from dmo.paths import SpaceFolder
 from dmo.presets import paper_3d
 from dmo.results import ResultsTable, ScoreRow
-from dmo.scorer import Evaluation, Target
-from dmo.study import run_study, study_paths
+from dmo.scoring.base import Evaluation, Scorer, Target
+from dmo.search.study import study_paths
+from dmo.search.trials import run_study
+from dmo.session import write_results_report
 
 OPT = {"counting": 0.2, "general": 0.3, "ocr": 0.5}
 
@@ -30,7 +33,7 @@ def surface(w, bench):
     return 1 - sum((w[d] - OPT[d]) ** 2 for d in OPT) + (0.05 * w["ocr"] if bench == "b2" else 0.0)
 
 
-class Bowl:
+class Bowl(Scorer):
     name = "bowl"
 
     def fingerprint(self, target: Target) -> str:
@@ -91,18 +94,18 @@ def _check_png(blob):
 
 
 def test_report_is_one_self_contained_html_with_valid_pngs(results, monkeypatch):
-    import dmo.plots
+    import dmo.analysis.plots
 
     scatter_titles = []
-    real = dmo.plots.scatter_png
+    real = dmo.analysis.plots.scatter_png
 
     def spy(panels, suptitle=""):
         scatter_titles.extend(p.title for p in panels)
         return real(panels, suptitle)
 
-    monkeypatch.setattr(dmo.plots, "scatter_png", spy)
-    path = write_report(results, n_boot=100, n_perm=100)
-    assert path == results / REPORT_NAME and path.is_file()
+    monkeypatch.setattr(dmo.analysis.plots, "scatter_png", spy)
+    path = write_results_report(results, n_boot=100, n_perm=100)  # the studies of results/study.db too
+    assert path == SpaceFolder(results).report == results / "report.html" and path.is_file()
     assert not [p for p in results.iterdir() if p.name.endswith(".tmp")]  # written atomically, nothing left over
     umask = os.umask(0)
     os.umask(umask)
@@ -168,5 +171,5 @@ def test_unreadable_study_storage_is_reported_not_fatal(tmp_path):
     ]
     ResultsTable(tmp_path / "scores.jsonl").append(rows)
     (tmp_path / "bad.db").write_text("not a database")
-    text = build_report(tmp_path, storage=f"sqlite:///{tmp_path / 'bad.db'}", n_boot=10)
-    assert "cannot read the studies in" in text
+    path = write_results_report(tmp_path, storage=f"sqlite:///{tmp_path / 'bad.db'}", n_boot=10)
+    assert "cannot read the studies in" in path.read_text()

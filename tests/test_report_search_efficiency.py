@@ -133,7 +133,7 @@ def test_surface_from_a_results_table(se, space, surface, tmp_path):
 
 
 def test_the_registered_replay_backend_answers_with_the_nearest_lattice_mixture(se, space, surface, tmp_path):
-    from dmo.scorer import Target
+    from dmo.scoring.base import Target
     from dmo.scoring.replay_backend import ReplayScorer
 
     scorer = se.make_replay_scorer(surface, tmp_path)

@@ -11,13 +11,14 @@ import pytest
 
 from dmo.config import parse_space
 from dmo.errors import DmoError
-from dmo.scorer import Evaluation, Target
-from dmo.study import run_study, study_paths
+from dmo.scoring.base import Evaluation, Scorer, Target
+from dmo.search.study import study_paths
+from dmo.search.trials import run_study
 
 OPT = {"counting": 0.2, "general": 0.3, "ocr": 0.5}
 
 
-class Bowl:
+class Bowl(Scorer):
     name = "bowl"
 
     def __init__(self, fail: set[str] = frozenset()):

@@ -20,11 +20,11 @@ from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.presets import paper_2d
 from dmo.tinyworld import render
-from dmo.tinyworld.build import World, build_world, default_root, load_base
+from dmo.tinyworld.build import World, build_world, default_root
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.data import load_pixels, read_split, write_domain
 from dmo.tinyworld.generate import encode, exact_match, generate, generate_encoded
-from dmo.tinyworld.model import init_model
+from dmo.tinyworld.model import init_model, load_base
 from dmo.tinyworld.tokenizer import build_processor, image_tokens, load_processor
 from dmo.tinyworld.train import LORA_TARGET_REGEX, Encoder, sft_indices
 

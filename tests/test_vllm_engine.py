@@ -27,11 +27,12 @@ from dmo.config import ExpertManifest, load_manifest
 from dmo.merge.stream import merge_checkpoints
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
-from dmo.scorer import Target, make_scorer, score_targets
+from dmo.scoring.base import Target, make_scorer, score_targets
 from dmo.scoring.lmms_model import load_pretrained
 from dmo.scoring.manifest_refs import trained_path
 from dmo.scoring.tasks import write_tiny_tasks
-from dmo.scoring.vllm_backend import VLLM_LORA_RANKS, VLLMScorer, engine_kwargs
+from dmo.scoring.vllm_backend import VLLMScorer
+from dmo.scoring.vllm_engine import VLLM_LORA_RANKS, engine_kwargs
 from dmo.scoring.vllm_lmms import answers
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.generate import _as_chw_uint8, generate_encoded
@@ -289,7 +290,7 @@ def test_a_batched_grid_study_scores_like_one_at_a_time_and_fills_the_engine(
 ) -> None:
     """``--batch 4``: four adapter proxies generated in one engine call; every trial's value as with ``--batch 1``."""
     from dmo.config import parse_space
-    from dmo.study import run_study, study_paths
+    from dmo.search.study import run_study, study_paths
 
     space = parse_space({
         "name": "batched", "domains": list(DOMAINS), "experts": str(world.root / "experts.yaml"),
@@ -323,7 +324,7 @@ def test_a_study_runs_for_every_registered_merge_method(world: SimpleNamespace, 
     from dmo.config import parse_space
     from dmo.errors import DmoError
     from dmo.merge.registry import method_names
-    from dmo.study import run_study, study_paths
+    from dmo.search.study import run_study, study_paths
 
     outcomes = {}
     for method in method_names():

@@ -27,8 +27,8 @@ def merge_dense(
     ``names`` maps a checkpoint-layout name to the delta's naming (e.g. ``KeyMap.for_config(base_folder)`` when
     ``base_state`` was read from the base model's safetensors files).
     """
-    targets = _resolve(delta, base_state.keys(), names, what="the base state")
-    _refuse_tied({k: base_state[k] for k in targets.values()}, base_state)
+    targets = resolve_names(delta, base_state.keys(), names, what="the base state")
+    refuse_tied({k: base_state[k] for k in targets.values()}, base_state)
     out = dict(base_state)
     for key, target in targets.items():
         base = base_state[target]
@@ -49,8 +49,8 @@ def applied_delta(
     transformers applies when loading checkpoints into ``model``.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
-    targets = _resolve(delta, params.keys(), names, what=f"{type(model).__name__}", model=model)
-    _refuse_tied({k: params[k] for k in targets.values()}, params)
+    targets = resolve_names(delta, params.keys(), names, what=f"{type(model).__name__}", model=model)
+    refuse_tied({k: params[k] for k in targets.values()}, params)
     for key, target in targets.items():
         _check_shape(key, delta[key], params[target])
     saved: dict[str, Tensor] = {}
@@ -68,7 +68,7 @@ def applied_delta(
                 params[target].copy_(original)
 
 
-def _resolve(
+def resolve_names(
     delta: Mapping[str, Tensor],
     available: Iterable[str],
     names: Rename | None,
@@ -111,7 +111,7 @@ def _resolve(
     return out
 
 
-def _refuse_tied(targets: Mapping[str, Tensor], everything: Mapping[str, Tensor]) -> None:
+def refuse_tied(targets: Mapping[str, Tensor], everything: Mapping[str, Tensor]) -> None:
     """A delta on a tied weight (e.g. lm_head tied to embed_tokens) would change both, unlike the LoRA adapter."""
     wanted = {key: k for k, t in targets.items() if (key := _storage_key(t)) is not None}
     if not wanted:

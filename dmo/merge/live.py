@@ -28,7 +28,7 @@ from torch import Tensor
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
 from dmo.merge.registry import MergeMethod, get_method, stack_extra
-from dmo.merge.stream import _map_names, _open_extra, check_weights, close_experts, open_experts
+from dmo.merge.stream import check_weights, close_experts, map_names, open_experts, open_input_checkpoint
 
 Store = Literal["device", "host"]
 
@@ -109,7 +109,7 @@ class ExpertBank:
                         lora.setdefault(param, {})[e.name] = _Factors(keep(m.a), keep(m.b), float(m.scale))
                     changed: Iterable[tuple[str, Tensor]] = e.extra.items()
                     if e.checkpoint is not None:
-                        changed = _changed(e.checkpoint, ckpt)
+                        changed = changed_tensors(e.checkpoint, ckpt)
                     for param, value in changed:
                         full.setdefault(param, {})[e.name] = keep(value)
                 for param in sorted(set(lora) | set(full)):
@@ -207,10 +207,11 @@ class ExpertBank:
             return (b @ a).mul_(fs[0].scale)
         if spec.lora_exact and not full:
             # linear over LoRA experts: one matmul of the concatenated factors, no K dense deltas
-            scale = float(params.get("scale", 1.0))
-            blocks = [(i, lora[n]) for i, n in enumerate(order) if n in lora]
+            assert spec.adapter_coefficients is not None
+            coef = spec.adapter_coefficients(dict(zip(order, w.tolist())), params)
+            blocks = [(n, lora[n]) for n in order if n in lora]
             a = torch.cat([self._dev(f.a).float() for _, f in blocks])
-            b = torch.cat([self._dev(f.b).float() * (w[i] * f.scale * scale) for i, f in blocks], dim=1)
+            b = torch.cat([self._dev(f.b).float() * (coef[n] * f.scale) for n, f in blocks], dim=1)
             return b @ a
         stacked = torch.zeros((len(order), *base.shape), dtype=torch.float32, device=self.device)
         for i, n in enumerate(order):
@@ -245,8 +246,8 @@ def _read_extra(
     out: dict[str, dict[str, Tensor]] = {}
     for expert, path in paths.items():
         what = f"the {key} weights of expert {expert!r}"
-        with _open_extra(path, what) as ckpt:
-            mapped = _map_names(ckpt.tensors, base, what)  # their name -> base name
+        with open_input_checkpoint(path, what) as ckpt:
+            mapped = map_names(ckpt.tensors, base, what)  # their name -> base name
             out[expert] = {}
             for theirs, param in mapped.items():
                 if param not in params:
@@ -260,7 +261,7 @@ def _read_extra(
     return out
 
 
-def _changed(expert: Checkpoint, base: Checkpoint) -> Iterator[tuple[str, Tensor]]:
+def changed_tensors(expert: Checkpoint, base: Checkpoint) -> Iterator[tuple[str, Tensor]]:
     """The tensors of a full fine-tune that differ from the base (frozen towers are not kept, nor rewritten)."""
     for name in base.tensors:
         value = expert.view(name)
@@ -276,12 +277,12 @@ class ModuleWriter:
     """
 
     def __init__(self, model: torch.nn.Module, names: Iterable[str]) -> None:
-        from dmo.merge.dense import _refuse_tied, _resolve
+        from dmo.merge.dense import refuse_tied, resolve_names
 
         params = dict(model.named_parameters(remove_duplicate=False))
         wanted = dict.fromkeys(names)
-        self._target = _resolve(wanted, params.keys(), None, what=type(model).__name__, model=model)
-        _refuse_tied({t: params[t] for t in self._target.values()}, params)
+        self._target = resolve_names(wanted, params.keys(), None, what=type(model).__name__, model=model)
+        refuse_tied({t: params[t] for t in self._target.values()}, params)
         self._params = {k: params[t] for k, t in self._target.items()}
 
     def __call__(self, named: Iterable[tuple[str, Tensor]]) -> int:

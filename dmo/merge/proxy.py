@@ -24,24 +24,20 @@ from torch import Tensor
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
 from dmo.merge.lora import ADAPTER_WEIGHTS, LoraAdapter, LoraModule, concat_adapter, load_lora, write_adapter
-from dmo.merge.registry import coefficients as expert_coefficients
-from dmo.merge.registry import get_method
+from dmo.merge.registry import get_method, method_names
 from dmo.merge.stream import (
     DEFAULT_SHARD_SIZE,
     MergeStats,
     ParamFilter,
     Progress,
-    _map_names,
     check_weights,
     expert_kind,
+    map_names,
     merge_checkpoints,
 )
 
 #: The largest ``max_lora_rank`` vLLM accepts.
 VLLM_MAX_LORA_RANK = 512
-LINEAR = ("linear", "task_arithmetic")
-#: Methods whose merge of LoRA experts is the concatenated adapter with some coefficients (:func:`linear_coefficients`).
-ADAPTER_LINEAR = (*LINEAR, "weight_average")
 
 
 @dataclass(frozen=True)
@@ -62,28 +58,18 @@ class AdapterStats:
 
 
 def _adapter_refusal(reason: str) -> DmoError:
+    exact = ", ".join(m for m in method_names() if get_method(m).lora_exact)
     return DmoError(
         f"--as adapter writes the exact concatenated LoRA proxy (its rank is the sum of the experts' ranks, and vLLM's "
-        f"max_lora_rank must be >= it), which exists only for the linear methods ({', '.join(ADAPTER_LINEAR)}) and "
+        f"max_lora_rank must be >= it), which exists only for the linear methods ({exact}) and "
         f"robustmerge on LoRA experts: {reason}; use --as dense instead"
     )
 
 
 def linear_coefficients(spec: Any, weights: Mapping[str, float], params: Mapping[str, Any]) -> dict[str, float] | None:
     """Each expert's coefficient when ``spec`` merges LoRA experts as a weighted sum of their ``s B A`` (so exactly
-    as the concatenated adapter), else None: ``linear``/``task_arithmetic`` ``scale * w_i``, ``weight_average``
-    the weights renormalised to sum 1 (with ``weighted: false``, 1/K for each of the K experts present)."""
-    if spec.name in LINEAR:
-        scale = float(params.get("scale", 1.0))
-        return {k: scale * w for k, w in weights.items()}
-    if spec.name == "weight_average":
-        names = list(weights)
-        w = torch.tensor([float(weights[k]) for k in names], dtype=torch.float64)
-        coef = expert_coefficients(w, bool(params.get("weighted", True)))
-        if float(coef.sum()) == 0:
-            raise DmoError(f"weight_average: the weights {dict(weights)} sum to 0 and cannot be renormalised")
-        return {k: float(c) for k, c in zip(names, (coef / coef.sum()).tolist())}
-    return None
+    as the concatenated adapter; the registry's ``adapter_coefficients``), else None."""
+    return spec.adapter_coefficients(weights, params) if spec.lora_exact else None
 
 
 def write_lora_proxy(
@@ -109,7 +95,7 @@ def write_lora_proxy(
     start = time.perf_counter()
     spec = get_method(method)
     params = spec.check_params(dict(params or {}))
-    if spec.name not in ADAPTER_LINEAR and spec.inputs != "lora":
+    if not spec.lora_exact and spec.inputs != "lora":
         raise _adapter_refusal(
             f"method {spec.name!r} is not linear: its merged delta is not a weighted sum of the experts' B·A products"
         )
@@ -130,7 +116,7 @@ def write_lora_proxy(
         for name in active:
             adapter = load_lora(experts[name], allow_bin=allow_bin)
             if base_ckpt is not None:
-                mapped = _map_names(adapter.modules, base_ckpt, f"expert {name!r} ({experts[name]})")
+                mapped = map_names(adapter.modules, base_ckpt, f"expert {name!r} ({experts[name]})")
             else:
                 mapped = {k: k for k in adapter.modules}
             kept = {k: m for k, m in adapter.modules.items() if keep(mapped[k])}
@@ -169,11 +155,11 @@ def adapter_proxy(
     linear = linear_coefficients(spec, weights, params)
     if linear is not None:
         return concat_adapter(adapters, linear)
-    merged = _robust_adapter(adapters, weights, spec.fn, params)
+    merged = robust_adapter(adapters, weights, spec.fn, params)
     return concat_adapter({"merged": merged}, {"merged": 1.0})
 
 
-def _robust_adapter(
+def robust_adapter(
     adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float], fn: Any, params: Mapping[str, Any]
 ) -> LoraAdapter:
     """RobustMerge's merged adapter, with each module's LoRA scaling folded into B (so PEFT's scaling is 1)."""
@@ -250,7 +236,7 @@ def merge_manifest(
 ) -> MergeStats | AdapterStats:
     """Merge an expert manifest's experts for a mixture (``"general=0.25,ocr=0.75"`` or a mapping) into ``out``."""
     from dmo.config import ExpertManifest, load_manifest
-    from dmo.fisher import method_inputs
+    from dmo.merge.inputs import method_inputs
 
     manifest_file = None
     if not isinstance(manifest, ExpertManifest):

@@ -52,6 +52,7 @@ from dmo.errors import DmoError
 
 MergeFn = Callable[..., Any]
 Prepare = Callable[[Mapping[str, Sequence[Mapping[str, Tensor]]]], Mapping[str, Any]]
+AdapterCoefficients = Callable[[Mapping[str, float], Mapping[str, Any]], dict[str, float]]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 #: Modules that register the built-in methods (imported lazily so that ``import dmo.merge.registry`` stays cheap).
@@ -87,8 +88,9 @@ class MergeMethod:
     name: str
     fn: MergeFn
     description: str
-    #: True when the merge equals the concatenated LoRA proxy, so it can be served as an adapter without densifying
-    lora_exact: bool
+    #: For LoRA experts, each expert's coefficient in the concatenated adapter that equals this merge exactly
+    #: (``coefficients(weights, params)``), or None when the merge is no weighted sum of the experts' ``s B A``
+    adapter_coefficients: AdapterCoefficients | None
     #: "delta": fn(deltas, weights, **params) -> delta; "lora": fn(a, b, weights, **params) -> (a, b)
     inputs: Literal["delta", "lora"] = "delta"
     #: keyword parameters with their defaults (``name``, filled in by dmo, is not listed)
@@ -101,6 +103,11 @@ class MergeMethod:
     extra: tuple[str, ...] = ()
     #: model-wide statistics from the extra inputs: ``prepare({key: [per-expert {param: tensor}]}) -> kwargs``
     prepare: Prepare | None = None
+
+    @property
+    def lora_exact(self) -> bool:
+        """Whether LoRA experts merge exactly into their concatenated adapter (served as one, never densified)."""
+        return self.adapter_coefficients is not None
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` validated against the function's keywords: unknown names are refused with the valid ones."""
@@ -161,7 +168,7 @@ def merge_method(
     name: str,
     *,
     description: str = "",
-    lora_exact: bool = False,
+    adapter_coefficients: AdapterCoefficients | None = None,
     inputs: Literal["delta", "lora"] = "delta",
     chunked: type[Chunked] | None = None,
     extra: tuple[str, ...] = (),
@@ -193,8 +200,8 @@ def merge_method(
         }
         takes_name = "name" in sig.parameters
         _METHODS[name] = MergeMethod(
-            name, fn, description or (doc[0] if doc else ""), lora_exact, inputs, defaults, takes_name, chunked,
-            tuple(extra), prepare,
+            name, fn, description or (doc[0] if doc else ""), adapter_coefficients, inputs, defaults, takes_name,
+            chunked, tuple(extra), prepare,
         )  # fmt: skip
         return fn
 
@@ -324,14 +331,31 @@ def weighted_mean(deltas: Tensor, coef: Tensor) -> Tensor:
     return out.div_(total)
 
 
-@merge_method("linear", lora_exact=True)
+def _scaled(weights: Mapping[str, float], params: Mapping[str, Any]) -> dict[str, float]:
+    scale = float(params.get("scale", 1.0))
+    return {k: scale * w for k, w in weights.items()}
+
+
+def _renormalised(weights: Mapping[str, float], params: Mapping[str, Any]) -> dict[str, float]:
+    names = list(weights)
+    coef = coefficients(
+        torch.tensor([float(weights[k]) for k in names], dtype=torch.float64), params.get("weighted", True)
+    )
+    if float(coef.sum()) == 0:
+        raise DmoError(f"weight_average: the weights {dict(weights)} sum to 0 and cannot be renormalised")
+    return {k: float(c) for k, c in zip(names, (coef / coef.sum()).tolist())}
+
+
+@merge_method("linear", adapter_coefficients=_scaled)
 def linear(deltas: Tensor, weights: Tensor, scale: float = 1.0) -> Tensor:
     """Task arithmetic: scale * sum_i w_i * delta_i (weights are used as given, not renormalised)."""
     out = torch.tensordot(weights.to(deltas.dtype), deltas, dims=1)
     return out if scale == 1.0 else out.mul_(scale)
 
 
-merge_method("task_arithmetic", lora_exact=True, description="Alias of linear: scale * sum_i w_i * delta_i.")(linear)
+merge_method(
+    "task_arithmetic", adapter_coefficients=_scaled, description="Alias of linear: scale * sum_i w_i * delta_i."
+)(linear)
 
 
 class WeightAverageChunks(Chunked):
@@ -349,7 +373,7 @@ class WeightAverageChunks(Chunked):
         return torch.tensordot(self.coef.to(device=deltas.device, dtype=deltas.dtype), deltas, dims=1)
 
 
-@merge_method("weight_average", chunked=WeightAverageChunks)
+@merge_method("weight_average", chunked=WeightAverageChunks, adapter_coefficients=_renormalised)
 def weight_average(deltas: Tensor, weights: Tensor, weighted: bool = True) -> Tensor:
     """Weighted average: sum_i w_i delta_i / sum_i w_i (the paper's weight_average; weighted=False: plain mean)."""
     return WeightAverageChunks.whole(deltas.to(torch.float32), weights, weighted=weighted)

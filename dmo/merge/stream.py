@@ -69,7 +69,8 @@ from dmo.merge.checkpoint import (
     copy_side_files,
     set_config_dtype,
 )
-from dmo.merge.dense import _resolve
+from dmo.merge.dense import resolve_names
+from dmo.merge.families import check_family
 from dmo.merge.lora import LoraAdapter, LoraModule, load_lora
 from dmo.merge.names import KeyMap
 from dmo.merge.registry import Chunked, MergeMethod, get_method, stack_extra
@@ -210,20 +211,20 @@ class ParamFilter:
         }
 
 
-def _map_names(keys: Iterable[str], base: Checkpoint, what: str) -> dict[str, str]:
+def map_names(keys: Iterable[str], base: Checkpoint, what: str) -> dict[str, str]:
     """Adapter parameter names -> base checkpoint names (exactly, else through transformers' renaming rules)."""
     keys = dict.fromkeys(keys)
     if not keys:
         return {}
     try:
-        return _resolve(keys, base.tensors.keys(), KeyMap.identity(), what=f"the base model {base.folder}")
+        return resolve_names(keys, base.tensors.keys(), KeyMap.identity(), what=f"the base model {base.folder}")
     except DmoError as first:
         try:
             keymap = KeyMap.for_config(base.folder)
         except DmoError:
             raise DmoError(f"{what}: {first}") from None
         try:
-            return _resolve(keys, base.tensors.keys(), keymap, what=f"the base model {base.folder}")
+            return resolve_names(keys, base.tensors.keys(), keymap, what=f"the base model {base.folder}")
         except DmoError as exc:
             raise DmoError(f"{what}: {exc}") from None
 
@@ -241,9 +242,9 @@ def open_experts(
             if expert_kind(folder) == "lora":
                 expert.adapter = load_lora(folder, non_lora=True, allow_bin=allow_bin)
                 where = f"expert {name!r} ({folder})"
-                mapped = _map_names(expert.adapter.modules, base, where)
+                mapped = map_names(expert.adapter.modules, base, where)
                 expert.modules = {mapped[k]: m for k, m in expert.adapter.modules.items()}
-                mapped = _map_names(expert.adapter.extra, base, where)
+                mapped = map_names(expert.adapter.extra, base, where)
                 expert.extra = {mapped[k]: t for k, t in expert.adapter.extra.items()}
                 _check_adapter(expert, base)
             else:
@@ -549,9 +550,9 @@ class ExtraInputs:
                 files[key] = []
                 for e in experts:
                     what = f"the {key} weights of {e.what}"
-                    ckpt = _open_extra(per[e.name], what)
+                    ckpt = open_input_checkpoint(per[e.name], what)
                     try:
-                        mapped = _map_names(ckpt.tensors, base, what)
+                        mapped = map_names(ckpt.tensors, base, what)
                     except BaseException:
                         ckpt.close()
                         raise
@@ -611,7 +612,7 @@ class ExtraInputs:
         return sum(ckpt.tensors[n[param]].nbytes for per in self.files.values() for ckpt, n in per if param in n)
 
 
-def _open_extra(path: str | os.PathLike[str], what: str) -> Checkpoint:
+def open_input_checkpoint(path: str | os.PathLike[str], what: str) -> Checkpoint:
     """A folder of safetensors, or one ``.safetensors`` file."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -1096,6 +1097,8 @@ def merge_checkpoints(
     if out.exists() and not overwrite:
         raise DmoError(f"output folder {out} already exists: remove it or pass --overwrite")
     base_folder = Path(base)
+    # the paper's default filters name the vision parts of the families dmo knows; another family is refused
+    check_family(base_folder, paper_filter=exclude is None)
     out_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
     active = check_weights(list(experts), weights)

@@ -16,13 +16,13 @@ import torch
 
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
-from dmo.fisher import fisher_paths, inputs_id, method_inputs
+from dmo.merge.inputs import fisher_paths, inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, adapter_to, check_same_base, expert_delta, fingerprint, load_lora, lora_delta
 from dmo.merge.names import KeyMap
-from dmo.merge.proxy import LINEAR, _robust_adapter
+from dmo.merge.proxy import robust_adapter
 from dmo.merge.registry import get_method, merge_deltas
-from dmo.merge.stream import _open_extra
-from dmo.scorer import Evaluation, Target, register_scorer
+from dmo.merge.stream import open_input_checkpoint
+from dmo.scoring.base import Evaluation, Scorer, Target
 from dmo.scoring.evaluate import evaluate
 from dmo.scoring.lmms_model import DmoLMM, load_pretrained
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
@@ -35,8 +35,7 @@ def _device(name: str) -> str:
     return name
 
 
-@register_scorer("hf")
-class HFScorer:
+class HFScorer(Scorer):
     name = "hf"
 
     def __init__(
@@ -137,7 +136,7 @@ class HFScorer:
         """Expert ``domain``'s Fisher weights by live parameter name, memory-mapped (read when a merge touches them)."""
         if domain not in self._inputs:
             (path,) = fisher_paths(self.manifest, [domain]).values()
-            ckpt = _open_extra(path, f"the fisher weights of expert {domain!r}")
+            ckpt = open_input_checkpoint(path, f"the fisher weights of expert {domain!r}")
             self._inputs[domain] = {self._names(n): ckpt.view(n) for n in ckpt.tensors}
         return self._inputs[domain]
 
@@ -158,14 +157,14 @@ class HFScorer:
             return None
         spec = get_method(target.method or "linear")
         params = spec.check_params(dict(target.params))
-        if spec.name in LINEAR or target.kind != "proxy":
-            scale = float(params.get("scale", 1.0))
+        if spec.lora_exact or target.kind != "proxy":
+            coef = spec.adapter_coefficients(weights, params) if target.kind == "proxy" else weights  # type: ignore[misc]
             if len(adapters) == 1:
                 ((name, adapter),) = adapters.items()
-                return {k: v.mul_(weights[name] * scale) for k, v in expert_delta(adapter).items()}
-            return lora_delta(adapters, {k: w * scale for k, w in weights.items()})
+                return {k: v.mul_(coef[name]) for k, v in expert_delta(adapter).items()}
+            return lora_delta(adapters, coef)
         if spec.inputs == "lora":
-            return expert_delta(_robust_adapter(adapters, weights, spec.fn, params))
+            return expert_delta(robust_adapter(adapters, weights, spec.fn, params))
         names = list(adapters)
         deltas = [expert_delta(adapters[n]) for n in names]
         extra = None

@@ -32,6 +32,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 from dmo.errors import DmoError
+from dmo.merge.families import check_family
 
 #: ``generate(model, processor, images, questions, max_new_tokens=..., batch_size=...) -> answers``
 GenerateFn = Callable[..., list[str]]
@@ -105,13 +106,14 @@ def load_pretrained(
     """Load a local model + processor (and merge a local PEFT adapter into it) without touching the network.
 
     ``trust_remote_code`` runs Python shipped inside the model folder; it stays off unless the expert manifest
-    sets it (InternVL checkpoints need it, Qwen2-VL does not).
+    sets it (custom-code checkpoints need it; Qwen2-VL and InternVL in transformers' layout do not).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     base = Path(pretrained)
     if not (base / "config.json").is_file():
         raise DmoError(f"pretrained={pretrained} is not a local model folder (no config.json): pass a saved base model")
+    check_family(base, paper_filter=False)  # a custom InternVL checkpoint: refused with how to convert it
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype, None)
     if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
         raise DmoError(f"dtype={dtype!r} is not a torch dtype: use auto, float32, bfloat16 or float16")
@@ -292,7 +294,7 @@ class DmoLMM(lmms):
         groups: dict[tuple[str, str, int, tuple[str, ...]], list[int]] = {}
         for i, request in enumerate(requests):
             _, gen_kwargs, _, _, task, split = request.args
-            groups.setdefault((task, split, *_generation_key(gen_kwargs)), []).append(i)
+            groups.setdefault((task, split, *generation_key(gen_kwargs)), []).append(i)
         answers: list[str | None] = [None] * len(requests)
         with self._proxy_weights(), torch.inference_mode():
             for (task, split, max_new_tokens, until), indices in groups.items():
@@ -321,7 +323,7 @@ class DmoLMM(lmms):
                     if len(outputs) != len(chunk):
                         raise DmoError(f"generate_fn returned {len(outputs)} answers for {len(chunk)} questions")
                     for i, text in zip(chunk, outputs):
-                        answers[i] = _cut_at_stop(text, until)
+                        answers[i] = cut_at_stop(text, until)
         return [a if a is not None else "" for a in answers]
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -382,7 +384,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _generation_key(gen_kwargs: Mapping[str, Any] | None) -> tuple[int, tuple[str, ...]]:
+def generation_key(gen_kwargs: Mapping[str, Any] | None) -> tuple[int, tuple[str, ...]]:
     """(max_new_tokens, stop strings). Sampling settings are ignored: dmo always decodes greedily."""
     gen_kwargs = gen_kwargs or {}
     max_new_tokens = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
@@ -392,7 +394,7 @@ def _generation_key(gen_kwargs: Mapping[str, Any] | None) -> tuple[int, tuple[st
     return max_new_tokens, tuple(s for s in until if s)
 
 
-def _cut_at_stop(text: str, until: Sequence[str]) -> str:
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
     """The answer up to the first stop string, as lmms-eval's own models do."""
     for stop in until:
         text = text.split(stop, 1)[0]

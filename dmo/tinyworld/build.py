@@ -100,18 +100,6 @@ def default_root(config: WorldConfig) -> Path:
     return cache_dir() / "tinyworld" / config.key()
 
 
-def load_base(root: str | Path) -> tuple[Any, Any]:
-    """``(model, processor)`` of a world's ``base/`` folder, loaded offline with the stock HF classes."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-    folder = Path(root) / "base"
-    if not (folder / "config.json").exists():
-        raise DmoError(f"no tiny-world base model in {folder}: run build_world() first")
-    model = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
-    processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-    return model.eval(), processor
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Progress reporting: rich bars when asked, nothing otherwise.
 
@@ -120,11 +108,9 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self._bar = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from dmo.progress import progress_bar
 
-            self._bar = Progress(
-                TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-            )
+            self._bar = progress_bar(description="{task.description:<28}")
 
     def __enter__(self) -> _Progress:
         if self._bar:

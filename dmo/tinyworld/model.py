@@ -6,6 +6,9 @@ does to it (load, attach LoRA, merge adapters, generate) is what it would do to 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from transformers import PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -92,3 +95,15 @@ def init_model(config: WorldConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2
 
 def n_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_base(root: str | Path) -> tuple[Any, Any]:
+    """``(model, processor)`` of a world's ``base/`` folder, loaded offline with the stock HF classes."""
+    from transformers import AutoProcessor
+
+    folder = Path(root) / "base"
+    if not (folder / "config.json").exists():
+        raise DmoError(f"no tiny-world base model in {folder}: run build_world() first")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
+    processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    return model.eval(), processor

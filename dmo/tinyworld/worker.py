@@ -51,7 +51,7 @@ def _base(root: Path) -> tuple[Any, Any]:
     key = ("base", str(root))
     if key not in _STATE:
         _setup()
-        from dmo.tinyworld.build import load_base
+        from dmo.tinyworld.model import load_base
 
         _STATE[key] = load_base(root)
     return _STATE[key]

@@ -1,49 +1,27 @@
 """Glue from a search space to a running study: resolve the experts, build a scorer, score references.
 
 A :class:`Session` holds one space, its expert manifest, the scorer and the results table at
-``results/<space>/scores.jsonl``. ``experts: tinyworld`` (or ``tinyworld-small``) in a space means the
-embedded tiny world, built (or reused from the cache) on first use, with the ground truth the space needs.
+``results/<space>/scores.jsonl``. ``experts: NAME`` in a space names an expert source (:mod:`dmo.sources`), e.g.
+``tinyworld``: the embedded tiny world, built (or reused from the cache) on first use.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from dmo.config import (
-    TINYWORLD,
-    TINYWORLD_SMALL,
-    ExpertManifest,
-    SearchSpace,
-    load_manifest,
-    load_space,
-    parse_space,
-)
+from dmo.config import ExpertManifest, SearchSpace, load_manifest, load_space, parse_space
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
-from dmo.paths import results_dir
+from dmo.paths import SpaceFolder
+from dmo.progress import progress_bar
 from dmo.results import ResultsTable
-from dmo.scorer import Scorer, Target, make_scorer, score_targets
-from dmo.study import StudyResult, run_study, study_paths
-
-#: Targets scored together by a backend with ``evaluate_many`` (the vllm backend's default ``max_loras``).
-SCORE_GROUP = 4
-DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "tiny-2d.yaml"
-
-
-def ground_truth_for(space: SearchSpace) -> tuple[str, ...]:
-    """Which of the tiny world's ground-truth sets ("2d", "3d", "4d") a space's candidates come from."""
-    src = space.mixtures
-    if not isinstance(src, list) and src.preset is not None and src.preset.name.startswith("paper-"):
-        return (src.preset.name.removeprefix("paper-"),)
-    return ()
+from dmo.scoring.base import Scorer, Target, make_scorer, score_targets
+from dmo.search.study import StudyResult, study_paths
+from dmo.search.trials import run_study
+from dmo.sources import is_source_name, resolve_source
 
 
 @dataclass
@@ -103,12 +81,11 @@ class Session:
                 f"the {space.scoring.backend} backend does not take a space's own metric entries (scoring.metrics) "
                 "yet: score with backend hf, or add them to dmo/scoring/metrics.yaml"
             ) from None
-        check = getattr(scorer, "check", None)
-        if check is not None and space.benchmarks:
-            check(space.benchmarks)
+        if space.benchmarks:
+            scorer.check(space.benchmarks)
         check_metrics(space, metric_map)
         assert space.name is not None
-        table = ResultsTable(results_dir() / space.name / "scores.jsonl")
+        table = ResultsTable(SpaceFolder.for_space(space.name).scores)
         return cls(space, manifest, scorer, table, include_path)
 
     def references(self) -> list[Target]:
@@ -126,11 +103,11 @@ class Session:
 
     def score(self, targets: list[Target], description: str, progress: bool = True) -> None:
         """Score targets through the cache, with a progress bar; a failure is recorded, not fatal."""
-        with _bar(progress) as bar:
+        with progress_bar(enabled=progress) as bar:
             task = bar.add_task(description, total=len(targets))
             # in groups, so that a backend that can score several proxies together (vllm: one engine batch for
             # several LoRA-served proxies) does; each group is recorded as soon as it is scored
-            step = SCORE_GROUP if hasattr(self.scorer, "evaluate_many") else 1
+            step = max(1, self.scorer.max_batch)
             for k in range(0, len(targets), step):
                 group = targets[k : k + step]
                 score_targets(self.scorer, self.table, group, self.space.benchmarks, group=self.space.name or "")
@@ -152,9 +129,9 @@ class Session:
 
 def study_batch(scorer: Scorer, batch: int | None) -> int:
     """Trials run at once per worker: ``batch``, or the backend's own (how many targets it scores in one call)."""
-    most = int(getattr(scorer, "max_batch", 1))
+    most = scorer.max_batch
     if batch is None:
-        return min(most, int(getattr(scorer, "default_batch", 1)))
+        return min(most, scorer.default_batch)
     if batch > most:
         raise DmoError(
             f"--batch {batch} is more than the {scorer.name} backend scores in one call ({most})"
@@ -194,102 +171,27 @@ def _dump(value: Any) -> Any:
 
 
 def resolve_experts(space: SearchSpace) -> tuple[ExpertManifest, Path | None]:
-    """The space's expert manifest and lmms-eval include path (the tiny world's tasks, when it is used)."""
-    if space.experts in (TINYWORLD, TINYWORLD_SMALL):
-        from dmo.scoring.tasks import write_tiny_tasks
-        from dmo.tinyworld.build import build_world
-        from dmo.tinyworld.config import WorldConfig
-
-        config = WorldConfig.small() if space.experts == TINYWORLD_SMALL else WorldConfig()
-        world = build_world(config, ground_truth=ground_truth_for(space))
-        tasks = world.root / "tasks"
-        if not tasks.is_dir():
-            write_tiny_tasks(world.root / "data", tasks, list(config.domains), max_new_tokens=config.max_new_tokens)
-        return load_manifest(world.manifest_path), tasks
+    """The space's expert manifest and lmms-eval include path (a named source's tasks, e.g. the tiny world's)."""
+    if space.experts and is_source_name(space.experts):
+        found = resolve_source(space.experts, space)
+        return found.manifest, found.tasks
     if not space.experts:
         raise DmoError(f"space {space.name!r} names no expert manifest: add 'experts: FILE' or pass --experts FILE")
     return load_manifest(space.experts), None
 
 
-class _bar:
-    def __init__(self, enabled: bool) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            disable=not enabled,
-        )
-
-    def __enter__(self) -> Progress:
-        self.progress.start()
-        return self.progress
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+def scorer_for(space: SearchSpace) -> Scorer:
+    """A fresh scorer for a space (what each worker process of :func:`dmo.search.launch.run_workers` builds)."""
+    return Session.open("", space=space).scorer
 
 
-def print_study_result(console: Console, session: Session, result: StudyResult) -> None:
-    if result.best is None:
-        console.print("no completed trial yet")
-        return
-    console.print(
-        f"best mixture of study [bold]{result.study.study_name}[/]: [bold green]{result.best.id}[/] "
-        f"(objective {result.best_value:.4f}; {result.evaluated} new evaluations, {len(result.study.trials)} trials)"
-    )
-    for b, s in sorted(result.best_scores.items()):
-        console.print(f"  {b}: {s:.4f}")
-    console.print(f"results table: {session.table.path}")
+def write_results_report(results: Path, output: Path | None = None, storage: str | None = None, **kwargs: Any) -> Path:
+    """``dmo report``: the HTML report of a results folder, with the studies of ``storage`` (default: its study.db)."""
+    from dmo.analysis.html_report import write_report
+    from dmo.paths import scores_path
+    from dmo.search.history import study_history
 
-
-def run_demo(
-    console: Console,
-    space_file: Path | None = None,
-    n_trials: int = 12,
-    small: bool = False,
-    tasks: Sequence[Path] = (),
-) -> Path:
-    """The README's main command: world -> references -> preset proxies -> study (CMA-ES by default) -> correlations."""
-    from dmo.correlate import correlate
-    from dmo.report import render_correlation
-
-    t0 = time.perf_counter()
-    space = load_space(space_file or DEFAULT_SPACE)
-    if small and space.experts == TINYWORLD:
-        space = space.model_copy(update={"experts": TINYWORLD_SMALL})
-    session = Session.open(space_file or DEFAULT_SPACE, space=space, tasks=tasks)
-    console.print(f"[bold]dmo demo[/] on space [bold]{space.name}[/] with experts from {session.manifest.name}")
-    session.score(session.references(), "base, experts, trained mixtures")
-    grid_space = space.model_copy(update={"sampler": space.sampler.model_copy(update={"name": "grid"})})
-    grid = dataclasses.replace(session, space=grid_space).run_study()
-    study = session.run_study(n_trials=n_trials)
-    console.print()
-    table = correlate(session.table.frame())
-    render_correlation(console, table[table["group"] == space.name] if not table.empty else table)
-    _print_choice(console, session, grid, study)
-    from dmo.html_report import write_report
-
-    report = write_report(session.table.path.parent)
-    console.print(f"done in {time.perf_counter() - t0:.0f} s; results table: [bold]{session.table.path}[/]")
-    console.print(f"report: [bold]{report}[/]")
-    return session.table.path
-
-
-def _print_choice(console: Console, session: Session, grid: StudyResult, study: StudyResult) -> None:
-    df = session.table.frame()
-    ok = df[(df["status"] == "ok") & (df["group"].isin([session.space.name, ""]) | (df["kind"] != "proxy"))]
-    trained = ok[ok["kind"] == "trained"]
-    if not trained.empty:
-        per_mix = trained.groupby(["mixture", "benchmark"])["score"].mean().unstack().mean(axis=1)
-        best = per_mix.idxmax()
-        console.print(f"best trained mixture (mean over seeds and benchmarks): [bold]{best}[/] ({per_mix[best]:.4f})")
-        if grid.best is not None and grid.best.id in per_mix:
-            console.print(
-                f"proxy's pick among the trained mixtures: [bold]{grid.best.id}[/], which trained to "
-                f"{per_mix[grid.best.id]:.4f} (regret {per_mix[best] - per_mix[grid.best.id]:.4f})"
-            )
-    if study.best is not None:
-        console.print(
-            f"best proxy found by the {session.space.sampler.name} study anywhere on the simplex: "
-            f"[bold]{study.best.id}[/] (proxy objective {study.best_value:.4f}; not trained, so not verified)"
-        )
+    folder = SpaceFolder.of(scores_path(Path(results)))
+    url = storage or (folder.study_url if folder.study_db.exists() else None)
+    studies, note = study_history(url) if url else (None, None)
+    return write_report(results, output, studies=studies, studies_note=note, **kwargs)

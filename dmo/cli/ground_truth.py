@@ -5,14 +5,19 @@ Kept apart from :mod:`dmo.cli`, which mounts these; like it, only argument parsi
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dmo.errors import DmoError
+from dmo.presets import PAPER_BUDGET
 
 data_app = typer.Typer(help="Training sets of data mixtures, in LLaMA-Factory's dataset format.", no_args_is_help=True)
 train_app = typer.Typer(
@@ -22,12 +27,12 @@ train_app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-_BUDGET_HELP = "Training samples per model (the paper: 102400 = 800 steps x 128)."
+_BUDGET_HELP = f"Training samples per model (the paper: {PAPER_BUDGET} = 800 steps x 128)."
 
 
 def _mixtures(texts: list[str], space: Path | None) -> tuple[list, list[str] | None]:
     """Mixtures from --mixture texts (weights, ids or paper names) and/or a search space's candidates."""
-    from dmo.data_mix import read_name
+    from dmo.groundtruth.data_mix import read_name
 
     domains = None
     out = []
@@ -61,7 +66,7 @@ def data_mix(
         list[str], typer.Option(help="general=0.25,ocr=0.75, an id, or a paper name (repeatable).")
     ] = [],  # noqa: B006
     space: Annotated[Path | None, typer.Option(help="Also every candidate mixture of this search space.")] = None,
-    budget: Annotated[int, typer.Option(help=_BUDGET_HELP, min=1)] = 102_400,
+    budget: Annotated[int, typer.Option(help=_BUDGET_HELP, min=1)] = PAPER_BUDGET,
     seed: Annotated[int, typer.Option(help="Seed of the sub-sampling and shuffling.")] = 0,
     strategy: Annotated[
         str,
@@ -79,7 +84,7 @@ def data_mix(
     ] = None,
 ) -> None:
     """Materialise the training set of each mixture (or its interleave config), with a dataset_info.json entry."""
-    from dmo.data_mix import mix
+    from dmo.groundtruth.data_mix import mix
 
     mixtures, _ = _mixtures(mixture, space)
     records = mix(
@@ -113,10 +118,10 @@ def data_mix(
 @data_app.command("name")
 def data_name(
     text: Annotated[str, typer.Argument(help="A paper name (general-25600++ocr-76800) or a mixture.")],
-    budget: Annotated[int, typer.Option(help=_BUDGET_HELP, min=1)] = 102_400,
+    budget: Annotated[int, typer.Option(help=_BUDGET_HELP, min=1)] = PAPER_BUDGET,
 ) -> None:
     """Translate between the paper's names (sample counts) and mixture weights."""
-    from dmo.data_mix import mixture_name, read_name
+    from dmo.groundtruth.data_mix import mixture_name, read_name
 
     m = read_name(text)
     weights = ", ".join(f"{d}={w:.6g}" for d, w in m.as_dict().items())
@@ -136,25 +141,10 @@ def _base(text: str) -> str:
     return text
 
 
-def _recipe(base, template, method, budget, batch, per_device_batch, gpus, set_):
-    from dmo.llamafactory import Recipe, parse_overrides
+def _launch(planned, what: str, training: _Training) -> None:
+    from dmo.groundtruth.llamafactory import DEFAULT_LF_BIN, default_slurm_script, train_runs, write_slurm
 
-    return Recipe(
-        base=_base(base),
-        template=template,
-        method=method,
-        budget=budget,
-        global_batch=batch,
-        per_device_batch=per_device_batch,
-        gpus=gpus,
-        overrides=parse_overrides(set_),
-    )
-
-
-def _launch(
-    planned, what, lf_bin, slurm, slurm_script, plan_only, overwrite, gpus, cpus, time_limit, partition, account, sbatch
-) -> None:
-    from dmo.llamafactory import DEFAULT_LF_BIN, default_slurm_script, train_runs, write_slurm
+    lf_bin, slurm, slurm_script, plan_only = training.lf_bin, training.slurm, training.slurm_script, training.plan_only
 
     folder = planned.folder
     for n in planned.notes:
@@ -172,12 +162,12 @@ def _launch(
             slurm_script or default_slurm_script(what, name),
             lf_bin or DEFAULT_LF_BIN,
             what=what,
-            gpus=gpus,
-            cpus=cpus,
-            time_limit=time_limit,
-            partition=partition,
-            account=account,
-            sbatch=sbatch,
+            gpus=training.gpus,
+            cpus=training.cpus,
+            time_limit=training.time_limit,
+            partition=training.partition,
+            account=training.account,
+            sbatch=training.sbatch,
         )
         _say(f"SLURM array script: [bold]{script}[/] ({len(planned.runs)} tasks); submit with: sbatch {script}")
         return
@@ -188,7 +178,7 @@ def _launch(
         folder,
         lf_bin or DEFAULT_LF_BIN,
         only=[r.name for r in planned.runs],
-        overwrite=overwrite,
+        overwrite=training.overwrite,
         validate_first=False,
         echo=_say,
     )
@@ -231,82 +221,111 @@ _ACCOUNT = Annotated[str | None, typer.Option(help="SLURM account.")]
 _SBATCH = Annotated[list[str], typer.Option(help="Extra #SBATCH option (repeatable), e.g. --sbatch qos=high.")]
 
 
+@dataclass
+class _Training:
+    """The options ``dmo train experts`` and ``dmo train mixtures`` share (one definition, see ``_training``)."""
+
+    base: _BASE
+    data: _DATA
+    out: _OUT
+    template: _TEMPLATE = "qwen2_vl"
+    name: _NAME = None
+    manifest: _MANIFEST = None
+    method: _METHOD = "lora"
+    budget: _BUDGET = PAPER_BUDGET
+    batch: _BATCH = 128
+    per_device_batch: _PDB = 4
+    gpus: _GPUS = 1
+    data_seed: _DATA_SEED = 0
+    allow_repeats: _REPEATS = False
+    set_: _SET = field(default_factory=list)
+    lf_bin: _LF_BIN = None
+    slurm: _SLURM = False
+    slurm_script: _SCRIPT = None
+    plan_only: _PLAN_ONLY = False
+    overwrite: _OVERWRITE = False
+    cpus: _CPUS = 8
+    time_limit: _TIME = "24:00:00"
+    partition: _PARTITION = None
+    account: _ACCOUNT = None
+    sbatch: _SBATCH = field(default_factory=list)
+
+    def recipe(self):
+        from dmo.groundtruth.llamafactory import Recipe, parse_overrides
+
+        return Recipe(
+            base=_base(self.base), template=self.template, method=self.method, budget=self.budget,
+            global_batch=self.batch, per_device_batch=self.per_device_batch, gpus=self.gpus,
+            overrides=parse_overrides(self.set_),
+        )  # fmt: skip
+
+    def plan(self, what: str, **kwargs: Any):
+        """Check LLaMA-Factory (unless only planning), then plan the runs."""
+        from dmo.groundtruth.llamafactory import check_lf_bin, plan_runs
+
+        recipe = self.recipe()
+        if not (self.slurm or self.plan_only):
+            self.lf_bin = check_lf_bin(self.lf_bin)
+        return plan_runs(
+            what, recipe, data=self.data, out=self.out, data_seed=self.data_seed, allow_repeats=self.allow_repeats,
+            manifest=self.manifest, name=self.name, lf_bin=self.lf_bin or _default_lf_bin(), **kwargs,
+        )  # fmt: skip
+
+
+def _training(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared :class:`_Training` options (after its own) and pass them to it as ``training``."""
+    shared = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=inspect.Parameter.empty
+            if f.default is MISSING and f.default_factory is MISSING
+            else (f.default if f.default is not MISSING else f.default_factory()),  # type: ignore[misc]
+            annotation=f.type,
+        )
+        for f in fields(_Training)
+    ]
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "training"]
+    hints = get_type_hints(_Training, include_extras=True)
+    for i, p in enumerate(shared):
+        shared[i] = p.replace(annotation=hints[p.name])
+    own_hints = get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=own_hints[p.name], kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    required = [p for p in shared if p.default is inspect.Parameter.empty]
+    optional = [p for p in shared if p.default is not inspect.Parameter.empty]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        training = _Training(**{f.name: kwargs.pop(f.name) for f in fields(_Training)})
+        command(training=training, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature([*required, *own, *optional])  # type: ignore[attr-defined]
+    del wrapper.__wrapped__  # typer must read the signature above, not the command's own
+    return wrapper
+
+
 @train_app.command("experts")
+@_training
 def train_experts(
-    base: _BASE,
-    data: _DATA,
-    out: _OUT,
-    template: _TEMPLATE = "qwen2_vl",
+    training: _Training,
     domains: Annotated[str | None, typer.Option(help="Comma-separated domains (default: all in --data).")] = None,
-    name: _NAME = None,
-    manifest: _MANIFEST = None,
-    method: _METHOD = "lora",
-    budget: _BUDGET = 102_400,
-    batch: _BATCH = 128,
-    per_device_batch: _PDB = 4,
-    gpus: _GPUS = 1,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
-    data_seed: _DATA_SEED = 0,
-    allow_repeats: _REPEATS = False,
-    set_: _SET = [],  # noqa: B006
-    lf_bin: _LF_BIN = None,
-    slurm: _SLURM = False,
-    slurm_script: _SCRIPT = None,
-    plan_only: _PLAN_ONLY = False,
-    overwrite: _OVERWRITE = False,
-    cpus: _CPUS = 8,
-    time_limit: _TIME = "24:00:00",
-    partition: _PARTITION = None,
-    account: _ACCOUNT = None,
-    sbatch: _SBATCH = [],  # noqa: B006
 ) -> None:
     """Train one expert per domain (budget samples of that domain each) and register them in a manifest."""
-    from dmo.data_mix import DataFolder, discover_domains
-    from dmo.llamafactory import check_lf_bin, plan_runs
+    from dmo.groundtruth.data_mix import DataFolder, discover_domains
 
-    recipe = _recipe(base, template, method, budget, batch, per_device_batch, gpus, set_)
-    if not (slurm or plan_only):
-        lf_bin = check_lf_bin(lf_bin)
     if domains:
         doms = [d.strip() for d in domains.split(",") if d.strip()]
     else:
-        folder = DataFolder(data)
-        doms = folder.domains() if folder.is_dmo() else discover_domains(data)
-    planned = plan_runs(
-        "experts",
-        recipe,
-        data=data,
-        out=out,
-        domains=doms,
-        seeds=[seed],
-        data_seed=data_seed,
-        allow_repeats=allow_repeats,
-        manifest=manifest,
-        name=name,
-        lf_bin=lf_bin or _default_lf_bin(),
-    )
-    _launch(
-        planned,
-        "experts",
-        lf_bin,
-        slurm,
-        slurm_script,
-        plan_only,
-        overwrite,
-        gpus,
-        cpus,
-        time_limit,
-        partition,
-        account,
-        sbatch,
-    )
+        folder = DataFolder(training.data)
+        doms = folder.domains() if folder.is_dmo() else discover_domains(training.data)
+    _launch(training.plan("experts", domains=doms, seeds=[seed]), "experts", training)
 
 
 @train_app.command("mixtures")
+@_training
 def train_mixtures(
-    base: _BASE,
-    data: _DATA,
-    out: _OUT,
+    training: _Training,
     space: Annotated[Path | None, typer.Argument(help="Train every candidate mixture of this search space.")] = None,
     mixture: Annotated[
         list[str], typer.Option(help="general=0.25,ocr=0.75, an id, or a paper name (repeatable).")
@@ -319,74 +338,22 @@ def train_mixtures(
             "(LLaMA-Factory's interleave_under, the paper's way)."
         ),
     ] = "exact",
-    template: _TEMPLATE = "qwen2_vl",
-    name: _NAME = None,
-    manifest: _MANIFEST = None,
-    method: _METHOD = "lora",
-    budget: _BUDGET = 102_400,
-    batch: _BATCH = 128,
-    per_device_batch: _PDB = 4,
-    gpus: _GPUS = 1,
-    data_seed: _DATA_SEED = 0,
-    allow_repeats: _REPEATS = False,
-    set_: _SET = [],  # noqa: B006
-    lf_bin: _LF_BIN = None,
-    slurm: _SLURM = False,
-    slurm_script: _SCRIPT = None,
-    plan_only: _PLAN_ONLY = False,
-    overwrite: _OVERWRITE = False,
-    cpus: _CPUS = 8,
-    time_limit: _TIME = "24:00:00",
-    partition: _PARTITION = None,
-    account: _ACCOUNT = None,
-    sbatch: _SBATCH = [],  # noqa: B006
 ) -> None:
     """Train one model per mixture and seed (the ground truth) and register them in the manifest's trained list."""
-    from dmo.llamafactory import check_lf_bin, plan_runs
-
     if strategy not in ("exact", "interleave"):
         raise DmoError(f"unknown mixing strategy {strategy!r}: choose exact or interleave")
-    recipe = _recipe(base, template, method, budget, batch, per_device_batch, gpus, set_)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise DmoError(f"cannot read --seeds {seeds!r}: give whole numbers such as 0,1") from None
-    if not (slurm or plan_only):
-        lf_bin = check_lf_bin(lf_bin)
+    training.recipe()  # a bad recipe fails before the mixtures are read
     mixtures, _ = _mixtures(mixture, space)
-    planned = plan_runs(
-        "mixtures",
-        recipe,
-        data=data,
-        out=out,
-        mixtures=mixtures,
-        seeds=seed_list,
-        strategy=strategy,
-        data_seed=data_seed,
-        allow_repeats=allow_repeats,
-        manifest=manifest,
-        name=name,
-        lf_bin=lf_bin or _default_lf_bin(),
-    )
-    _launch(
-        planned,
-        "mixtures",
-        lf_bin,
-        slurm,
-        slurm_script,
-        plan_only,
-        overwrite,
-        gpus,
-        cpus,
-        time_limit,
-        partition,
-        account,
-        sbatch,
-    )
+    planned = training.plan("mixtures", mixtures=mixtures, seeds=seed_list, strategy=strategy)
+    _launch(planned, "mixtures", training)
 
 
 def _default_lf_bin() -> Path | None:
-    from dmo.llamafactory import DEFAULT_LF_BIN
+    from dmo.groundtruth.llamafactory import DEFAULT_LF_BIN
 
     return DEFAULT_LF_BIN if DEFAULT_LF_BIN.is_file() else None
 
@@ -399,7 +366,7 @@ def train_run(
     overwrite: _OVERWRITE = False,
 ) -> None:
     """Train planned runs (what each SLURM array task calls): check, train, move into place, register."""
-    from dmo.llamafactory import RunFolder, train_runs
+    from dmo.groundtruth.llamafactory import RunFolder, train_runs
 
     results = train_runs(RunFolder(folder), lf_bin, only=run or None, overwrite=overwrite, echo=_say)
     for r in results:
@@ -410,7 +377,7 @@ def train_run(
 @train_app.command("register")
 def train_register(folder: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
     """Register every finished run of a run folder in its expert manifest(s)."""
-    from dmo.llamafactory import RunFolder, register
+    from dmo.groundtruth.llamafactory import RunFolder, register
 
     done = register(RunFolder(folder), echo=_note)
     if not done:
@@ -454,8 +421,8 @@ def ingest_command(
     dry_run: Annotated[bool, typer.Option(help="Read and check everything, write nothing.")] = False,
 ) -> None:
     """Read lmms-eval results of the base, experts, trained mixtures and merged proxies into a results table."""
-    from dmo.ingest import ingest
-    from dmo.paths import results_dir
+    from dmo.groundtruth.ingest import ingest
+    from dmo.paths import SpaceFolder, scores_path
     from dmo.results import ResultsTable
     from dmo.scoring.metrics import load_metric_map
 
@@ -464,11 +431,12 @@ def ingest_command(
     candidates: list = []
     manifest_budget = None
     if space is not None:
-        from dmo.config import TINYWORLD, TINYWORLD_SMALL, load_manifest, load_space
+        from dmo.config import load_manifest, load_space
+        from dmo.sources import is_source_name
 
         sp = load_space(space)
         doms, name, candidates = list(sp.domains), sp.name, sp.candidates()
-        if manifest is None and sp.experts not in (None, TINYWORLD, TINYWORLD_SMALL) and Path(sp.experts).is_file():
+        if manifest is None and sp.experts and not is_source_name(sp.experts) and Path(sp.experts).is_file():
             manifest_budget = load_manifest(sp.experts, check_paths=False).budget
     if manifest is not None:
         from dmo.config import load_manifest
@@ -480,8 +448,8 @@ def ingest_command(
     if results is None:
         if name is None:
             raise DmoError("say where the scores go: pass --results results/<space> (or --space SPACE.yaml)")
-        results = results_dir() / name
-    path = results / "scores.jsonl" if results.suffix != ".jsonl" else results
+        results = SpaceFolder.for_space(name).root
+    path = scores_path(results)
     mm = load_metric_map(metric_map) if metric_map is not None else None
     skipped: list[str] = []
     new, known = ingest(

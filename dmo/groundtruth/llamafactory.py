@@ -41,8 +41,9 @@ from typing import Any, Literal
 
 import yaml
 
-from dmo.atomic import _explain, atomic_file, file_lock, write_text
-from dmo.data_mix import (
+from dmo.atomic import atomic_file, explain_os_error, file_lock, write_text
+from dmo.errors import DmoError
+from dmo.groundtruth.data_mix import (
     SHAREGPT_ENTRY,
     DataFolder,
     MixRecord,
@@ -51,9 +52,9 @@ from dmo.data_mix import (
     source_val_pools,
     val_name,
 )
-from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.paths import safe_name
+from dmo.presets import PAPER_BUDGET
 
 Method = Literal["lora", "full"]
 
@@ -67,7 +68,6 @@ Method = Literal["lora", "full"]
 #: the projector flag changes nothing in LLaMA-Factory 0.9.4/0.9.5 (``lora_target: all`` never reaches the
 #: projector, and LoRA trains adapters only); with ``--method full`` the projector is trained, as in the paper.
 #: Where dmo deliberately differs from the paper's config, :data:`PAPER_DIFFERENCES` says which key and why.
-PAPER_BUDGET = 102_400
 PAPER_GLOBAL_BATCH = 128
 PAPER_PER_DEVICE_BATCH = 4
 PAPER_DEFAULTS: dict[str, Any] = {
@@ -94,8 +94,8 @@ PAPER_DEFAULTS: dict[str, Any] = {
 }
 LORA_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "lora_alpha": 32, "lora_target": "all", "lora_dropout": 0.0}
 #: Evaluation during training, as the paper's configs do it, whenever every domain of a run has a validation split
-#: (``dmo.data_mix``: ``<domain>-val``): the loss on it every 1/8 of training (``eval_steps: 0.125``, a fraction of
-#: the steps). ``per_device_eval_batch_size`` is the run's per-device training batch. ``eval_on_each_dataset`` is
+#: (``dmo.groundtruth.data_mix``: ``<domain>-val``): the loss on it every 1/8 of training (``eval_steps: 0.125``,
+#: a fraction of the steps). ``per_device_eval_batch_size`` is the run's per-device training batch. ``eval_on_each_dataset`` is
 #: dmo's own: one loss per domain (``eval_<domain>-val_loss``) rather than one over the pooled domains.
 EVAL_DEFAULTS: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 0.125, "eval_on_each_dataset": True}
 #: Every key where a config written by dmo deliberately differs from the paper's (qwen2_2b_lora.yaml with the values
@@ -728,7 +728,7 @@ def _finish(partial: Path, output: Path) -> None:
         else:
             os.replace(partial, output)
     except OSError as exc:
-        raise _explain(exc, output) from exc
+        raise explain_os_error(exc, output) from exc
 
 
 # ------------------------------------------------------------------------------------------------ registration

@@ -15,6 +15,8 @@ from rich.console import Console
 from typer.core import TyperCommand
 
 from dmo.errors import DmoError
+from dmo.scoring.base import scorer_names
+from dmo.search.samplers import sampler_names
 
 app = typer.Typer(
     help="Data Mixture Optimization: find the best SFT data mixture by scoring merged expert proxies.",
@@ -27,7 +29,7 @@ spaces_app = typer.Typer(help="Search spaces: domains and candidate mixtures.")
 app.add_typer(world_app, name="world")
 app.add_typer(spaces_app, name="spaces")
 # Ground truth (mixture datasets, LLaMA-Factory training, lmms-eval ingestion) lives in its own module.
-from dmo.cli_ground_truth import data_app, ingest_command, train_app  # noqa: E402
+from dmo.cli.ground_truth import data_app, ingest_command, train_app  # noqa: E402
 
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
@@ -85,13 +87,15 @@ def study(
     space_file: Annotated[Path, typer.Argument(metavar="SPACE", help="Search space YAML.")],
     sampler: Annotated[
         str | None,
-        typer.Option(help="grid, random, tpe, gp, cmaes, qmc (default: the space's; cmaes if it names none)."),
+        typer.Option(help=f"{', '.join(sampler_names())} (default: the space's; cmaes if it names none)."),
     ] = None,
     n_trials: Annotated[int | None, typer.Option(help="Total trials wanted (a resumed study runs the rest).")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite).")] = None,
     study_name: Annotated[str | None, typer.Option(help="Default: <space>.<sampler>.")] = None,
     experts: Annotated[Path | None, typer.Option(help="Expert manifest, overriding the space's.")] = None,
-    backend: Annotated[str | None, typer.Option(help="Scoring backend: hf or vllm (default: the space's).")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help=f"Scoring backend: {', '.join(scorer_names())} (default: the space's).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items of each benchmark.")] = None,
     workers: Annotated[
         int, typer.Option(min=1, help="Local worker processes on the study (more can join from other hosts).")
@@ -107,15 +111,17 @@ def study(
     ] = None,
 ) -> None:
     """Run, resume or join an Optuna study over the space's mixture weights."""
-    from dmo.pipeline import Session, print_study_result
+    from dmo.cli.demo import print_study_result
+    from dmo.session import Session
 
     session = Session.open(space_file, sampler=sampler, experts=experts, backend=backend, limit=limit, tasks=tasks_dir)
     if workers > 1:
-        from dmo.workers import run_workers
+        from dmo.search.launch import run_workers
+        from dmo.session import scorer_for, study_batch
 
         result = run_workers(
             session.space, session.scorer, workers, n_trials=n_trials, storage=storage, study_name=study_name,
-            batch=batch,
+            batch=study_batch(session.scorer, batch), open_scorer=scorer_for,
         )  # fmt: skip
     else:
         result = session.run_study(n_trials=n_trials, storage=storage, study_name=study_name, batch=batch)
@@ -132,17 +138,18 @@ def correlate(
     top_k: Annotated[int, typer.Option(help="k of the top-k overlap.", min=1)] = 3,
 ) -> None:
     """Rank correlation of proxy scores with trained-mixture scores, per benchmark, with baselines."""
-    from dmo.correlate import correlate as run
-    from dmo.report import render_correlation
+    from dmo.analysis.correlate import correlate as run
+    from dmo.analysis.tables import render_correlation
 
     table = run(_results_frame(results), n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k)
     render_correlation(console, table, fmt)
 
 
 def _results_frame(results: Path):
+    from dmo.paths import scores_path
     from dmo.results import ResultsTable
 
-    path = results / "scores.jsonl" if results.is_dir() else results
+    path = scores_path(results)
     if not path.exists():
         raise DmoError(f"no results table at {path}: run 'dmo study' or 'dmo demo' first")
     return ResultsTable(path).frame()
@@ -158,8 +165,8 @@ def compare(
     ] = False,
 ) -> None:
     """Proxy and trained score side by side per mixture and benchmark, sorted, with ranks."""
-    from dmo.compare import compare as run
-    from dmo.report import render_compare
+    from dmo.analysis.compare import compare as run
+    from dmo.analysis.tables import render_compare
 
     render_compare(console, run(_results_frame(results), benchmark=benchmark, include_all=all_mixtures), fmt)
 
@@ -177,9 +184,9 @@ def report(
     top_k: Annotated[int, typer.Option(help="k of the top-k overlap.", min=1)] = 3,
 ) -> None:
     """Write one self-contained HTML report (plots embedded) about a results folder."""
-    from dmo.html_report import write_report
+    from dmo.session import write_results_report
 
-    path = write_report(results, output, storage=storage, n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k)
+    path = write_results_report(results, output, storage=storage, n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k)
     console.print(f"report: [bold]{path}[/]")
 
 
@@ -193,7 +200,7 @@ def demo(
     tasks_dir: Annotated[list[Path], typer.Option(help=_TASKS_DIR_HELP)] = [],  # noqa: B006
 ) -> None:
     """The whole pipeline on the embedded tiny world: proxies, study, correlation table."""
-    from dmo.pipeline import run_demo
+    from dmo.cli.demo import run_demo
 
     run_demo(console, space_file, n_trials=n_trials, small=small, tasks=tasks_dir)
 
@@ -294,7 +301,7 @@ def fisher_command(
     """Diagonal Fisher weights of each expert on its domain's data, for 'dmo merge --method fisher / fisher_nn'."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dmo.fisher import compute_fisher, record_in_manifest
+    from dmo.groundtruth.fisher import compute_fisher, record_in_manifest
 
     with Progress(
         TextColumn("fisher {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),

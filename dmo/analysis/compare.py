@@ -1,6 +1,6 @@
 """Proxy and trained scores side by side, per mixture and benchmark, with their ranks.
 
-Where :mod:`dmo.correlate` sums the agreement up in one number per benchmark, this table shows where the
+Where :mod:`dmo.analysis.correlate` sums the agreement up in one number per benchmark, this table shows where the
 proxy is wrong: which mixtures it over- or under-rates, and by how many places.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dmo.correlate import MEAN_SCORE, _expert_mix, _pivot
+from dmo.analysis.correlate import MEAN_SCORE, expert_mix_scores, pivot_scores
 from dmo.errors import DmoError
 
 COLUMNS = [
@@ -44,15 +44,15 @@ def compare(df: pd.DataFrame, benchmark: str | None = None, include_all: bool = 
     proxies = ok[ok["kind"] == "proxy"]
     if proxies.empty or (trained.empty and not include_all):
         return pd.DataFrame(columns=COLUMNS)
-    t_mean = _pivot(trained, "mixture") if not trained.empty else pd.DataFrame()
+    t_mean = pivot_scores(trained, "mixture") if not trained.empty else pd.DataFrame()
     seeds = (
         trained.groupby(["mixture", "benchmark"])["seed"].nunique(dropna=False).unstack() if not trained.empty else None
     )
-    experts = _pivot(ok[ok["kind"] == "expert"], "mixture")
+    experts = pivot_scores(ok[ok["kind"] == "expert"], "mixture")
     known: set[str] = set()
     parts = []
     for (group, method), part in proxies.groupby(["group", "method"], sort=True):
-        p = _pivot(part, "mixture")
+        p = pivot_scores(part, "mixture")
         w_cols = [c for c in part if c.startswith("w_") and part[c].notna().any()]
         weights = pd.concat([part, trained]).drop_duplicates("mixture").set_index("mixture")[w_cols]
         benches = [b for b in p.columns if include_all or b in t_mean.columns]
@@ -101,7 +101,7 @@ def _mix_baseline(weights: pd.DataFrame, experts: pd.DataFrame, mixtures: pd.Ind
     present = [m for m in mixtures if m in weights.index]
     if not present:
         return [None] * len(mixtures)
-    vals = [_expert_mix(weights.loc[present], experts, b) for b in benches]
+    vals = [expert_mix_scores(weights.loc[present], experts, b) for b in benches]
     if any(v is None for v in vals):
         return [None] * len(mixtures)
     mean = dict(zip(present, sum(vals) / len(vals)))

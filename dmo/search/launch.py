@@ -1,7 +1,7 @@
 """``dmo study --workers N``: N local worker processes on one study.
 
 Each worker is a fresh ``spawn`` process that opens the same space and storage and runs the same loop as a
-single ``dmo study`` (:func:`dmo.study.run_study`), with its own sampler seed (``seed + index``). Workers
+single ``dmo study`` (:func:`dmo.search.trials.run_study`), with its own sampler seed (``seed + index``). Workers
 coordinate only through the Optuna storage and the results folder, exactly as workers on different hosts do
 (see ``scripts/slurm/``). The parent creates the study first (so a grid is enqueued once, by it), shows the
 study's progress, reports a worker that crashes while the others go on, and returns the study's summary.
@@ -18,20 +18,24 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dmo.config import SearchSpace
 from dmo.errors import DmoError
 from dmo.paths import results_dir
-from dmo.pipeline import study_batch
-from dmo.scorer import Scorer, Target
-from dmo.study import Heartbeat, StudyResult, open_study, preflight, study_paths, summarize
+from dmo.progress import progress_bar
+from dmo.scoring.base import Scorer
+from dmo.search.storage import Heartbeat
+from dmo.search.study import StudyResult, open_study, study_paths, summarize, worker_index_from_env
+from dmo.search.trials import preflight, proxy_target, run_study
+
+__all__ = ["WorkerSpec", "run_workers"]
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -45,7 +49,9 @@ class WorkerSpec:
     study_name: str
     n_trials: int | None
     results: str  # absolute results root, so a worker's relative paths cannot drift
-    batch: int | None = None
+    #: builds the worker's own scorer from the space; a module-level function, pickled by name
+    open_scorer: Callable[[SearchSpace], Scorer]
+    batch: int = 1
 
 
 @dataclass
@@ -77,25 +83,30 @@ def run_workers(
     study_name: str | None = None,
     progress: bool = True,
     console: Console | None = None,
-    batch: int | None = None,
+    batch: int = 1,
+    open_scorer: Callable[[SearchSpace], Scorer] | None = None,
 ) -> StudyResult:
     """Run the space's study in ``n_workers`` local processes; returns the study's summary.
 
-    ``scorer`` is used here only to check the inputs before any process starts; every worker builds its own.
+    ``scorer`` is used here only to check the inputs before any process starts; every worker builds its own with
+    ``open_scorer`` (default: :func:`dmo.session.scorer_for`), a module-level function so that it can be pickled.
+    ``batch``: trials each worker runs at once (see :func:`dmo.search.trials.run_study`).
     """
+    if open_scorer is None:
+        raise DmoError("run_workers needs open_scorer: a module-level function that builds a scorer for the space")
     if n_workers < 1:
         raise DmoError(f"--workers must be at least 1, got {n_workers}")
     console = console or Console(stderr=True)
     paths = study_paths(space, storage, study_name)
-    params = tuple(sorted(space.merge.params.items()))
-    preflight(space, scorer, lambda m: Target("proxy", mixture=m, method=space.merge.method, params=params))
+    preflight(space, scorer, proxy_target(space))
     hb = Heartbeat.from_env()
     study = open_study(space, paths, heartbeat=hb)  # creates the study and enqueues a grid, once, here
-    study_batch(scorer, batch)  # refuse a batch the backend cannot take before any process starts
-    spec = WorkerSpec(space, paths.storage, paths.study_name, n_trials, str(results_dir().resolve()), batch)
+    spec = WorkerSpec(
+        space, paths.storage, paths.study_name, n_trials, str(results_dir().resolve()), open_scorer, batch
+    )
     # Under a scheduler that already numbers this process (DMO_WORKER_INDEX, e.g. one SLURM task running
     # --workers 4), number the workers after it, so that no two workers anywhere share a sampler seed.
-    first = _env_index() * n_workers
+    first = max(0, worker_index_from_env() or 0) * n_workers
     total = len(space.candidates()) if space.sampler.name == "grid" else (n_trials or space.sampler.n_trials)
 
     ctx = mp.get_context("spawn")
@@ -109,15 +120,7 @@ def run_workers(
         for i, p in enumerate(procs):
             p.start()
             reports[first + i] = WorkerReport(first + i, p.pid)
-        bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[note]}"),
-            console=console,
-            disable=not progress,
-        )
+        bar = progress_bar("{task.fields[note]}", console=console, enabled=progress)
         with bar:
             task = bar.add_task(f"study {paths.study_name} ({n_workers} workers)", total=total, note="")
             done: set[int] = set()
@@ -163,14 +166,6 @@ def run_workers(
     return result
 
 
-def _env_index() -> int:
-    text = os.environ.get("DMO_WORKER_INDEX", "").strip()
-    try:
-        return max(0, int(text)) if text else 0
-    except ValueError:
-        raise DmoError(f"DMO_WORKER_INDEX={text!r} must be a whole number") from None
-
-
 def _drain(messages: Any, reports: dict[int, WorkerReport]) -> None:
     while True:
         try:
@@ -190,15 +185,11 @@ def worker_main(spec: WorkerSpec, index: int, messages: Any) -> None:
         os.environ["DMO_WORKER_NAME"] = f"{os.environ['DMO_WORKER_NAME']}.w{index}"
     err = Console(stderr=True)
     try:
-        from dmo.pipeline import Session
-        from dmo.study import run_study
-
-        session = Session.open("", space=spec.space)
+        scorer = spec.open_scorer(spec.space)
         paths = study_paths(spec.space, spec.storage, spec.study_name, root=Path(spec.results))
         result = run_study(
-            spec.space, session.scorer, paths, n_trials=spec.n_trials, progress=False, worker_index=index,
-            batch=study_batch(session.scorer, spec.batch),
-        )  # fmt: skip
+            spec.space, scorer, paths, n_trials=spec.n_trials, progress=False, worker_index=index, batch=spec.batch
+        )
         messages.put(("done", index, result.evaluated, ""))
     except DmoError as exc:
         messages.put(("error", index, 0, str(exc)))

@@ -4,7 +4,7 @@
 objective and is told on its own, with its own heartbeat and budget slot). Their objectives meet here: each hands
 its target to :meth:`Batcher.score` and waits; once every trial in flight is waiting (or a short gathering time has
 passed, e.g. while a trial waits for another process's claim on the same target), one of them scores all of them
-in one :func:`~dmo.scorer.score_targets` call, which a backend with ``evaluate_many`` (vllm) generates for in one
+in one :func:`~dmo.scoring.base.score_targets` call, which a backend with ``evaluate_many`` (vllm) generates for in one
 engine pass. The results table is consulted and written exactly as for one trial at a time.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmo.results import ResultsTable
-from dmo.scorer import Scorer, Target, score_targets
+from dmo.scoring.base import Scorer, Target, score_targets
 
 #: How long a trial's target waits for the others of its batch before it is scored with whatever has arrived.
 GATHER_SECONDS = 2.0

@@ -25,16 +25,16 @@ there), ``<expert folder>/fisher/fisher.safetensors`` for a full checkpoint (loa
 manifest's ``fisher:`` path of that expert when it has one. :func:`fisher_paths` resolves them the same way for the
 merges; :func:`record_in_manifest` adds the ``fisher:`` entries to the manifest.
 
-Data: the expert's domain under ``--data``, in any format :mod:`dmo.data_mix` reads (the tiny world's
+Data: the expert's domain under ``--data``, in any format :mod:`dmo.groundtruth.data_mix` reads (the tiny world's
 ``question``/``answer``/``image`` JSONL, sharegpt, alpaca), the first ``N`` rows of the same seeded permutation
-:func:`dmo.data_mix.domain_order` the mixtures draw from; images are encoded with the base's own processor and
+:func:`dmo.groundtruth.data_mix.domain_order` the mixtures draw from; images are encoded with the base's own
+processor and
 chat template (:class:`ConversationEncoder`).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import struct
@@ -45,9 +45,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dmo.errors import DmoError
+from dmo.merge.inputs import fisher_file
 
-#: The file name of an expert's Fisher weights (inside a LoRA adapter's folder; in ``fisher/`` of a full checkpoint).
-FISHER_FILE = "fisher.safetensors"
 Target = Literal["labels", "predictions"]
 TARGETS: tuple[str, ...] = ("labels", "predictions")
 #: The paper's ``num_fisher_examples``.
@@ -55,77 +54,6 @@ DEFAULT_SAMPLES = 2000
 IGNORE = -100
 #: ``progress(expert, done, total)`` after each sample.
 Progress = Callable[[str, int, int], None]
-
-
-# ------------------------------------------------------------------------------------------------------ locations
-
-
-def default_fisher_file(expert_folder: str | os.PathLike[str]) -> Path:
-    """Where ``dmo fisher`` puts an expert's weights when the manifest names no ``fisher:`` path."""
-    folder = Path(expert_folder)
-    if (folder / "adapter_config.json").is_file():
-        return folder / FISHER_FILE
-    return folder / "fisher" / FISHER_FILE
-
-
-def fisher_file(manifest: Any, domain: str) -> Path:
-    """The Fisher file of one expert of a loaded manifest: its ``fisher:`` path, else the default location."""
-    ref = manifest.experts[domain]
-    if ref.fisher is not None:
-        return Path(ref.fisher)
-    if ref.path is None:
-        raise DmoError(
-            f"expert {domain!r} of manifest {manifest.name!r} is the hub id {ref}: download it, point the manifest at "
-            "the folder and run 'dmo fisher'"
-        )
-    return default_fisher_file(ref.path)
-
-
-def fisher_paths(
-    manifest: Any, domains: Iterable[str], manifest_file: str | os.PathLike[str] | None = None
-) -> dict[str, Path]:
-    """Each expert's Fisher file (see :func:`fisher_file`); one that does not exist is refused in one line."""
-    out = {}
-    for d in domains:
-        path = fisher_file(manifest, d)
-        if not path.exists():
-            where = manifest_file or f"<manifest {manifest.name}>"
-            raise DmoError(
-                f"expert {d!r} has no Fisher weights ({path} does not exist): run 'dmo fisher --experts {where} "
-                f"--data <its data folder>' first"
-            )
-        out[d] = path
-    return out
-
-
-def method_inputs(
-    manifest: Any, domains: Iterable[str], method: str, manifest_file: str | os.PathLike[str] | None = None
-) -> dict[str, dict[str, Path]]:
-    """The per-expert input files a merge method needs (``{"fisher": {expert: file}}``), from the manifest."""
-    from dmo.merge.registry import get_method
-
-    spec = get_method(method)
-    unknown = [k for k in spec.extra if k != "fisher"]
-    if unknown:
-        raise DmoError(f"merge method {spec.name!r} needs per-expert {unknown[0]} inputs, which manifests cannot name")
-    if not spec.extra:
-        return {}
-    return {"fisher": {d: str(p) for d, p in fisher_paths(manifest, domains, manifest_file).items()}}  # type: ignore[misc]
-
-
-def inputs_id(inputs: Mapping[str, Mapping[str, str | os.PathLike[str]]]) -> str:
-    """A cheap identity of per-expert input files (names, sizes, mtimes), for proxy fingerprints; '' for none."""
-    if not inputs:
-        return ""
-    h = hashlib.sha256()
-    for key in sorted(inputs):
-        for expert in sorted(inputs[key]):
-            path = Path(inputs[key][expert])
-            files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-            for f in files:
-                st = f.stat()
-                h.update(f"{key}:{expert}:{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
 
 
 def record_in_manifest(
@@ -138,12 +66,12 @@ def record_in_manifest(
     ``(False, lines)`` gives the entries to paste under ``experts:``.
     """
     from dmo.atomic import write_text
-    from dmo.config import _read_yaml, set_expert_field
+    from dmo.config import read_yaml, set_expert_field
 
     manifest_file = Path(manifest_file)
     root = manifest_file.parent.resolve()
     rel = {d: os.path.relpath(Path(p).resolve(), root) for d, p in paths.items()}
-    raw = _read_yaml(manifest_file).get("experts") or {}
+    raw = read_yaml(manifest_file).get("experts") or {}
     lines = []
     for d, f in rel.items():
         entry = raw.get(d)
@@ -166,8 +94,8 @@ def record_in_manifest(
 
 
 def chat_messages(row: Mapping[str, Any], multimodal: bool) -> list[dict[str, Any]]:
-    """A :mod:`dmo.data_mix` row (sharegpt ``messages`` with ``<image>`` placeholders) in transformers' chat format."""
-    from dmo.data_mix import IMAGE_PLACEHOLDER
+    """A :mod:`dmo.groundtruth.data_mix` row (sharegpt ``messages``, ``<image>`` placeholders) in chat format."""
+    from dmo.groundtruth.data_mix import IMAGE_PLACEHOLDER
 
     out = []
     for m in row["messages"]:
@@ -309,7 +237,7 @@ def fisher_params(base: str | os.PathLike[str], experts: Mapping[str, str | os.P
     patch embedding, as the paper's ``params_set: full``), since that merge reads every such tensor of every expert.
     """
     from dmo.merge.checkpoint import Checkpoint
-    from dmo.merge.live import _changed
+    from dmo.merge.live import changed_tensors
     from dmo.merge.stream import ParamFilter, close_experts, open_experts
 
     names: set[str] = set()
@@ -319,7 +247,7 @@ def fisher_params(base: str | os.PathLike[str], experts: Mapping[str, str | os.P
             for e in opened:
                 names.update(e.modules, e.extra)
                 if e.checkpoint is not None:
-                    names.update(n for n, _ in _changed(e.checkpoint, ckpt))
+                    names.update(n for n, _ in changed_tensors(e.checkpoint, ckpt))
                     names.update(filter(ParamFilter("full"), ckpt.tensors))
         finally:
             close_experts(opened)
@@ -350,8 +278,8 @@ def load_base(base: Path, device: Any, dtype: Any, trust_remote_code: bool = Fal
 
 
 def sample_rows(data: str | os.PathLike[str], domain: str, samples: int, seed: int) -> tuple[list[dict], Path]:
-    """The first ``samples`` rows of ``domain``'s data in :func:`dmo.data_mix.domain_order` (all when fewer)."""
-    from dmo.data_mix import domain_order, find_sources, read_pool
+    """The first ``samples`` rows of ``domain``'s data in :func:`~dmo.groundtruth.data_mix.domain_order` (or all)."""
+    from dmo.groundtruth.data_mix import domain_order, find_sources, read_pool
 
     source = find_sources(Path(data), [domain])[domain]
     pool = read_pool(source, domain)
@@ -426,10 +354,10 @@ def model_params(model: Any, names: Iterable[str]) -> dict[str, Any]:
     """Base checkpoint name -> the live model's parameter (through transformers' renaming). Unlike
     :class:`dmo.merge.live.ModuleWriter`, tied weights are allowed: the checkpoint's one tensor is the shared
     parameter, and its gradient sums both uses."""
-    from dmo.merge.dense import _resolve
+    from dmo.merge.dense import resolve_names
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    target = _resolve(dict.fromkeys(names), params.keys(), None, what=type(model).__name__, model=model)
+    target = resolve_names(dict.fromkeys(names), params.keys(), None, what=type(model).__name__, model=model)
     return {n: params[t] for n, t in target.items()}
 
 

@@ -2,7 +2,7 @@
 
 Contents: the correlation table (with its baselines), per proxy group a scatter of proxy against trained
 score per benchmark (rho in each title), for 3-domain spaces ternary heat maps of proxy and trained scores,
-for each Optuna study in ``<results>/study.db`` its optimisation history and the weights of its best trials,
+for each Optuna study (given as a table of its trials) its optimisation history and the weights of its best trials,
 and the per-mixture comparison table. Written atomically: a crash never leaves half a report.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dmo.analysis.compare import compare
+from dmo.analysis.correlate import MEAN_SCORE, correlate, spearman
+from dmo.analysis.tables import COMPARE_HEAD, LEGEND, compare_rows, correlation_rows
 from dmo.atomic import write_text
-from dmo.compare import compare
-from dmo.correlate import MEAN_SCORE, correlate, spearman
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
-from dmo.report import COMPARE_HEAD, LEGEND, compare_rows, correlation_rows
+from dmo.paths import SpaceFolder, scores_path
 
-REPORT_NAME = "report.html"
 TOP_TRIALS = 10
 
 _CSS = """
@@ -81,7 +80,7 @@ def _domains_of(part: pd.DataFrame) -> list[str]:
 
 
 def _scatter_section(ok: pd.DataFrame, corr: pd.DataFrame) -> list[Figure]:
-    from dmo.plots import ScatterPanel, scatter_png
+    from dmo.analysis.plots import ScatterPanel, scatter_png
 
     trained = ok[ok["kind"] == "trained"]
     if trained.empty:
@@ -126,7 +125,7 @@ def _scatter_section(ok: pd.DataFrame, corr: pd.DataFrame) -> list[Figure]:
 
 
 def _ternary_section(ok: pd.DataFrame) -> list[Figure]:
-    from dmo.plots import TernaryPanel, ternary_png
+    from dmo.analysis.plots import TernaryPanel, ternary_png
 
     figures = []
     trained = ok[ok["kind"] == "trained"]
@@ -166,45 +165,28 @@ def _ternary_section(ok: pd.DataFrame) -> list[Figure]:
     return figures
 
 
-def _study_section(storage: str) -> list[str | Figure]:
-    import optuna
+def _study_section(history: pd.DataFrame) -> list[str | Figure]:
+    """Per study: optimisation history, weights of the best trials, ternary of the trials, best-trials table."""
+    from dmo.analysis.plots import TernaryPanel, history_png, ternary_png, weights_png
 
-    from dmo.plots import TernaryPanel, history_png, ternary_png, weights_png
-    from dmo.study import MIXTURE_ATTR, make_storage, redact
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("optuna").setLevel(logging.WARNING)
-    try:
-        store = make_storage(storage)  # sqlite:///, postgresql://, journal:PATH, as for 'dmo study'
-        names = optuna.get_all_study_names(storage=store)
-    except Exception as exc:  # sqlalchemy raises many types; the report goes on without the studies
-        return [
-            f'<p class="note">cannot read the studies in {html.escape(redact(storage))}: '
-            f"{html.escape((str(exc).splitlines() or [''])[0])}</p>"
-        ]
     items: list[str | Figure] = []
-    for name in sorted(names):
-        study = optuna.load_study(study_name=name, storage=store)
-        done = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value) and t.user_attrs.get(MIXTURE_ATTR)
-        ]
-        if not done:
-            items.append(f"<p>study <b>{html.escape(name)}</b>: no completed trial yet</p>")
+    for name, trials in history.groupby("study", sort=True):
+        done = trials[trials["value"].notna()].sort_values("number")
+        if done.empty:
+            items.append(f"<p>study <b>{html.escape(str(name))}</b>: no completed trial yet</p>")
             continue
-        domains = list(study.user_attrs.get("domains") or Mixture.parse(done[0].user_attrs[MIXTURE_ATTR]).domains)
-        mixtures = [Mixture.parse(t.user_attrs[MIXTURE_ATTR], domains) for t in done]
+        named = str(done["domains"].iloc[0])
+        domains = named.split(",") if named else list(Mixture.parse(done["mixture"].iloc[0]).domains)
+        mixtures = [Mixture.parse(m, domains) for m in done["mixture"]]
+        numbers, values = done["number"].astype(int).tolist(), done["value"].astype(float).tolist()
         items.append(
             Figure(
                 f"Study {name}: optimisation history",
-                history_png(
-                    [t.number for t in done], [t.value for t in done], f"{name} ({len(done)} completed trials)"
-                ),
+                history_png(numbers, values, f"{name} ({len(done)} completed trials)"),
             )
         )
-        order = sorted(range(len(done)), key=lambda i: (-done[i].value, done[i].number))[:TOP_TRIALS]
-        labels = [f"#{done[i].number}  {done[i].value:.4f}" for i in order]
+        order = sorted(range(len(done)), key=lambda i: (-values[i], numbers[i]))[:TOP_TRIALS]
+        labels = [f"#{numbers[i]}  {values[i]:.4f}" for i in order]
         weights = np.array([mixtures[i].weights for i in order])
         items.append(
             Figure(
@@ -214,38 +196,32 @@ def _study_section(storage: str) -> list[str | Figure]:
         )
         if len(domains) == 3:
             w = np.array([m.weights for m in mixtures])
+            panel = TernaryPanel(f"{name}: objective of each trial", w, np.array(values), interpolate=False)
             items.append(
                 Figure(
                     f"Study {name}: where the sampler looked",
-                    ternary_png(
-                        domains,
-                        [
-                            TernaryPanel(
-                                f"{name}: objective of each trial",
-                                w,
-                                np.array([t.value for t in done]),
-                                interpolate=False,
-                            )
-                        ],
-                        cols=1,
-                    ),
+                    ternary_png(domains, [panel], cols=1),
                     "One dot per completed trial, coloured by its objective; star = the best trial.",
                 )
             )
-        benches = sorted({k.removeprefix("score:") for t in done for k in t.user_attrs if k.startswith("score:")})
-        head = ["rank", "trial", "objective", "mixture", *benches]
+        score_cols = sorted(c for c in done.columns if c.startswith("score:") and done[c].notna().any())
+        head = ["rank", "trial", "objective", "mixture", *(c.removeprefix("score:") for c in score_cols)]
         rows = [
             [
                 str(r + 1),
-                str(done[i].number),
-                f"{done[i].value:.4f}",
-                done[i].user_attrs[MIXTURE_ATTR],
-                *(_fmt(done[i].user_attrs.get(f"score:{b}"), signed=False) for b in benches),
+                str(numbers[i]),
+                f"{values[i]:.4f}",
+                str(done["mixture"].iloc[i]),
+                *(_fmt(_value(done[c].iloc[i]), signed=False) for c in score_cols),
             ]
             for r, i in enumerate(order)
         ]
-        items.append(f"<h3>Study {html.escape(name)}: best trials</h3>" + _table(head, rows, {"mixture"}))
+        items.append(f"<h3>Study {html.escape(str(name))}: best trials</h3>" + _table(head, rows, {"mixture"}))
     return items
+
+
+def _value(x: object) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)  # type: ignore[arg-type]
 
 
 def _fmt(x, signed: bool = True) -> str:
@@ -261,17 +237,23 @@ def _lookup(corr: pd.DataFrame, group: str, method: str, bench: str, col: str) -
     return None if hit.empty else float(hit[col].iloc[0])
 
 
-def _table_path(results: Path) -> Path:
-    return results / "scores.jsonl" if results.is_dir() else results
-
-
 def build_report(
-    results: Path, storage: str | None = None, n_boot: int = 1000, seed: int = 0, n_perm: int = 1000, k: int = 3
+    results: Path,
+    studies: pd.DataFrame | None = None,
+    studies_note: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_perm: int = 1000,
+    k: int = 3,
 ) -> str:
-    """The report's HTML text for a results folder (or its ``scores.jsonl``)."""
+    """The report's HTML text for a results folder (or its ``scores.jsonl``).
+
+    ``studies``: the completed trials of the studies to show (:func:`dmo.search.history.study_history`'s table);
+    ``studies_note``: why they could not be read.
+    """
     from dmo.results import ResultsTable
 
-    path = _table_path(Path(results))
+    path = scores_path(Path(results))
     if not path.exists():
         raise DmoError(f"no results table at {path}: run 'dmo study' or 'dmo demo' first")
     folder = path.parent
@@ -314,9 +296,10 @@ def build_report(
     if ternary:
         sections.append(Section("Three-domain spaces on the simplex", list(ternary)))
 
-    url = storage or (f"sqlite:///{(folder / 'study.db').resolve()}" if (folder / "study.db").exists() else None)
-    if url:
-        sections.append(Section("Studies", _study_section(url)))
+    if studies_note:
+        sections.append(Section("Studies", [f'<p class="note">{html.escape(studies_note)}</p>']))
+    elif studies is not None and not studies.empty:
+        sections.append(Section("Studies", _study_section(studies)))
 
     comp = compare(df)
     if not comp.empty:
@@ -349,8 +332,7 @@ def build_report(
 
 def write_report(results: Path, output: Path | None = None, **kwargs) -> Path:
     """Render the report of a results folder and write it atomically; returns its path."""
-    folder = _table_path(Path(results)).parent
-    target = Path(output) if output else folder / REPORT_NAME
+    target = Path(output) if output else SpaceFolder.of(scores_path(Path(results))).report
     text = build_report(Path(results), **kwargs)
     write_text(target, text)
     return target

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from dmo.compare import COLUMNS
+from dmo.analysis.compare import COLUMNS
 from dmo.errors import DmoError
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -173,7 +173,7 @@ def _signed(x) -> str:
     return "-" if x is None or pd.isna(x) else f"{int(x):+d}"
 
 
-#: ``dmo.compare.COLUMNS`` as table headers
+#: ``dmo.analysis.compare.COLUMNS`` as table headers
 COMPARE_HEAD = [c.replace("expert_mix", "expert-mix").replace("_", " ") for c in COLUMNS]
 
 
@@ -212,7 +212,7 @@ def render_compare(console: Console, frame: pd.DataFrame, fmt: str = "table") ->
     if fmt == "markdown":
         console.print(markdown_table(COMPARE_HEAD, compare_rows(frame)), highlight=False, soft_wrap=True)
         return
-    from dmo.correlate import spearman
+    from dmo.analysis.correlate import spearman
 
     for (group, method, bench), part in frame.groupby(["group", "method", "benchmark"], sort=False):
         both = part.dropna(subset=["proxy", "trained"])

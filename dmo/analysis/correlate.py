@@ -226,7 +226,7 @@ def regression_loo(weights: np.ndarray, y: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def _pivot(df: pd.DataFrame, index: str | list[str]) -> pd.DataFrame:
+def pivot_scores(df: pd.DataFrame, index: str | list[str]) -> pd.DataFrame:
     return df.pivot_table(index=index, columns="benchmark", values="score", aggfunc="mean")
 
 
@@ -237,14 +237,14 @@ def correlate(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, n_perm: int =
     trained = ok[ok["kind"] == "trained"]
     if trained.empty:
         return pd.DataFrame(columns=list(CorrelationRow.__dataclass_fields__))
-    t_mean = _pivot(trained, "mixture")
-    t_seeds = _pivot(trained, ["mixture", "seed"])
-    experts = _pivot(ok[ok["kind"] == "expert"], "mixture")
+    t_mean = pivot_scores(trained, "mixture")
+    t_seeds = pivot_scores(trained, ["mixture", "seed"])
+    experts = pivot_scores(ok[ok["kind"] == "expert"], "mixture")
     opts = _Options(n_boot, seed, n_perm, k)
     rows: list[CorrelationRow] = []
     proxies = ok[ok["kind"] == "proxy"]
     for (group, method), part in proxies.groupby(["group", "method"], sort=True):
-        p = _pivot(part, "mixture")
+        p = pivot_scores(part, "mixture")
         weights = part.drop_duplicates("mixture").set_index("mixture")[[c for c in part if c.startswith("w_")]]
         weights = weights.loc[:, weights.notna().any()]
         benches = [b for b in p.columns if b in t_mean.columns]
@@ -258,7 +258,7 @@ def correlate(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, n_perm: int =
             if len(sub) < 2:
                 continue
             x, y = p.loc[sub, b].to_numpy(), t_mean.loc[sub, b].to_numpy()
-            base = _expert_mix(weights.loc[sub], experts, b)
+            base = expert_mix_scores(weights.loc[sub], experts, b)
             reg = regression_loo(weights.loc[sub].to_numpy(), y)
             row, boot, null = _row(str(group), str(method), b, sub, x, y, base, reg, _seed_rho(t_seeds, sub, b), opts)
             bench_rows.append(row)
@@ -273,7 +273,7 @@ def correlate(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, n_perm: int =
             x, y = p.loc[full, benches].mean(axis=1).to_numpy(), t_mean.loc[full, benches].mean(axis=1).to_numpy()
             base = None
             if not experts.empty and all(b in experts.columns for b in benches):
-                parts = [_expert_mix(weights.loc[full], experts, b) for b in benches]
+                parts = [expert_mix_scores(weights.loc[full], experts, b) for b in benches]
                 base = None if any(q is None for q in parts) else np.mean(parts, axis=0)
             reg = regression_loo(weights.loc[full].to_numpy(), y)
             seeds = _seed_rho(t_seeds, full, benches)
@@ -338,7 +338,7 @@ def _mean(rows: list[CorrelationRow], attr: str) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def _expert_mix(weights: pd.DataFrame, experts: pd.DataFrame, bench: str) -> np.ndarray | None:
+def expert_mix_scores(weights: pd.DataFrame, experts: pd.DataFrame, bench: str) -> np.ndarray | None:
     """sum_i w_i * score(expert_i, bench) per mixture; None when an expert with weight > 0 lacks a score."""
     if experts.empty or bench not in experts.columns:
         return None

@@ -2,19 +2,21 @@
 
 A :class:`Target` names one model to evaluate: the base, one expert, a model trained on a mixture, or a
 merged proxy of a mixture. A :class:`Scorer` turns a target into benchmark scores; backends (``hf``,
-``vllm``) register themselves in :data:`SCORERS`. :func:`score_target` puts the results table in front of
+``vllm``, ``replay``) are named in the :data:`SCORERS` registry. :func:`score_target` puts the results table in front of
 any scorer, so a score that is already known is never computed again, in this process or any other.
 """
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
+from dmo.plugins import PluginRegistry
 from dmo.results import Kind, ResultsTable, ScoreRow, cache_key
 
 
@@ -51,44 +53,51 @@ class Evaluation:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-class Scorer(Protocol):
-    #: Short backend name recorded in every row's ``source``.
-    name: str
+class Scorer(abc.ABC):
+    """A scoring backend. Subclasses set ``name`` and implement the three abstract methods; the rest has defaults."""
 
+    #: Short backend name recorded in every row's ``source``.
+    name: str = ""
+    #: How many targets one :meth:`evaluate_many` call scores together (``dmo study --batch`` may not exceed it).
+    max_batch: int = 1
+    #: Trials a study runs at once when ``--batch`` is not given.
+    default_batch: int = 1
+
+    @abc.abstractmethod
     def fingerprint(self, target: Target) -> str:
         """Identifies the model's weights: base, experts' contents, method, parameters and weights."""
-        ...
 
+    @abc.abstractmethod
     def settings(self) -> dict[str, Any]:
         """Everything besides the weights that changes a score (limit, generation settings, versions)."""
-        ...
 
+    @abc.abstractmethod
     def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation: ...
 
+    def check(self, benchmarks: Sequence[str]) -> None:  # noqa: B027 (a default that accepts everything)
+        """Refuse, with a DmoError, benchmarks this backend cannot score (before any study opens)."""
 
-SCORERS: dict[str, Callable[..., Scorer]] = {}
+    def evaluate_many(self, targets: Sequence[Target], benchmarks: Sequence[str]) -> list[Evaluation]:
+        """Score several targets in one call; backends with ``max_batch > 1`` do better than this loop."""
+        return [self.evaluate(t, benchmarks) for t in targets]
+
+    def close(self) -> None:  # noqa: B027 (nothing to release by default)
+        """Release engines and devices."""
 
 
-def register_scorer(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
-    def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
-        SCORERS[name] = factory
-        return factory
+SCORERS = PluginRegistry("dmo.scorers", "scoring backend")
 
-    return deco
+
+def scorer_names() -> list[str]:
+    return SCORERS.names()
 
 
 def make_scorer(name: str, **kwargs: Any) -> Scorer:
-    if name not in SCORERS:
-        # Backends live in modules that import heavy stacks; import them only when asked for.
-        import importlib
-
-        try:
-            importlib.import_module(f"dmo.scoring.{name}_backend")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("dmo.scoring"):
-                raise DmoError(f"unknown scoring backend {name!r}: choose one of hf, vllm") from None
-            raise DmoError(f"scoring backend {name!r} needs {exc.name!r}: pip install 'dmo[{name}]'") from None
-    return SCORERS[name](**kwargs)
+    try:
+        factory = SCORERS.get(name)
+    except ModuleNotFoundError as exc:
+        raise DmoError(f"scoring backend {name!r} needs {exc.name!r}: pip install 'dmo[{name}]'") from None
+    return factory(**kwargs)
 
 
 def score_target(
@@ -148,14 +157,13 @@ def score_targets(
                 rows.append(ScoreRow(score=None, status="failed", error=errors[i][b], **common))
         table.append(rows)
 
-    many = getattr(scorer, "evaluate_many", None)
     for todo, indices in pending.items():
-        if many is not None and len(indices) > 1:
+        if scorer.max_batch > 1 and len(indices) > 1:
             for i in indices:
                 if on_evaluate is not None:
                     on_evaluate(plans[i][0])
             t0 = time.perf_counter()
-            results = many([plans[i][0] for i in indices], list(todo))
+            results = scorer.evaluate_many([plans[i][0] for i in indices], list(todo))
             seconds = round((time.perf_counter() - t0) / len(indices), 3)
             for i, result in zip(indices, results):
                 record(i, todo, result, seconds)

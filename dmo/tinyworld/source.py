@@ -1,0 +1,39 @@
+"""The tiny world as an expert source (``experts: tinyworld`` in a space), registered through an entry point."""
+
+from __future__ import annotations
+
+from dmo.config import SearchSpace, load_manifest
+from dmo.sources import ExpertSet
+from dmo.tinyworld.config import WorldConfig
+
+#: ``experts: tinyworld`` in a search space means the embedded tiny world (built on first use).
+TINYWORLD = "tinyworld"
+#: ``experts: tinyworld-small``: the small test configuration of the same world.
+TINYWORLD_SMALL = "tinyworld-small"
+
+
+def ground_truth_for(space: SearchSpace) -> tuple[str, ...]:
+    """Which of the tiny world's ground-truth sets ("2d", "3d", "4d") a space's candidates come from."""
+    src = space.mixtures
+    if not isinstance(src, list) and src.preset is not None and src.preset.name.startswith("paper-"):
+        return (src.preset.name.removeprefix("paper-"),)
+    return ()
+
+
+def _world(config: WorldConfig, space: SearchSpace) -> ExpertSet:
+    from dmo.scoring.tasks import write_tiny_tasks
+    from dmo.tinyworld.build import build_world
+
+    world = build_world(config, ground_truth=ground_truth_for(space))
+    tasks = world.root / "tasks"
+    if not tasks.is_dir():
+        write_tiny_tasks(world.root / "data", tasks, list(config.domains), max_new_tokens=config.max_new_tokens)
+    return ExpertSet(load_manifest(world.manifest_path), tasks)
+
+
+def tiny_world(space: SearchSpace) -> ExpertSet:
+    return _world(WorldConfig(), space)
+
+
+def tiny_world_small(space: SearchSpace) -> ExpertSet:
+    return _world(WorldConfig.small(), space)
