@@ -96,6 +96,9 @@ class ExpertManifest(_Strict):
     experts: dict[str, ExpertRef]
     trained: list[TrainedRef] = []
     trust_remote_code: bool = Field(default=False, description="InternVL checkpoints need it; off by default")
+    #: A folder with each domain's data as ``dmo data mix --data`` reads it (relative to the manifest); a
+    #: ``loss:<domain>`` benchmark scores the domain's validation split there (``<domain>/val.jsonl``, ...).
+    data: Path | None = None
 
     @field_validator("name")
     @classmethod
@@ -425,7 +428,8 @@ def load_manifest(path: str | Path, check_paths: bool = True) -> ExpertManifest:
     trained = [
         t.model_copy(update={"path": (root / t.path).resolve()}) if t.path is not None else t for t in manifest.trained
     ]
-    manifest = manifest.model_copy(update={"base": base, "experts": experts, "trained": trained})
+    data = (root / manifest.data.expanduser()).resolve() if manifest.data is not None else None
+    manifest = manifest.model_copy(update={"base": base, "experts": experts, "trained": trained, "data": data})
     if check_paths:
         for what, ref in [("base", base), *((f"expert {d!r}", r) for d, r in experts.items())]:
             if ref.path is not None and not ref.path.is_dir():

@@ -7,6 +7,19 @@ merge methods by name (``linear``/``task_arithmetic`` and ``weight_average`` the
 ``fisher_nn``) in their own modules). At checkpoint scale, ``checkpoint`` reads and writes safetensors tensor by
 tensor, ``stream`` merges whole checkpoints (full fine-tunes and/or LoRA adapters) into a dense model with bounded
 memory, ``live`` merges experts held on a device for any mixture, and ``proxy`` writes a proxy as a dense model or one
-PEFT adapter from an expert manifest (``dmo merge``). Import the submodules directly; this package imports nothing so
-that it stays cheap.
+PEFT adapter from an expert manifest (``dmo merge``). ``families`` knows model layouts, ``inputs`` per-expert input
+files (Fisher weights). The names below are imported on first use, so importing this package stays cheap.
 """
+
+from dmo._lazy import lazy_exports
+
+_EXPORTS = {
+    "MergeMethod": "dmo.merge.registry",
+    "get_method": "dmo.merge.registry",
+    "merge_checkpoints": "dmo.merge.stream",
+    "merge_manifest": "dmo.merge.proxy",
+    "merge_method": "dmo.merge.registry",
+    "method_names": "dmo.merge.registry",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -4,7 +4,7 @@ Every step writes its output atomically and is skipped when that output exists, 
 resumes where it stopped and a fully built world is reused in well under a second (torch is not even
 imported then). Layout under the root (``<cache>/tinyworld/<config key>`` by default)::
 
-    data/<domain>/{train,test}.jsonl, images/   the data (see data.py)
+    data/<domain>/{train,test,val}.jsonl, images/  the data (see data.py)
     processor/                                  Qwen2VLProcessor (tokenizer, image/video processors, template)
     base/                                       HF model folder: config, model.safetensors, processor files
     experts/<domain>/                           PEFT LoRA adapter trained on one domain
@@ -192,6 +192,18 @@ def _step_data(world: World, pool: _Pool, ui: _Progress) -> bool:
     return True
 
 
+def _step_validation(world: World) -> bool:
+    """Each domain's validation split (as many rows as its test split), for ``loss:<domain>`` scores. A step of its
+    own, after the data: worlds built before it existed get it without a rebuild (their key is unchanged)."""
+    from dmo.tinyworld.data import write_val_split
+
+    c = world.config
+    todo = [d for d in c.domains if not (world.data_dir(d) / "val.jsonl").exists()]
+    for d in todo:
+        write_val_split(world.root, d, c.seed, c.test_size, c.image_size)
+    return bool(todo)
+
+
 def _step_processor(world: World, pool: _Pool) -> bool:
     if world.processor_dir.exists():
         return False
@@ -322,6 +334,7 @@ def manifest_text(world: World) -> str:
         "kind": "lora",
         "budget": c.budget,
         "experts": {d: {"path": f"experts/{d}"} for d in c.domains},
+        "data": "data",  # each domain's validation split, for loss:<domain> benchmarks
         "trained": trained,
     }
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=200)
@@ -429,6 +442,7 @@ def build_world(
     try:
         with _Progress(progress) as ui:
             timed("data", lambda: _step_data(world, pool, ui))
+            timed("validation", lambda: _step_validation(world))
             timed("processor", lambda: _step_processor(world, pool))
             timed("base", lambda: _step_base(world, pool, ui))
             timed("experts", lambda: _step_experts(world, pool, ui))

@@ -4,6 +4,8 @@ Layout (what a real dmo data source looks like)::
 
     data/<domain>/train.jsonl   {"id", "image": "images/<file>.png", "question", "answer", "domain"} per line
     data/<domain>/test.jsonl    the held-out benchmark split
+    data/<domain>/val.jsonl     a validation split (``loss:<domain>`` scores): rows of a stream of their own, seen by
+                                no pre-training, SFT or benchmark; written after the rest (write_val_split)
     data/<domain>/images/*.png
 
 Decoding tens of thousands of PNGs again for every training run would cost more than the training, so the
@@ -25,10 +27,13 @@ from dmo.atomic import atomic_dir, atomic_file
 from dmo.tinyworld.render import DOMAINS, sample
 
 SPLITS: tuple[str, ...] = ("train", "test")
+#: Every split's random stream, by position; ``val`` comes after the splits ``write_domain`` writes, so that adding it
+#: changed no byte of an existing world (and no cache key).
+STREAMS: tuple[str, ...] = (*SPLITS, "val")
 
 
 def item_rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, DOMAINS.index(domain), SPLITS.index(split), index])
+    return np.random.default_rng([seed, DOMAINS.index(domain), STREAMS.index(split), index])
 
 
 def pixel_cache_path(root: Path, domain: str, split: str) -> Path:
@@ -61,6 +66,21 @@ def write_domain(root: Path, domain: str, seed: int, sizes: dict[str, int], imag
             arrays[split] = pixels
     for split, pixels in arrays.items():
         _save_array(pixel_cache_path(root, domain, split), pixels)
+
+
+def write_val_split(root: Path, domain: str, seed: int, size: int, image_size: int) -> None:
+    """Add ``data/<domain>/val.jsonl`` (and its images) to a written domain; the jsonl is written last, atomically,
+    so a half-written split is never read (its images are simply written again)."""
+    folder = Path(root) / "data" / domain
+    lines = []
+    for i in range(size):
+        image, question, answer = sample(domain, item_rng(seed, domain, "val", i), image_size)
+        name = f"images/val-{i:05d}.png"
+        image.save(folder / name, format="PNG", optimize=False, compress_level=1)
+        row = {"id": f"{domain}-val-{i:05d}", "image": name, "question": question, "answer": answer, "domain": domain}
+        lines.append(json.dumps(row, separators=(", ", ": ")))
+    with atomic_file(folder / "val.jsonl", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 #: The folder to give lmms-eval as an include path.
+__all__ = ["PAPER_TASKS", "TASK_DIR"]
+
 TASK_DIR: Path = Path(__file__).resolve().parent
 
 #: dmo's task -> the benchmark of the paper (and stock lmms-eval task, same data) that it scores.
