@@ -95,7 +95,9 @@ class ExpertManifest(_Strict):
     budget: int | None = Field(default=None, gt=0, description="training samples per expert")
     experts: dict[str, ExpertRef]
     trained: list[TrainedRef] = []
-    trust_remote_code: bool = Field(default=False, description="InternVL checkpoints need it; off by default")
+    trust_remote_code: bool = Field(
+        default=False, description="let transformers run a checkpoint's own code (never needed for HF-layout models)"
+    )
     #: A folder with each domain's data as ``dmo data mix --data`` reads it (relative to the manifest); a
     #: ``loss:<domain>`` benchmark scores the domain's validation split there (``<domain>/val.jsonl``, ...).
     data: Path | None = None

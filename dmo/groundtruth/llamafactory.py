@@ -95,8 +95,8 @@ PAPER_DEFAULTS: dict[str, Any] = {
 LORA_DEFAULTS: dict[str, Any] = {"lora_rank": 16, "lora_alpha": 32, "lora_target": "all", "lora_dropout": 0.0}
 #: Evaluation during training, as the paper's configs do it, whenever every domain of a run has a validation split
 #: (``dmo.groundtruth.data_mix``: ``<domain>-val``): the loss on it every 1/8 of training (``eval_steps: 0.125``,
-#: a fraction of the steps). ``per_device_eval_batch_size`` is the run's per-device training batch. ``eval_on_each_dataset`` is
-#: dmo's own: one loss per domain (``eval_<domain>-val_loss``) rather than one over the pooled domains.
+#: a fraction of the steps). ``per_device_eval_batch_size`` is the run's per-device training batch.
+#: ``eval_on_each_dataset`` is dmo's own: one loss per domain (``eval_<domain>-val_loss``) rather than one over the pooled domains.
 EVAL_DEFAULTS: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 0.125, "eval_on_each_dataset": True}
 #: Every key where a config written by dmo deliberately differs from the paper's (qwen2_2b_lora.yaml with the values
 #: its train scripts pass), and why. tests/test_llamafactory.py compares the two key by key and fails on any other
