@@ -153,9 +153,10 @@ def check_metrics(space: SearchSpace, metric_map: dict[str, Any] | None) -> None
     """Before a study opens: every benchmark has a score metric in the shipped map or the space's own entries."""
     if space.scoring.backend == "replay":  # recorded scores: no metric is read
         return
+    from dmo.scoring.loss import split_benchmarks
     from dmo.scoring.metrics import metric_spec
 
-    for b in space.benchmarks:
+    for b in split_benchmarks(space.benchmarks)[0]:  # a loss:<domain> has no lmms-eval metric
         try:
             metric_spec(b, metric_map)
         except DmoError:

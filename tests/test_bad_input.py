@@ -249,7 +249,7 @@ CASES = [
     Case("missing-expert-folder", STUDY, r"expert 'c' points at missing folder",
          _space("experts.yaml", "./models/ec", "./models/gone")),
     Case("missing-space-file", ["study", "nope.yaml"], r"nope\.yaml: file not found"),
-    Case("unknown-sampler", [*STUDY, "--sampler", "foo"], r"sampler\.name: unknown sampler 'foo': choose one of cmaes, gp"),
+    Case("unknown-sampler", [*STUDY, "--sampler", "foo"], r"unknown sampler 'foo': choose one of cmaes, gp"),
     Case("storage-that-is-not-a-url", [*STUDY, "--storage", "results.db"],
          r"cannot use study storage results\.db.*sqlite:///PATH"),
     Case("replay-of-an-unrecorded-mixture", [*STUDY, "--sampler", "random", "--n-trials", "2"],

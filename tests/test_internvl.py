@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 from dmo.cli import app
 from dmo.config import ExpertManifest, load_manifest
 from dmo.errors import DmoError
+from dmo.merge.experts import ParamFilter
 from dmo.merge.families import FAMILIES, family_of
-from dmo.merge.stream import ParamFilter, merge_checkpoints
+from dmo.merge.stream import merge_checkpoints
 from dmo.mixture import Mixture
 from dmo.scoring.base import Target
 from dmo.scoring.hf_backend import HFScorer

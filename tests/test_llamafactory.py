@@ -17,18 +17,11 @@ from test_data_mix import make_sources, rows_of
 from dmo.config import load_manifest
 from dmo.errors import DmoError
 from dmo.groundtruth.data_mix import DataFolder
-from dmo.groundtruth.llamafactory import (
-    LORA_DEFAULTS,
-    PAPER_DEFAULTS,
-    Recipe,
-    RunFolder,
-    parse_overrides,
-    plan_runs,
-    register,
-    train_runs,
-    validate,
-    write_slurm,
-)
+from dmo.groundtruth.llamafactory import plan_runs, train_runs, validate
+from dmo.groundtruth.recipe import LORA_DEFAULTS, PAPER_DEFAULTS, Recipe, parse_overrides
+from dmo.groundtruth.register import register
+from dmo.groundtruth.runs import RunFolder
+from dmo.groundtruth.slurm import write_slurm
 from dmo.mixture import Mixture
 
 MIX = Mixture(("general", "ocr"), (0.25, 0.75))
@@ -137,7 +130,7 @@ def paper_sources(root: Path, domains=("chart", "counting", "general", "ocr"), n
 def test_config_key_by_key_against_the_papers(tmp_path):
     """Every key of the paper's config is written with the paper's value, except PAPER_DIFFERENCES (each said why);
     every key dmo adds is in DMO_ONLY_KEYS. Nothing else differs."""
-    from dmo.groundtruth.llamafactory import DMO_ONLY_KEYS, PAPER_DIFFERENCES
+    from dmo.groundtruth.recipe import DMO_ONLY_KEYS, PAPER_DIFFERENCES
 
     src = paper_sources(tmp_path)
     recipe = Recipe(base="Qwen/Qwen2-VL-2B", template="qwen2_vl", budget=102_400)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from dmo.errors import DmoError
 from dmo.merge import checkpoint as ckpt_mod
 from dmo.merge import registry
-from dmo.merge.stream import PAPER_EXCLUDE, ParamFilter, merge_checkpoints
+from dmo.merge.experts import PAPER_EXCLUDE, ParamFilter
+from dmo.merge.stream import merge_checkpoints
 
 HIDDEN, INTER, LAYERS, HEADS, KV, VOCAB = 16, 48, 2, 4, 2, 40
 VISUAL = {

@@ -142,7 +142,9 @@ def _base(text: str) -> str:
 
 
 def _launch(planned, what: str, training: _Training) -> None:
-    from dmo.groundtruth.llamafactory import DEFAULT_LF_BIN, default_slurm_script, train_runs, write_slurm
+    from dmo.groundtruth.llamafactory import train_runs
+    from dmo.groundtruth.recipe import DEFAULT_LF_BIN
+    from dmo.groundtruth.slurm import default_slurm_script, write_slurm
 
     lf_bin, slurm, slurm_script, plan_only = training.lf_bin, training.slurm, training.slurm_script, training.plan_only
 
@@ -251,7 +253,7 @@ class _Training:
     sbatch: _SBATCH = field(default_factory=list)
 
     def recipe(self):
-        from dmo.groundtruth.llamafactory import Recipe, parse_overrides
+        from dmo.groundtruth.recipe import Recipe, parse_overrides
 
         return Recipe(
             base=_base(self.base), template=self.template, method=self.method, budget=self.budget,
@@ -353,7 +355,7 @@ def train_mixtures(
 
 
 def _default_lf_bin() -> Path | None:
-    from dmo.groundtruth.llamafactory import DEFAULT_LF_BIN
+    from dmo.groundtruth.recipe import DEFAULT_LF_BIN
 
     return DEFAULT_LF_BIN if DEFAULT_LF_BIN.is_file() else None
 
@@ -366,7 +368,8 @@ def train_run(
     overwrite: _OVERWRITE = False,
 ) -> None:
     """Train planned runs (what each SLURM array task calls): check, train, move into place, register."""
-    from dmo.groundtruth.llamafactory import RunFolder, train_runs
+    from dmo.groundtruth.llamafactory import train_runs
+    from dmo.groundtruth.runs import RunFolder
 
     results = train_runs(RunFolder(folder), lf_bin, only=run or None, overwrite=overwrite, echo=_say)
     for r in results:
@@ -377,7 +380,8 @@ def train_run(
 @train_app.command("register")
 def train_register(folder: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
     """Register every finished run of a run folder in its expert manifest(s)."""
-    from dmo.groundtruth.llamafactory import RunFolder, register
+    from dmo.groundtruth.register import register
+    from dmo.groundtruth.runs import RunFolder
 
     done = register(RunFolder(folder), echo=_note)
     if not done:

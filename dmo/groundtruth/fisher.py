@@ -237,8 +237,8 @@ def fisher_params(base: str | os.PathLike[str], experts: Mapping[str, str | os.P
     patch embedding, as the paper's ``params_set: full``), since that merge reads every such tensor of every expert.
     """
     from dmo.merge.checkpoint import Checkpoint
+    from dmo.merge.experts import ParamFilter, close_experts, open_experts
     from dmo.merge.live import changed_tensors
-    from dmo.merge.stream import ParamFilter, close_experts, open_experts
 
     names: set[str] = set()
     with Checkpoint.open(base, what="base model") as ckpt:

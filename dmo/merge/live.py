@@ -27,8 +27,9 @@ from torch import Tensor
 
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
+from dmo.merge.experts import check_weights, close_experts, map_names, open_experts
+from dmo.merge.plans import open_input_checkpoint
 from dmo.merge.registry import MergeMethod, get_method, stack_extra
-from dmo.merge.stream import check_weights, close_experts, map_names, open_experts, open_input_checkpoint
 
 Store = Literal["device", "host"]
 

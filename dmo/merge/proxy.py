@@ -23,18 +23,10 @@ from torch import Tensor
 
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
+from dmo.merge.experts import ParamFilter, check_weights, expert_kind, map_names
 from dmo.merge.lora import ADAPTER_WEIGHTS, LoraAdapter, LoraModule, concat_adapter, load_lora, write_adapter
 from dmo.merge.registry import get_method, method_names
-from dmo.merge.stream import (
-    DEFAULT_SHARD_SIZE,
-    MergeStats,
-    ParamFilter,
-    Progress,
-    check_weights,
-    expert_kind,
-    map_names,
-    merge_checkpoints,
-)
+from dmo.merge.stream import DEFAULT_SHARD_SIZE, MergeStats, Progress, merge_checkpoints
 
 #: The largest ``max_lora_rank`` vLLM accepts.
 VLLM_MAX_LORA_RANK = 512

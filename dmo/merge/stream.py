@@ -47,11 +47,10 @@ import math
 import mmap
 import os
 import queue
-import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,23 +62,23 @@ from dmo.atomic import atomic_dir
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import (
     Checkpoint,
-    OutTensor,
     ShardWriter,
-    TensorInfo,
     copy_side_files,
     set_config_dtype,
 )
-from dmo.merge.dense import resolve_names
+from dmo.merge.experts import Expert, ParamFilter, check_weights, close_experts, open_experts
 from dmo.merge.families import check_family
-from dmo.merge.lora import LoraAdapter, LoraModule, load_lora
-from dmo.merge.names import KeyMap
-from dmo.merge.registry import Chunked, MergeMethod, get_method, stack_extra
+from dmo.merge.plans import (
+    ExtraInputs,
+    Plan,
+    Term,
+    plan_chunked,
+    plan_linear,
+    plan_robust,
+    plan_whole,
+)
+from dmo.merge.registry import Chunked, get_method
 
-#: The DMO paper's parameters that keep the base value, by how the experts were trained.
-PAPER_EXCLUDE: dict[str, tuple[str, ...]] = {
-    "lora": ("visual", "vision_tower", "multi_modal_projector", "embed_tokens", "lm_head", "norm", "bias"),
-    "full": (r"visual\.blocks", r"visual\.patch_embed", "vision_tower"),
-}
 #: Default largest output shard (bytes), as transformers' ``save_pretrained`` used to.
 DEFAULT_SHARD_SIZE = 5 * 10**9
 #: Elements per compute chunk on the CPU: one float32 chunk fits in a core's L2 cache.
@@ -96,9 +95,6 @@ PREFETCH = True
 RELEASE = True
 #: Linux MADV_POPULATE_READ (5.14+): fault the pages in without touching them from Python.
 MADV_POPULATE_READ = 22
-#: |1 - scale * sum of the full experts' weights| below which the base term is dropped (its effect would be
-#: below 1e-12 of the base value, far under float32 rounding).
-_EXACT = 1e-12
 
 Progress = Callable[[int, int, str], None]
 
@@ -131,545 +127,12 @@ class MergeStats:
         )
 
 
-# ------------------------------------------------------------------------------------------------------ experts
-
-
-@dataclass
-class Expert:
-    """One expert with a non-zero weight: a full checkpoint or a LoRA adapter."""
-
-    name: str
-    folder: Path
-    weight: float
-    checkpoint: Checkpoint | None = None
-    adapter: LoraAdapter | None = None
-    #: base tensor name -> LoRA module / non-LoRA value, after name resolution
-    modules: dict[str, LoraModule] = field(default_factory=dict)
-    extra: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def kind(self) -> str:
-        return "lora" if self.adapter is not None else "full"
-
-    @property
-    def what(self) -> str:
-        return f"expert {self.name!r}"
-
-
-def expert_kind(folder: str | os.PathLike[str]) -> Literal["lora", "full"]:
-    """``"lora"`` for a PEFT adapter folder (``adapter_config.json``), ``"full"`` otherwise."""
-    return "lora" if (Path(folder) / "adapter_config.json").is_file() else "full"
-
-
-def check_weights(names: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:
-    """The non-zero weights, in the experts' order; unknown names and non-finite values are refused."""
-    unknown = [k for k in weights if k not in names]
-    if unknown:
-        raise DmoError(f"weight given for unknown expert {unknown[0]!r}; the experts are {sorted(names)}")
-    out = {}
-    for name in names:
-        w = weights.get(name, 0.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise DmoError(f"weight of expert {name!r} is {w!r}: weights must be finite numbers")
-        if w != 0:
-            out[name] = float(w)
-    if not out:
-        raise DmoError("all mixture weights are 0: the proxy is the base model itself; use the base model instead")
-    return out
-
-
-def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern[str]] | None:
-    if patterns is None:
-        return None
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as exc:
-            raise DmoError(f"invalid {what} pattern {p!r}: {exc}") from None
-    return out
-
-
-class ParamFilter:
-    """Which base tensors are merged (see the module docstring)."""
-
-    def __init__(self, kind: str, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None):
-        if kind not in PAPER_EXCLUDE:
-            raise DmoError(f"expert kind must be 'lora' or 'full', got {kind!r}")
-        self.include = _compile(include, "include")
-        self.exclude = _compile(PAPER_EXCLUDE[kind] if exclude is None else exclude, "exclude") or []
-
-    def __call__(self, name: str) -> bool:
-        if self.include is not None and not any(p.search(name) for p in self.include):
-            return False
-        return not any(p.search(name) for p in self.exclude)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "include": None if self.include is None else [p.pattern for p in self.include],
-            "exclude": [p.pattern for p in self.exclude],
-        }
-
-
-def map_names(keys: Iterable[str], base: Checkpoint, what: str) -> dict[str, str]:
-    """Adapter parameter names -> base checkpoint names (exactly, else through transformers' renaming rules)."""
-    keys = dict.fromkeys(keys)
-    if not keys:
-        return {}
-    try:
-        return resolve_names(keys, base.tensors.keys(), KeyMap.identity(), what=f"the base model {base.folder}")
-    except DmoError as first:
-        try:
-            keymap = KeyMap.for_config(base.folder)
-        except DmoError:
-            raise DmoError(f"{what}: {first}") from None
-        try:
-            return resolve_names(keys, base.tensors.keys(), keymap, what=f"the base model {base.folder}")
-        except DmoError as exc:
-            raise DmoError(f"{what}: {exc}") from None
-
-
-def open_experts(
-    base: Checkpoint, experts: Mapping[str, str | os.PathLike[str]], weights: Mapping[str, float], allow_bin: bool
-) -> list[Expert]:
-    """Open and validate the experts with a non-zero weight against the base."""
-    out: list[Expert] = []
-    try:
-        for name, w in weights.items():
-            folder = Path(experts[name])
-            expert = Expert(name, folder, w)
-            out.append(expert)
-            if expert_kind(folder) == "lora":
-                expert.adapter = load_lora(folder, non_lora=True, allow_bin=allow_bin)
-                where = f"expert {name!r} ({folder})"
-                mapped = map_names(expert.adapter.modules, base, where)
-                expert.modules = {mapped[k]: m for k, m in expert.adapter.modules.items()}
-                mapped = map_names(expert.adapter.extra, base, where)
-                expert.extra = {mapped[k]: t for k, t in expert.adapter.extra.items()}
-                _check_adapter(expert, base)
-            else:
-                expert.checkpoint = Checkpoint.open(folder, what=expert.what, allow_bin=allow_bin)
-                _check_full(expert, base)
-    except BaseException:
-        close_experts(out)
-        raise
-    return out
-
-
-def close_experts(experts: Iterable[Expert]) -> None:
-    for e in experts:
-        if e.checkpoint is not None:
-            e.checkpoint.close()
-
-
-def _check_full(expert: Expert, base: Checkpoint) -> None:
-    assert expert.checkpoint is not None
-    mine = expert.checkpoint.tensors
-    for name, info in base.tensors.items():
-        other = mine.get(name)
-        if other is None:
-            raise DmoError(
-                f"{expert.what} ({expert.folder}) lacks tensor {name}, which the base has in {info.file}: it was "
-                "saved from a different model or is incomplete"
-            )
-        if other.shape != info.shape:
-            raise DmoError(
-                f"{expert.what}: tensor {name} has shape {list(other.shape)} in {other.file} but {list(info.shape)} "
-                f"in the base's {info.file}: the expert was trained on a different base model"
-            )
-    extra = [n for n in mine if n not in base.tensors]
-    if extra:
-        raise DmoError(
-            f"{expert.what}: tensor {extra[0]} in {mine[extra[0]].file} does not exist in the base model "
-            f"{base.folder}: the expert was trained on a different base (or with resized embeddings)"
-        )
-
-
-def _check_adapter(expert: Expert, base: Checkpoint) -> None:
-    file = expert.folder / "adapter_model.safetensors"
-    for name, module in expert.modules.items():
-        info = base.tensors[name]
-        if tuple(info.shape) != module.shape:
-            raise DmoError(
-                f"{expert.what}: {file} adapts {module.module} as a {list(module.shape)} weight but the base tensor "
-                f"{name} in {info.file} has shape {list(info.shape)}: the expert was trained on a different base"
-            )
-    for name, value in expert.extra.items():
-        info = base.tensors[name]
-        if tuple(info.shape) != tuple(value.shape):
-            raise DmoError(
-                f"{expert.what}: {file} holds {name} with shape {list(value.shape)} but the base's {info.file} has "
-                f"{list(info.shape)}: the expert was trained on a different base"
-            )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise DmoError(f"{expert.what}: tensor {name} in {file} holds NaN or Inf values; fix or drop that expert")
-
-
-# --------------------------------------------------------------------------------------------------------- plans
-
-
-@dataclass
-class _Term:
-    """``coef * value`` where value is a view of a checkpoint tensor (or an in-memory tensor)."""
-
-    coef: float
-    who: str  # "the base" / "expert 'ocr'" (for messages)
-    info: TensorInfo | None
-    source: Checkpoint | None
-    tensor: Tensor | None = None
-    file: Path | None = None
-
-    def flat(self) -> Tensor:
-        t = self.tensor if self.tensor is not None else self.source.view(self.info.name)  # type: ignore[union-attr]
-        return t.reshape(-1)
-
-
-@dataclass
-class _Plan:
-    """How to produce one output tensor."""
-
-    name: str
-    base: TensorInfo
-    out: OutTensor
-    mode: Literal["copy", "linear", "chunked", "whole"]
-    terms: list[_Term] = field(default_factory=list)
-    #: mode "chunked": each merged expert's value of this parameter, in order, and the method's chunked form
-    values: list[_Value] = field(default_factory=list)
-    chunked: Callable[[], Chunked] | None = None
-    _chunker: Chunked | None = None
-    #: builds (B, A) float32 such that the LoRA part of the chunk of rows [r0, r1) is B[r0:r1] @ A
-    lora: Callable[[], tuple[Tensor, Tensor]] | None = None
-    #: computes the merged float32 tensor (mode "whole")
-    whole: Callable[[torch.device], Tensor] | None = None
-    #: bytes a "whole" computation reads
-    read_bytes: int = 0
-    _factors: tuple[Tensor, Tensor] | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _pending: int = 0
-
-    @property
-    def numel(self) -> int:
-        return self.base.numel
-
-    @property
-    def cols(self) -> int:
-        lora = self.lora is not None or any(v.lora is not None for v in self.values)
-        return self.base.shape[-1] if lora else 1
-
-    def factors(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        with self._lock:
-            if self._factors is None:
-                assert self.lora is not None
-                b, a = self.lora()
-                self._factors = (b.to(device=device, dtype=torch.float32), a.to(device=device, dtype=torch.float32))
-            return self._factors
-
-
-def _lora_stack(blocks: Sequence[tuple[float, LoraModule]]) -> Callable[[], tuple[Tensor, Tensor]]:
-    """B = [c_1 B_1, ..., c_K B_K] and A = [A_1; ...; A_K] in float32 (built on first use)."""
-
-    def build() -> tuple[Tensor, Tensor]:
-        out_f, in_f = blocks[0][1].shape
-        rank = sum(m.rank for _, m in blocks)
-        b = torch.empty(out_f, rank)
-        a = torch.empty(rank, in_f)
-        start = 0
-        for coef, m in blocks:
-            stop = start + m.rank
-            b[:, start:stop].copy_(m.b).mul_(coef)
-            a[start:stop].copy_(m.a)
-            start = stop
-        return b, a
-
-    return build
-
-
-def _out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
-    if dtype is None or not info.dtype.is_floating_point:
-        return info.dtype
-    return dtype
-
-
-def _plan_linear(
-    name: str, base: Checkpoint, experts: Sequence[Expert], scale: float
-) -> tuple[Literal["copy", "linear"], list[_Term], Callable[[], tuple[Tensor, Tensor]] | None]:
-    info = base.tensors[name]
-    terms: list[_Term] = []
-    full_sum = 0.0
-    blocks: list[tuple[float, LoraModule]] = []
-    for e in experts:
-        coef = scale * e.weight
-        if e.checkpoint is not None:
-            terms.append(_Term(coef, e.what, e.checkpoint.tensors[name], e.checkpoint))
-            full_sum += coef
-        if name in e.extra:
-            terms.append(_Term(coef, e.what, info, None, tensor=e.extra[name], file=e.folder))
-            full_sum += coef
-        if name in e.modules:
-            m = e.modules[name]
-            blocks.append((coef * m.scale, m))
-    if not terms and not blocks:
-        return "copy", [], None
-    c = 1.0 - full_sum
-    if abs(c) > _EXACT:
-        terms.insert(0, _Term(c, "the base", info, base))
-    return "linear", terms, (_lora_stack(blocks) if blocks else None)
-
-
-def _plan_robust(
-    name: str, base: Checkpoint, experts: Sequence[Expert], method: MergeMethod, params: Mapping[str, Any]
-) -> tuple[Literal["copy", "linear"], list[_Term], Callable[[], tuple[Tensor, Tensor]] | None]:
-    info = base.tensors[name]
-    with_module = [e for e in experts if name in e.modules]
-    with_extra = [e for e in experts if name in e.extra]
-    if with_extra and with_module:
-        raise DmoError(f"{with_extra[0].what} saves {name} in full and other experts adapt it with LoRA: "
-                       "robustmerge cannot merge the two; exclude it or retrain without saving it")  # fmt: skip
-    if with_extra:
-        if len(with_extra) != len(experts):
-            missing = next(e for e in experts if name not in e.extra)
-            raise DmoError(f"{missing.what} does not save {name} although other experts do: robustmerge averages "
-                           "non-LoRA trainables and needs them from every expert")  # fmt: skip
-        total = sum(e.weight for e in experts)
-        terms = [_Term(e.weight / total, e.what, info, None, tensor=e.extra[name], file=e.folder) for e in experts]
-        return "linear", terms, None
-    if not with_module:
-        return "copy", [], None
-    if len(with_module) != len(experts):
-        missing = next(e for e in experts if name not in e.modules)
-        raise DmoError(
-            f"{missing.what} does not adapt {name} although other experts do: robustmerge needs every expert to "
-            "adapt the same modules with the same rank"
-        )
-    modules = [e.modules[name] for e in experts]
-    ranks = {m.rank for m in modules}
-    scales = {m.scale for m in modules}
-    if len(ranks) > 1 or len(scales) > 1:
-        raise DmoError(
-            f"the experts adapt {name} with different ranks {sorted(ranks)} or scalings {sorted(scales)}: robustmerge "
-            "needs LoRA experts trained with the same r and lora_alpha"
-        )
-    weights = torch.tensor([e.weight for e in experts], dtype=torch.float32)
-
-    def build() -> tuple[Tensor, Tensor]:
-        a = torch.stack([m.a.to(torch.float32) for m in modules])
-        b = torch.stack([m.b.to(torch.float32) for m in modules])
-        merged_a, merged_b = method.fn(a, b, weights, **params)
-        return merged_b.mul_(modules[0].scale), merged_a
-
-    return "linear", [_Term(1.0, "the base", info, base)], build
-
-
-@dataclass
-class _Value:
-    """One expert's value of one parameter: a full tensor (checkpoint view or saved module) and/or a LoRA delta."""
-
-    full: _Term | None
-    lora: LoraModule | None
-    who: str
-
-    def delta_into(self, out: Tensor, flat: Tensor | None, b32: Tensor, lo: int, cols: int) -> None:
-        """``out`` (float32, the chunk ``[lo, lo + len(out))``) = this expert's value minus the base."""
-        dev = out.device
-        if flat is not None:
-            src = flat[lo : lo + out.numel()]
-            out.copy_(src if dev.type == "cpu" else src.to(dev, non_blocking=True))
-            out.sub_(b32)
-        else:
-            out.zero_()
-        if self.lora is not None:
-            m = self.lora
-            r0, r1 = lo // cols, (lo + out.numel()) // cols
-            b = m.b[r0:r1].to(device=dev, dtype=torch.float32)
-            out.view(r1 - r0, cols).addmm_(b, m.a.to(device=dev, dtype=torch.float32), alpha=m.scale)
-
-
-def _plan_chunked(
-    name: str, base: Checkpoint, experts: Sequence[Expert], method: MergeMethod, params: Mapping[str, Any]
-) -> tuple[list[_Value], list[_Term], Callable[[], Chunked]] | None:
-    info = base.tensors[name]
-    values: list[_Value] = []
-    terms = [_Term(1.0, "the base", info, base)]
-    for e in experts:
-        full = None
-        if e.checkpoint is not None:
-            full = _Term(1.0, e.what, e.checkpoint.tensors[name], e.checkpoint)
-        elif name in e.extra:
-            full = _Term(1.0, e.what, info, None, tensor=e.extra[name], file=e.folder)
-        if full is not None:
-            terms.append(full)
-        values.append(_Value(full, e.modules.get(name), e.what))
-    if all(v.full is None and v.lora is None for v in values):
-        return None
-    weights = torch.tensor([e.weight for e in experts], dtype=torch.float32)
-    cls = method.chunked
-    assert cls is not None
-    extra = {"name": name} if method.takes_name else {}
-    full = {**method.defaults, **params}  # the function's defaults, which may differ from the class's
-    return values, terms, lambda: cls(weights, info.numel, **extra, **full)
-
-
-class ExtraInputs:
-    """A method's per-expert inputs (``MergeMethod.extra``, e.g. Fisher weights), memory-mapped from safetensors.
-
-    ``files[key][i]`` is expert ``i``'s checkpoint for input ``key`` and its names by base tensor name.
-    """
-
-    def __init__(self, files: dict[str, list[tuple[Checkpoint, dict[str, str]]]], who: list[str]):
-        self.files = files
-        self.who = who
-
-    @classmethod
-    def open(
-        cls,
-        method: MergeMethod,
-        base: Checkpoint,
-        experts: Sequence[Expert],
-        paths: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None,
-    ) -> ExtraInputs | None:
-        given = dict(paths or {})
-        unknown = [k for k in given if k not in method.extra]
-        if unknown:
-            takes = f"takes only {', '.join(method.extra)}" if method.extra else "takes no per-expert inputs"
-            raise DmoError(f"{unknown[0]} weights given, but merge method {method.name!r} {takes}")
-        if not method.extra:
-            return None
-        files: dict[str, list[tuple[Checkpoint, dict[str, str]]]] = {}
-        try:
-            for key in method.extra:
-                per = given.get(key)
-                if per is None:
-                    raise DmoError(
-                        f"merge method {method.name!r} needs each expert's {key} weights (safetensors, one tensor per "
-                        f"merged parameter); none were given"
-                    )
-                missing = [e.name for e in experts if e.name not in per]
-                if missing:
-                    raise DmoError(f"no {key} weights given for expert {missing[0]!r}; {method.name} needs them for "
-                                   "every expert in the mixture")  # fmt: skip
-                files[key] = []
-                for e in experts:
-                    what = f"the {key} weights of {e.what}"
-                    ckpt = open_input_checkpoint(per[e.name], what)
-                    try:
-                        mapped = map_names(ckpt.tensors, base, what)
-                    except BaseException:
-                        ckpt.close()
-                        raise
-                    files[key].append((ckpt, {b: f for f, b in mapped.items()}))
-        except BaseException:
-            for per_expert in files.values():
-                for ckpt, _ in per_expert:
-                    ckpt.close()
-            raise
-        return cls(files, [e.what for e in experts])
-
-    def close(self) -> None:
-        for per_expert in self.files.values():
-            for ckpt, _ in per_expert:
-                ckpt.close()
-
-    def check(self, param: str, shape: Sequence[int]) -> None:
-        """Refuse, before anything is written, inputs that lack ``param`` or give it another shape."""
-        for key, per_expert in self.files.items():
-            for (ckpt, names), who in zip(per_expert, self.who):
-                if param not in names:
-                    raise DmoError(
-                        f"the {key} weights of {who} ({ckpt.folder}) have no tensor for {param}: they were computed "
-                        "for another model or another set of parameters; recompute them"
-                    )
-                info = ckpt.tensors[names[param]]
-                if tuple(info.shape) != tuple(shape):
-                    raise DmoError(
-                        f"the {key} weights of {who} give {param} the shape {list(info.shape)} in {info.file}, but the "
-                        f"base has {list(shape)}: they were computed for another model; recompute them"
-                    )
-
-    def views(self, key: str, param: str) -> list[Tensor | None]:
-        return [ckpt.view(names[param]) if param in names else None for ckpt, names in self.files[key]]
-
-    def stacked(self, param: str, shape: Sequence[int], device: torch.device) -> dict[str, Tensor]:
-        return {key: stack_extra(key, param, shape, self.views(key, param), device, self.who) for key in self.files}
-
-    def prepare(self, method: MergeMethod, params: Sequence[str]) -> tuple[dict[str, Any], int]:
-        """The method's model-wide statistics over ``params`` and the bytes read for them."""
-        if method.prepare is None:
-            return {}, 0
-        data = {
-            key: [{p: ckpt.view(names[p]) for p in params if p in names} for ckpt, names in per_expert]
-            for key, per_expert in self.files.items()
-        }
-        nbytes = sum(
-            ckpt.tensors[names[p]].nbytes
-            for per_expert in self.files.values()
-            for ckpt, names in per_expert
-            for p in params
-            if p in names
-        )
-        return dict(method.prepare(data)), nbytes
-
-    def nbytes(self, param: str) -> int:
-        return sum(ckpt.tensors[n[param]].nbytes for per in self.files.values() for ckpt, n in per if param in n)
-
-
-def open_input_checkpoint(path: str | os.PathLike[str], what: str) -> Checkpoint:
-    """A folder of safetensors, or one ``.safetensors`` file."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        from dmo.merge.checkpoint import read_header
-
-        return Checkpoint(path.parent, read_header(path)[0], what=what)
-    return Checkpoint.open(path, what=what)
-
-
-def _plan_whole(
-    name: str,
-    base: Checkpoint,
-    experts: Sequence[Expert],
-    method: MergeMethod,
-    params: Mapping[str, Any],
-    extra: ExtraInputs | None = None,
-    prepared: Mapping[str, Any] | None = None,
-) -> Callable[[torch.device], Tensor] | None:
-    """``prepared`` (the method's model-wide statistics) may still be filled in after planning, before running."""
-    if not any(e.checkpoint is not None or name in e.modules or name in e.extra for e in experts):
-        return None
-    info = base.tensors[name]
-    if extra is not None:
-        extra.check(name, info.shape)
-    weights = torch.tensor([e.weight for e in experts], dtype=torch.float32)
-
-    def compute(device: torch.device) -> Tensor:
-        b32 = base.view(name).to(device=device, dtype=torch.float32)
-        deltas = torch.zeros((len(experts), *info.shape), dtype=torch.float32, device=device)
-        for i, e in enumerate(experts):
-            if e.checkpoint is not None:
-                deltas[i].copy_(e.checkpoint.view(name))
-                deltas[i] -= b32
-            if name in e.extra:
-                deltas[i].copy_(e.extra[name])
-                deltas[i] -= b32
-            if name in e.modules:
-                m = e.modules[name]
-                b_, a_ = m.b.to(device, torch.float32), m.a.to(device, torch.float32)
-                deltas[i].view(b_.shape[0], a_.shape[1]).addmm_(b_, a_, alpha=m.scale)
-        inputs: dict[str, Any] = {"name": name} if method.takes_name else {}
-        inputs |= dict(prepared or {})
-        if extra is not None:
-            inputs |= extra.stacked(name, info.shape, device)
-        merged = method.fn(deltas, weights.to(device), **params, **inputs)
-        del deltas, inputs
-        return merged.add_(b32)
-
-    return compute
-
-
 # ------------------------------------------------------------------------------------------------------ running
 
 
 @dataclass
 class _Block:
-    plan: _Plan
+    plan: Plan
     lo: int  # element range of the flattened tensor
     hi: int
 
@@ -677,7 +140,7 @@ class _Block:
 class _Runner:
     def __init__(
         self,
-        plans: list[_Plan],
+        plans: list[Plan],
         writer: ShardWriter,
         device: torch.device,
         threads: int,
@@ -845,7 +308,7 @@ class _Runner:
             staging[dtype] = buf
         return buf[:n]
 
-    def _write(self, plan: _Plan, data: Tensor, lo: int) -> None:
+    def _write(self, plan: Plan, data: Tensor, lo: int) -> None:
         flat = data.reshape(-1)
         raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
         mv = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
@@ -914,15 +377,15 @@ class _Runner:
             self.bytes_read += nread
         self._write(plan, out, blk.lo)
 
-    def _chunk_size(self, plan: _Plan) -> int:
+    def _chunk_size(self, plan: Plan) -> int:
         cols = plan.cols
         return max(cols, self.chunk // cols * cols)
 
-    def _base_chunk(self, plan: _Plan, flat: Tensor, lo: int, hi: int, out: Tensor) -> Tensor:
+    def _base_chunk(self, plan: Plan, flat: Tensor, lo: int, hi: int, out: Tensor) -> Tensor:
         src = flat[lo:hi]
         return out[: hi - lo].copy_(src if self.device.type == "cpu" else src.to(self.device, non_blocking=True))
 
-    def _chunker(self, plan: _Plan, acc: Tensor, stack: Tensor) -> Chunked:
+    def _chunker(self, plan: Plan, acc: Tensor, stack: Tensor) -> Chunked:
         """The plan's chunked method, with its statistics (and joint) pass run once (by the first worker to need it).
 
         ``stack`` is a (K, chunk) float32 buffer; its first row is the statistics pass's scratch.
@@ -1018,7 +481,7 @@ class _Runner:
         for lo in range(0, plan.numel, step):
             self._write(plan, flat[lo : lo + step], lo)
 
-    def _diagnose(self, plan: _Plan, lo: int, hi: int, result: Tensor) -> None:
+    def _diagnose(self, plan: Plan, lo: int, hi: int, result: Tensor) -> None:
         for term in plan.terms:
             src = term.flat()[lo:hi]
             if src.is_floating_point():
@@ -1123,32 +586,32 @@ def merge_checkpoints(
         names = list(base_ckpt.tensors)  # file order of the base, which is the order it is read in
         writer = ShardWriter(
             Path("."),
-            [(n, _out_dtype(base_ckpt.tensors[n], out_dtype), base_ckpt.tensors[n].shape) for n in names],
+            [(n, out_dtype(base_ckpt.tensors[n], out_dtype), base_ckpt.tensors[n].shape) for n in names],
             max_shard_size=max_shard_size,
             metadata={"dmo_method": spec.name},
         )
         _check_space(out, writer.nbytes)
-        plans: list[_Plan] = []
+        plans: list[Plan] = []
         for target in writer.order:
             name = target.name
             info = base_ckpt.tensors[name]
-            plan = _Plan(name, info, target, "copy", [_Term(1.0, "the base", info, base_ckpt)])
+            plan = Plan(name, info, target, "copy", [Term(1.0, "the base", info, base_ckpt)])
             if info.dtype.is_floating_point and keep(name):
                 if linear:
-                    mode, terms, lora = _plan_linear(name, base_ckpt, opened, scale)
+                    mode, terms, lora = plan_linear(name, base_ckpt, opened, scale)
                     if mode == "linear":
                         plan.mode, plan.terms, plan.lora = mode, terms, lora
                 elif spec.inputs == "lora":
-                    mode, terms, lora = _plan_robust(name, base_ckpt, opened, spec, params)
+                    mode, terms, lora = plan_robust(name, base_ckpt, opened, spec, params)
                     if mode == "linear":
                         plan.mode, plan.terms, plan.lora = mode, terms, lora
                 elif spec.chunked is not None:
-                    planned = _plan_chunked(name, base_ckpt, opened, spec, params)
+                    planned = plan_chunked(name, base_ckpt, opened, spec, params)
                     if planned is not None:
                         plan.mode = "chunked"
                         plan.values, plan.terms, plan.chunked = planned
                 else:
-                    whole = _plan_whole(name, base_ckpt, opened, spec, params, inputs, prepared)
+                    whole = plan_whole(name, base_ckpt, opened, spec, params, inputs, prepared)
                     if whole is not None:
                         plan.mode, plan.whole = "whole", whole
                         plan.read_bytes = info.nbytes + sum(

@@ -74,6 +74,11 @@ class Scorer(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation: ...
 
+    def benchmark_settings(self, benchmark: str) -> dict[str, Any]:
+        """What else changes one benchmark's score (a ``loss:<domain>``'s validation data); ``{}`` leaves the cache
+        key as ``settings()`` alone makes it."""
+        return {}
+
     def check(self, benchmarks: Sequence[str]) -> None:  # noqa: B027 (a default that accepts everything)
         """Refuse, with a DmoError, benchmarks this backend cannot score (before any study opens)."""
 
@@ -127,11 +132,12 @@ def score_targets(
     """:func:`score_target` for several targets; a backend with ``evaluate_many`` scores the unknown ones together
     (the vllm backend generates for several LoRA-served proxies in one engine batch)."""
     settings = scorer.settings()
+    extra = {b: scorer.benchmark_settings(b) for b in benchmarks}
     known = table.cached_keys()
     plans = []
     for target in targets:
         fp = scorer.fingerprint(target)
-        keys = {b: cache_key(model=fp, benchmark=b, **settings) for b in benchmarks}
+        keys = {b: cache_key(model=fp, benchmark=b, **settings, **extra[b]) for b in benchmarks}
         scores = {b: float(known[k]["score"]) for b, k in keys.items() if k in known}
         plans.append((target, fp, keys, scores, [b for b in benchmarks if b not in scores]))
     pending: dict[tuple[str, ...], list[int]] = {}

@@ -7,6 +7,7 @@ on top of it, written into the live weights for the duration of one lmms-eval ru
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -16,15 +17,18 @@ import torch
 
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.merge.dense import applied_delta
 from dmo.merge.inputs import fisher_paths, inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, adapter_to, check_same_base, expert_delta, fingerprint, load_lora, lora_delta
 from dmo.merge.names import KeyMap
+from dmo.merge.plans import open_input_checkpoint
 from dmo.merge.proxy import robust_adapter
 from dmo.merge.registry import get_method, merge_deltas
-from dmo.merge.stream import open_input_checkpoint
 from dmo.scoring.base import Evaluation, Scorer, Target
 from dmo.scoring.evaluate import evaluate
 from dmo.scoring.lmms_model import DmoLMM, load_pretrained
+from dmo.scoring.loss import METRIC as LOSS_METRIC
+from dmo.scoring.loss import ValidationLoss, score_of, split_benchmarks
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
 from dmo.scoring.metrics import MetricSpec, own_metrics
 
@@ -61,6 +65,7 @@ class HFScorer(Scorer):
         self.metric_map = metric_map
         self._trained: dict[Path, LoraAdapter] = {}
         self._inputs: dict[str, dict[str, torch.Tensor]] = {}  # Fisher weights per expert (fisher, fisher_nn)
+        self.loss = ValidationLoss(manifest, limit, batch_size)  # loss:<domain> benchmarks
 
     @cached_property
     def lmm(self) -> DmoLMM:
@@ -117,9 +122,15 @@ class HFScorer(Scorer):
         from dmo.scoring.metrics import metric_spec
 
         self.experts  # noqa: B018 - loads and validates every expert adapter
-        for b in benchmarks:
+        tasks, _ = split_benchmarks(benchmarks)
+        self.loss.check(benchmarks)
+        for b in tasks:
             metric_spec(b, self.metric_map)
-        task_manager_for(benchmarks, self.include_path)
+        if tasks:
+            task_manager_for(tasks, self.include_path)
+
+    def benchmark_settings(self, benchmark: str) -> dict[str, Any]:
+        return self.loss.cache_settings(benchmark)
 
     def fingerprint(self, target: Target) -> str:
         if target.kind == "base":
@@ -174,22 +185,45 @@ class HFScorer(Scorer):
         return merge_deltas(spec.name, deltas, [weights[n] for n in names], extra=extra, **params)
 
     def evaluate(self, target: Target, benchmarks: Sequence[str]) -> Evaluation:
+        tasks, losses = split_benchmarks(benchmarks)
         lmm = self.lmm
         lmm.set_proxy(self._delta(target), self.fingerprint(target))
         try:
-            try:
-                return Evaluation(evaluate(lmm, benchmarks, self.include_path, self.limit, metric_map=self.metric_map))
-            except DmoError:
-                raise
-            except Exception:  # one benchmark broke the joint run: score them one by one to keep the others
-                if len(benchmarks) == 1:
-                    raise
-            scores, errors = {}, {}
-            for b in benchmarks:
+            result = self._evaluate_tasks(lmm, tasks) if tasks else Evaluation({})
+            if losses:
+                result.metrics.update(dict.fromkeys(losses, LOSS_METRIC))
                 try:
-                    scores.update(evaluate(lmm, [b], self.include_path, self.limit, metric_map=self.metric_map))
-                except Exception as exc:  # recorded as a failed row, with the reason
-                    errors[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            return Evaluation(scores, errors=errors)
+                    with self._weights(lmm):
+                        found = self.loss.hf_losses(lmm.model, lmm.processor, losses)
+                    result.scores.update({b: score_of(v) for b, v in found.items()})
+                except DmoError:
+                    raise
+                except Exception as exc:  # recorded as failed rows, with the reason; the task scores still count
+                    result.errors.update(
+                        dict.fromkeys(losses, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                    )
+            return result
         finally:
             lmm.clear_proxy()
+
+    @staticmethod
+    def _weights(lmm: DmoLMM) -> contextlib.AbstractContextManager:
+        """The live model holding the current proxy's weights (the base when it has no delta)."""
+        delta = lmm.proxy.delta
+        return contextlib.nullcontext() if delta is None else applied_delta(lmm.model, delta)
+
+    def _evaluate_tasks(self, lmm: DmoLMM, benchmarks: Sequence[str]) -> Evaluation:
+        try:
+            return Evaluation(evaluate(lmm, benchmarks, self.include_path, self.limit, metric_map=self.metric_map))
+        except DmoError:
+            raise
+        except Exception:  # one benchmark broke the joint run: score them one by one to keep the others
+            if len(benchmarks) == 1:
+                raise
+        scores, errors = {}, {}
+        for b in benchmarks:
+            try:
+                scores.update(evaluate(lmm, [b], self.include_path, self.limit, metric_map=self.metric_map))
+            except Exception as exc:  # recorded as a failed row, with the reason
+                errors[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return Evaluation(scores, errors=errors)

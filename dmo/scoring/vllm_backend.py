@@ -28,14 +28,16 @@ from typing import Any, Literal
 
 from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.merge.experts import expert_kind
 from dmo.merge.families import check_family
 from dmo.merge.inputs import inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, check_same_base, fingerprint, load_lora, write_adapter
 from dmo.merge.proxy import VLLM_MAX_LORA_RANK, adapter_proxy
 from dmo.merge.registry import get_method
-from dmo.merge.stream import expert_kind
 from dmo.paths import cache_dir
 from dmo.scoring.base import Evaluation, Scorer, Target
+from dmo.scoring.loss import METRIC as LOSS_METRIC
+from dmo.scoring.loss import ValidationLoss, score_of, split_benchmarks
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
 from dmo.scoring.metrics import MetricSpec, own_metrics
 from dmo.scoring.vllm_engine import (
@@ -119,6 +121,8 @@ class VLLMScorer(Scorer):
         self._written_bank: str | None = None  # and the bank it came from
         self._banks: set[str] = set()
         self.served_rank: int | None = None  # the engine's max_lora_rank, once it is built
+        self.loss = ValidationLoss(manifest, limit)  # loss:<domain> benchmarks, from the engine's prompt logprobs
+        self.processor: Any = None  # the base's processor, loaded with the engine
         self.restarts = 0
 
     # ------------------------------------------------------------------------------------------------ experts
@@ -192,6 +196,7 @@ class VLLMScorer(Scorer):
             self.manifest.base.path, local_files_only=True, trust_remote_code=self.manifest.trust_remote_code
         )
         self._written, self._written_bank, self._banks = None, None, set()
+        self.processor = processor
         return DmoVLLM(llm=llm, processor=processor, name=self.manifest.name)
 
     @cached_property
@@ -232,9 +237,15 @@ class VLLMScorer(Scorer):
         require_vllm()
         self._lora_experts  # noqa: B018 - loads and validates every LoRA expert
         self._engine_kwargs()  # refuses an adapter rank over max_lora_rank
-        for b in benchmarks:
+        tasks, _ = split_benchmarks(benchmarks)
+        self.loss.check(benchmarks)
+        for b in tasks:
             metric_spec(b, self.metric_map)
-        task_manager_for(benchmarks, self.include_path)
+        if tasks:
+            task_manager_for(tasks, self.include_path)
+
+    def benchmark_settings(self, benchmark: str) -> dict[str, Any]:
+        return self.loss.cache_settings(benchmark)
 
     # ------------------------------------------------------------------------------------------------ targets
 
@@ -432,6 +443,24 @@ class VLLMScorer(Scorer):
         return [results[i] for i in range(len(targets))]
 
     def _run(self, proxies: list[tuple[str, Any]], benchmarks: Sequence[str]) -> list[Evaluation]:
+        tasks, losses = split_benchmarks(benchmarks)
+        out = self._run_tasks(proxies, tasks) if tasks else [Evaluation({}) for _ in proxies]
+        for (_, lora), result in zip(proxies, out):
+            if not losses:
+                continue
+            result.metrics.update(dict.fromkeys(losses, LOSS_METRIC))
+            try:
+                found = self.loss.vllm_losses(self.lmm.llm, self.processor, lora, losses)
+                result.scores.update({b: score_of(v) for b, v in found.items()})
+            except DmoError:
+                raise
+            except Exception as exc:  # recorded as failed rows, with the reason; the task scores still count
+                if _is_engine_death(exc):
+                    raise
+                result.errors.update(dict.fromkeys(losses, one_line(exc)))
+        return out
+
+    def _run_tasks(self, proxies: list[tuple[str, Any]], benchmarks: Sequence[str]) -> list[Evaluation]:
         from dmo.scoring.evaluate import evaluate
 
         lmm = self.lmm
