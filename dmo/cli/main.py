@@ -250,19 +250,15 @@ def merge(
     allow_bin: Annotated[bool, typer.Option(help="Read .bin weights with torch.load(weights_only=True).")] = False,
 ) -> None:
     """Merge a manifest's experts for one mixture into a proxy model (dense) or a LoRA adapter."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from dmo.merge.proxy import merge_manifest, parse_params, parse_size
+    from dmo.progress import progress_bar
 
     excludes = [] if exclude == ["none"] else exclude
-    with Progress(
-        TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("", total=None)
+    with progress_bar("tensors  {task.fields[name]}", description="merging", console=err, transient=True) as bar:
+        task = bar.add_task("", total=None, name="")
 
         def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name)
+            bar.update(task, completed=done, total=total, name=name)
 
         stats = merge_manifest(
             experts, weights, out, method=method, params=parse_params(param), as_=as_,  # type: ignore[arg-type]
@@ -299,14 +295,10 @@ def fisher_command(
     ] = True,
 ) -> None:
     """Diagonal Fisher weights of each expert on its domain's data, for 'dmo merge --method fisher / fisher_nn'."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from dmo.groundtruth.fisher import compute_fisher, record_in_manifest
+    from dmo.progress import progress_bar
 
-    with Progress(
-        TextColumn("fisher {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-        TimeElapsedColumn(), console=err, transient=True,
-    ) as bar:  # fmt: skip
+    with progress_bar("samples", description="fisher {task.description}", console=err, transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def progress(name: str, done: int, total: int) -> None:
