@@ -159,7 +159,8 @@ class _NullTable:
 
 def study_ratio(column: str, world: Path, tasks: Path, limit: int, root: Path, n: int, batch: int) -> dict[str, Any]:
     """A real study (random sampler, n trials) and the generation time inside it."""
-    from dmo.search.study import run_study, study_paths
+    from dmo.search.study import study_paths
+    from dmo.search.trials import run_study
 
     name = BACKENDS[column][0]
     manifest = load_manifest(world / "experts.yaml")

@@ -242,7 +242,8 @@ def replay(
     """The objective of each trial, in trial order, of one study replayed against the surface."""
     import optuna
 
-    from dmo.search.study import run_study, study_paths
+    from dmo.search.study import study_paths
+    from dmo.search.trials import run_study
 
     sp = replay_space(space, sampler, seed, budget, grid_preset)
     # Study and results table are throw-away: on a RAM disk where there is one (SQLite commits are fsynced).

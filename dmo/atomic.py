@@ -81,14 +81,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Itera
         raise explain_os_error(exc, target) from exc
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise explain_os_error(exc, target) from exc
@@ -112,3 +105,16 @@ def file_lock(lock: str | os.PathLike[str]) -> Iterator[None]:
     finally:
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         fh.close()
+
+
+def replace_dir(src: Path, target: Path) -> None:
+    """Move folder ``src`` to ``target``, replacing a folder there: the old one is renamed away first, so that at
+    every moment ``target`` is either the old folder or the new one, never half of each."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(src, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, target)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dmo.atomic import explain_os_error
+from dmo.atomic import explain_os_error, replace_dir
 from dmo.errors import DmoError
 from dmo.groundtruth.data_mix import (
     SHAREGPT_ENTRY,
@@ -372,13 +372,6 @@ def _finish(partial: Path, output: Path) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
-            os.replace(partial, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, output)
+        replace_dir(partial, output)
     except OSError as exc:
         raise explain_os_error(exc, output) from exc

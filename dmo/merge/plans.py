@@ -109,7 +109,7 @@ def _lora_stack(blocks: Sequence[tuple[float, LoraModule]]) -> Callable[[], tupl
     return build
 
 
-def out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
+def output_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is None or not info.dtype.is_floating_point:
         return info.dtype
     return dtype

@@ -72,6 +72,7 @@ from dmo.merge.plans import (
     ExtraInputs,
     Plan,
     Term,
+    output_dtype,
     plan_chunked,
     plan_linear,
     plan_robust,
@@ -586,7 +587,7 @@ def merge_checkpoints(
         names = list(base_ckpt.tensors)  # file order of the base, which is the order it is read in
         writer = ShardWriter(
             Path("."),
-            [(n, out_dtype(base_ckpt.tensors[n], out_dtype), base_ckpt.tensors[n].shape) for n in names],
+            [(n, output_dtype(base_ckpt.tensors[n], out_dtype), base_ckpt.tensors[n].shape) for n in names],
             max_shard_size=max_shard_size,
             metadata={"dmo_method": spec.name},
         )

@@ -233,9 +233,13 @@ class _TrialLoop:
             self.study.optimize(objective, n_trials=n, n_jobs=n, callbacks=[bar], catch=(_Surplus,))
             if self._errors:
                 raise self._errors[0]
-        except UpdateFinishedTrialError:
+        except (UpdateFinishedTrialError, ValueError) as exc:
             # Another worker took this one for dead (no heartbeat for the grace period) and queued its trial
-            # again; the score is in the results table, so the retry reads it instead of scoring again.
+            # again; the score is in the results table, so the retry reads it instead of scoring again. Optuna says
+            # so as UpdateFinishedTrialError, or, when the objective met it first, as a ValueError from telling the
+            # already failed trial.
+            if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
+                raise
             log.warning("this worker's trial was failed by another worker (missed heartbeats); it will be retried")
         finally:
             self.quiet.numbers.clear()  # Optuna has logged about this trial by now; numbers repeat across studies
