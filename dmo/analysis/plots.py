@@ -182,3 +182,47 @@ def weights_png(domains: Sequence[str], labels: Sequence[str], weights: np.ndarr
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, ncols=min(len(domains), 4), loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return png(fig)
+
+
+@dataclass
+class EdgePanel:
+    """One benchmark along one edge of the simplex (two domains): proxy and trained score against the weight of the
+    edge's second domain (0 = the first domain's expert, 1 = the second's)."""
+
+    title: str
+    proxy_x: np.ndarray
+    proxy: np.ndarray
+    trained_x: np.ndarray
+    trained: np.ndarray  # mean over seeds
+    trained_lo: np.ndarray  # seed range
+    trained_hi: np.ndarray
+    xlabel: str = "weight"
+    #: which trained points are experts (the vertices), drawn apart: they are trained on one domain only
+    expert: np.ndarray | None = None
+
+
+def edges_png(panels: Sequence[EdgePanel], cols: int, suptitle: str = "") -> bytes:
+    """Proxy and trained curves along simplex edges: one panel per (edge, benchmark), a row per edge."""
+    fig, axes = _grid(len(panels), cols, 4.0, 3.2)
+    for ax, p in zip(axes, panels):
+        px, py = np.asarray(p.proxy_x, float), np.asarray(p.proxy, float)
+        tx, ty = np.asarray(p.trained_x, float), np.asarray(p.trained, float)
+        lo, hi = np.asarray(p.trained_lo, float), np.asarray(p.trained_hi, float)
+        o = np.argsort(px, kind="stable")
+        ax.plot(px[o], py[o], marker="o", markersize=4, color="tab:orange", label="proxy")
+        o = np.argsort(tx, kind="stable")
+        ax.fill_between(tx[o], lo[o], hi[o], color="tab:blue", alpha=0.18, linewidth=0, label="seed range")
+        ax.plot(tx[o], ty[o], marker="s", markersize=4, color="tab:blue", label="trained (mean over seeds)")
+        if p.expert is not None and np.any(p.expert):
+            e = np.asarray(p.expert, bool)
+            ax.scatter(tx[e], ty[e], marker="D", s=46, facecolor="none", edgecolor="black", zorder=4, label="expert")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel(p.xlabel)
+        ax.set_ylabel("score")
+        ax.set_title(p.title, fontsize=10)
+        ax.grid(alpha=0.3)
+    if axes:
+        axes[0].legend(fontsize=7, loc="best")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return png(fig)
