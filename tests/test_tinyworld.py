@@ -343,6 +343,7 @@ def test_manifest_lists_base_experts_and_trained(world: tuple[World, float]) -> 
     assert doc["name"] == "tinyworld" and doc["kind"] == "lora" and doc["budget"] == SMALL.budget
     assert doc["base"] == {"path": "base"}
     assert doc["experts"] == {d: {"path": f"experts/{d}"} for d in SMALL.domains}
+    assert doc["data"] == "data" and all((w.data_dir(d) / "val.jsonl").is_file() for d in SMALL.domains)
     trained = doc["trained"]
     assert len(trained) == len(paper_2d()) * SMALL.n_seeds
     assert trained[0] == {"mixture": {"general": 1.0 - 0.125, "ocr": 0.125}, "seed": 0,
@@ -357,7 +358,7 @@ def test_world_json_reports_accuracy_and_mixture_effect(world: tuple[World, floa
     w, _ = world
     info = w.info()
     assert info["key"] == SMALL.key() and WorldConfig(**info["config"]) == SMALL
-    assert set(info["timings_seconds"]) == {"data", "processor", "base", "experts", "ground_truth_2d"}
+    assert set(info["timings_seconds"]) == {"data", "validation", "processor", "base", "experts", "ground_truth_2d"}
     acc = info["accuracy"]
     assert set(acc["base"]) == set(SMALL.domains)
     assert all(0.0 <= v <= 1.0 for e in acc["experts"].values() for v in e.values())

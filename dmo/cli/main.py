@@ -77,7 +77,8 @@ def spaces_show(file: Annotated[Path, typer.Argument(help="A search space YAML f
     console.print(table)
     console.print(
         f"experts: {space.experts or '-'}  merge: {space.merge.method}  sampler: {space.sampler.name} "
-        f"({space.sampler.n_trials} trials)  objective: {space.objective.aggregate}  "
+        f"({space.sampler.n_trials} trials)  objective: {space.objective.aggregate}"
+        f"{f' (calibrated: {space.objective.calibrate.method})' if space.objective.calibrate else ''}  "
         f"benchmarks: {', '.join(space.benchmarks) or '-'}"
     )
 
@@ -115,16 +116,24 @@ def study(
     from dmo.session import Session
 
     session = Session.open(space_file, sampler=sampler, experts=experts, backend=backend, limit=limit, tasks=tasks_dir)
+    objective = session.objective(progress=True)  # a calibrated one is fitted (and refused) before the study opens
+    for note in getattr(objective, "notes", []):
+        from rich.markup import escape
+
+        console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if workers > 1:
         from dmo.search.launch import run_workers
-        from dmo.session import scorer_for, study_batch
+        from dmo.session import objective_for, scorer_for, study_batch
 
         result = run_workers(
             session.space, session.scorer, workers, n_trials=n_trials, storage=storage, study_name=study_name,
             batch=study_batch(session.scorer, batch), open_scorer=scorer_for,
+            open_objective=objective_for if objective is not None else None,
         )  # fmt: skip
     else:
-        result = session.run_study(n_trials=n_trials, storage=storage, study_name=study_name, batch=batch)
+        result = session.run_study(
+            n_trials=n_trials, storage=storage, study_name=study_name, batch=batch, objective=objective
+        )
     print_study_result(console, session, result)
 
 
@@ -136,12 +145,24 @@ def correlate(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the permutations.")] = 0,
     n_perm: Annotated[int, typer.Option(help="Permutations for the p-values (exact if n! <= this).", min=1)] = 1000,
     top_k: Annotated[int, typer.Option(help="k of the top-k overlap.", min=1)] = 3,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibration of the calibrated rho: regression, isotonic, hybrid or residual (default: the one "
+            "benchmarks/proxy_fidelity.py chose, DEFAULT_CALIBRATION in dmo/calibration.py)."
+        ),
+    ] = None,
 ) -> None:
     """Rank correlation of proxy scores with trained-mixture scores, per benchmark, with baselines."""
     from dmo.analysis.correlate import correlate as run
     from dmo.analysis.tables import render_correlation
+    from dmo.calibration import DEFAULT_CALIBRATION, check_score_calibration
 
-    table = run(_results_frame(results), n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k)
+    check_score_calibration(calibration or DEFAULT_CALIBRATION)
+    table = run(
+        _results_frame(results), n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k,
+        calibration=calibration or DEFAULT_CALIBRATION,
+    )  # fmt: skip
     render_correlation(console, table, fmt)
 
 
@@ -169,6 +190,35 @@ def compare(
     from dmo.analysis.tables import render_compare
 
     render_compare(console, run(_results_frame(results), benchmark=benchmark, include_all=all_mixtures), fmt)
+
+
+@app.command()
+def suggest(
+    results: Annotated[Path, typer.Argument(help="A results folder (results/<space>) or its scores.jsonl.")],
+    k: Annotated[int, typer.Option("--k", help="How many mixtures to suggest.", min=1)] = 3,
+    space_file: Annotated[
+        Path | None,
+        typer.Option("--space", help="Choose among this space's candidates (and use its benchmarks and objective)."),
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="Proxy method (default: linear, or the only one).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples behind the uncertainty.", min=0)] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """The mixtures whose training would tell most about the best mixture (expected improvement)."""
+    from dmo.analysis.suggest import render_suggestion
+    from dmo.analysis.suggest import suggest as run
+
+    kwargs = {}
+    if space_file is not None:
+        from dmo.config import load_space
+
+        sp = load_space(space_file)
+        kwargs = {"domains": sp.domains, "candidates": sp.candidates(), "objective": sp.objective}
+        if sp.benchmarks:
+            kwargs["benchmarks"] = sp.benchmarks
+    s = run(_results_frame(results), k, method=method, n_boot=n_boot, seed=seed, **kwargs)
+    render_suggestion(console, s, fmt)
 
 
 @app.command()
