@@ -173,11 +173,38 @@ class MergeSpec(_Strict):
     paper_rounding: bool = False
 
 
+class CalibrateSpec(_Strict):
+    """``objective: {calibrate: {method: isotonic}}``: the study maximises the trained score a calibration predicts
+    from the proxy's scores, fitted on the space's trained mixtures and its experts (dmo/calibration.py)."""
+
+    #: empty: dmo.calibration.DEFAULT_CALIBRATION, written out on loading (so the space's hash names the method)
+    method: str = Field(default="", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"method": value} if isinstance(value, str) else value
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from dmo.calibration import DEFAULT_CALIBRATION, check_score_calibration
+
+        v = v or DEFAULT_CALIBRATION
+        try:
+            check_score_calibration(v)
+        except DmoError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
 class ObjectiveSpec(_Strict):
     """How per-benchmark scores become the one number the search maximises."""
 
     aggregate: Literal["mean", "min", "weighted"] = "mean"
     weights: dict[str, float] = {}
+    #: Calibrate the proxy's scores before aggregating them (None: the proxy's own scores, as before).
+    calibrate: CalibrateSpec | None = None
 
     @model_validator(mode="before")
     @classmethod

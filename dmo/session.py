@@ -7,10 +7,13 @@ A :class:`Session` holds one space, its expert manifest, the scorer and the resu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dmo.config import ExpertManifest, SearchSpace, load_manifest, load_space, parse_space
 from dmo.errors import DmoError
@@ -20,7 +23,7 @@ from dmo.progress import progress_bar
 from dmo.results import ResultsTable
 from dmo.scoring.base import Scorer, Target, make_scorer, score_targets
 from dmo.search.study import StudyResult, study_paths
-from dmo.search.trials import run_study
+from dmo.search.trials import ScoreObjective, proxy_target, run_study
 from dmo.sources import is_source_name, resolve_source
 
 
@@ -92,14 +95,14 @@ class Session:
         """The base, the space's experts, and every trained model of a mixture in the space."""
         out = [Target("base")]
         out += [Target("expert", domain=d) for d in self.space.domains]
-        for mixture, seed, _ in self.manifest.trained_mixtures():
-            extra = [d for d, w in mixture.as_dict().items() if w > 0 and d not in self.space.domains]
-            if not extra:
-                m = Mixture.from_mapping(
-                    {d: w for d, w in mixture.as_dict().items() if d in self.space.domains}, self.space.domains
-                )
-                out.append(Target("trained", mixture=m, seed=seed))
-        return out
+        return out + trained_targets(self.space, self.manifest)[0]
+
+    def objective(self, progress: bool = False) -> ScoreObjective | None:
+        """What the space's study maximises: None for the space's aggregate of the proxy's scores, else the
+        calibrated objective (:func:`calibrated_objective`), fitted now."""
+        if self.space.objective.calibrate is None:
+            return None
+        return calibrated_objective(self.space, self.manifest, self.scorer, self.table, progress=progress)
 
     def score(self, targets: list[Target], description: str, progress: bool = True) -> None:
         """Score targets through the cache, with a progress bar; a failure is recorded, not fatal."""
@@ -120,11 +123,199 @@ class Session:
         study_name: str | None = None,
         progress: bool = True,
         batch: int | None = None,
+        objective: ScoreObjective | None = None,
     ) -> StudyResult:
+        """Run the space's study; ``objective``: one fitted by :meth:`objective` already (else fitted here)."""
         paths = study_paths(self.space, storage, study_name)
         return run_study(
-            self.space, self.scorer, paths, n_trials=n_trials, progress=progress, batch=study_batch(self.scorer, batch)
+            self.space, self.scorer, paths, n_trials=n_trials, progress=progress, batch=study_batch(self.scorer, batch),
+            objective=objective or self.objective(),
+        )  # fmt: skip
+
+
+def trained_targets(space: SearchSpace, manifest: ExpertManifest) -> tuple[list[Target], list[str]]:
+    """The manifest's trained models of mixtures in the space, and the ids of those trained on other domains."""
+    kept, other = [], []
+    for mixture, seed, _ in manifest.trained_mixtures():
+        weights = mixture.as_dict()
+        if any(w > 0 and d not in space.domains for d, w in weights.items()):
+            other.append(mixture.id)
+            continue
+        m = Mixture.from_mapping({d: w for d, w in weights.items() if d in space.domains}, space.domains)
+        kept.append(Target("trained", mixture=m, seed=seed))
+    return kept, other
+
+
+@dataclass
+class CalibratedObjective:
+    """A trial's objective under ``objective: {calibrate: ...}``: the space's aggregate of the trained scores that the
+    calibration predicts from the mixture and its proxy's scores, fitted on the points below (the experts at the
+    vertices, where the proxy is the expert, then every trained mixture of the space, mean over seeds)."""
+
+    space: SearchSpace
+    method: str
+    weights: np.ndarray  # (points, K)
+    proxy: np.ndarray  # (points, B)
+    truth: np.ndarray  # (points, B)
+    n_trained: int  # trained mixtures inside the simplex among the points
+    notes: list[str] = field(default_factory=list)
+
+    def predict(self, mixture: Mixture, scores: dict[str, float]) -> dict[str, float]:
+        """Predicted trained score per benchmark."""
+        from dmo.calibration import calibrated_predict
+
+        benches = self.space.benchmarks
+        w = np.array([[mixture[d] for d in self.space.domains]])
+        p = np.array([[scores[b] for b in benches]])
+        pred = calibrated_predict(self.method, self.weights, self.proxy, self.truth, w, p)[0]
+        return {b: float(v) for b, v in zip(benches, pred)}
+
+    def __call__(self, mixture: Mixture, scores: dict[str, float]) -> float:
+        return float(self.space.objective(self.predict(mixture, scores)))
+
+
+def calibrated_objective(
+    space: SearchSpace, manifest: ExpertManifest, scorer: Scorer, table: ResultsTable, progress: bool = False
+) -> CalibratedObjective:
+    """The calibrated objective of ``space`` (``objective.calibrate``), fitted on its ground truth.
+
+    Scores, through the cache, the experts, the manifest's trained models of mixtures in the space and the proxies
+    (the space's merge method) of the trained mixtures; then reads every trained score of the space's results table
+    (also those ingested from lmms-eval output). Deterministic in the table, so every worker of a study rebuilds the
+    same one. Refuses, in one line, a space with no trained mixture, or fewer than the method needs.
+    """
+    from dmo.calibration import check_trained
+
+    assert space.objective.calibrate is not None
+    method = space.objective.calibrate.method
+    domains, benches, group = list(space.domains), list(space.benchmarks), space.name or ""
+    where = f"space {space.name!r}: objective.calibrate {method}"
+    if not benches:
+        raise DmoError(f"search space {space.name!r} lists no benchmarks: add 'benchmarks: [...]' to it")
+    kept, other = trained_targets(space, manifest)
+    experts = [Target("expert", domain=d) for d in domains]
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("ground truth for the calibration", total=len(experts) + len(kept))
+        found = score_targets(scorer, table, experts, benches, group=group)
+        bar.advance(task, len(experts))
+        for t, (_, errors) in zip(experts, found):
+            if errors:
+                b, e = next(iter(errors.items()))
+                raise DmoError(f"{where}: expert {t.domain!r} has no score on {b!r} ({e}); the calibration needs it")
+        trained_errors = _score_trained(scorer, table, kept, benches, group)
+        bar.advance(task, len(kept))
+    expert_scores = np.array([[s[b] for b in benches] for s, _ in found])
+
+    truth, foreign = _trained_scores(table, domains, benches)
+    notes = []
+    if trained_errors:  # like any reference that fails: the others still count
+        notes.append(
+            f"{where}: {len(trained_errors)} trained model(s) of the manifest could not be scored and are left out; "
+            f"first: {trained_errors[0]}"
         )
+    foreign_ids = sorted({*other, *foreign})
+    if foreign_ids:
+        notes.append(
+            f"{where}: ignored {len(foreign_ids)} trained mixture(s) over other domains than {domains}: "
+            + ", ".join(foreign_ids[:5])
+            + (", ..." if len(foreign_ids) > 5 else "")
+        )
+    if not truth:
+        why = f" (the {len(foreign_ids)} found are over other domains)" if foreign_ids else ""
+        raise DmoError(
+            f"space {space.name!r} has no trained mixtures{why}: train some (dmo train mixtures, or dmo ingest their "
+            "scores) or drop objective.calibrate"
+        )
+    vertex = {tuple(np.eye(len(domains))[i]): i for i in range(len(domains))}
+    inside = [m for m in truth if tuple(m.weights) not in vertex]
+    try:
+        check_trained(method, len(inside))
+    except DmoError as exc:
+        raise DmoError(f"space {space.name!r}: objective.calibrate: {exc}") from None
+    make = proxy_target(space)
+    proxies = score_targets(scorer, table, [make(m) for m in inside], benches, group=group)
+    for m, (_, errors) in zip(inside, proxies):
+        if errors:
+            b, e = next(iter(errors.items()))
+            raise DmoError(f"{where}: the proxy of trained mixture {m.id} has no score on {b!r} ({e})")
+    # a trained model at a vertex is one more point there, whose proxy is the expert
+    at_vertex = [m for m in truth if tuple(m.weights) in vertex]
+    points = [*inside, *at_vertex]
+    proxy = [[s[b] for b in benches] for s, _ in proxies] + [
+        list(expert_scores[vertex[tuple(m.weights)]]) for m in at_vertex
+    ]
+    return CalibratedObjective(
+        space,
+        method,
+        weights=np.vstack([np.eye(len(domains)), np.array([m.weights for m in points]).reshape(-1, len(domains))]),
+        proxy=np.vstack([expert_scores, np.array(proxy).reshape(-1, len(benches))]),
+        truth=np.vstack([expert_scores, np.array([truth[m] for m in points]).reshape(-1, len(benches))]),
+        n_trained=len(inside),
+        notes=notes,
+    )
+
+
+def _score_trained(
+    scorer: Scorer, table: ResultsTable, targets: list[Target], benches: list[str], group: str
+) -> list[str]:
+    """Score the manifest's trained models through the cache; what went wrong with each one that failed."""
+    try:
+        results = score_targets(scorer, table, targets, benches, group=group)
+    except DmoError:  # a backend that refuses a target (replay: not recorded): one by one, to keep the others
+        results = []
+        for t in targets:
+            try:
+                results.append(score_targets(scorer, table, [t], benches, group=group)[0])
+            except DmoError as exc:
+                results.append(({}, {"": str(exc)}))
+    return [
+        f"{t.label} seed {t.seed}: {next(iter(errors.values()))}" for t, (_, errors) in zip(targets, results) if errors
+    ]
+
+
+def _trained_scores(
+    table: ResultsTable, domains: list[str], benches: list[str]
+) -> tuple[dict[Mixture, list[float]], list[str]]:
+    """Trained score per benchmark of every mixture over ``domains`` in the table with all of ``benches`` (the
+    newest row per seed, then the mean over seeds), and the ids of trained mixtures over other domains."""
+    mixtures: dict[str, Mixture] = {}
+    newest: dict[tuple[str, Any], dict[str, float]] = {}
+    foreign: set[str] = set()
+    for rec in table.records():
+        score = rec.get("score")
+        if rec.get("kind") != "trained" or rec.get("status", "ok") != "ok" or rec.get("benchmark") not in benches:
+            continue
+        if not isinstance(score, (int, float)) or not math.isfinite(score):
+            continue
+        weights = {d: float(w) for d, w in (rec.get("weights") or {}).items()}
+        try:
+            if any(w > 0 and d not in domains for d, w in weights.items()):
+                raise DmoError("other domains")
+            m = mixtures.get(str(rec.get("mixture"))) or Mixture.from_mapping(
+                {d: weights.get(d, 0.0) for d in domains}, domains
+            )
+        except DmoError:
+            foreign.add(str(rec.get("mixture")))
+            continue
+        mixtures[m.id] = m
+        newest.setdefault((m.id, rec.get("seed")), {})[str(rec["benchmark"])] = float(score)  # file order: newest wins
+    per_mixture: dict[str, list[list[float]]] = {}
+    for (mid, _), scores in newest.items():
+        if all(b in scores for b in benches):
+            per_mixture.setdefault(mid, []).append([scores[b] for b in benches])
+    # sorted, so that the fit (and so every worker's objective) does not depend on the table's row order
+    mean = {mixtures[mid]: list(np.mean(v, axis=0)) for mid, v in sorted(per_mixture.items())}
+    return mean, sorted(foreign)
+
+
+def objective_for(space: SearchSpace, scorer: Scorer) -> ScoreObjective | None:
+    """The study objective of a space (what each worker process of :func:`dmo.search.launch.run_workers` builds):
+    None for the space's aggregate, else its calibrated objective, from the space's results table."""
+    if space.objective.calibrate is None:
+        return None
+    assert space.name is not None
+    manifest, _ = resolve_experts(space)
+    return calibrated_objective(space, manifest, scorer, ResultsTable(SpaceFolder.for_space(space.name).scores))
 
 
 def study_batch(scorer: Scorer, batch: int | None) -> int:

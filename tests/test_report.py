@@ -92,6 +92,7 @@ def test_every_format_carries_the_new_columns(table):
         "benchmark",
         "n",
         "proxy rho [95% CI]",
+        "calibrated rho [95% CI]",
         "p",
         "tau",
         "r",

@@ -145,8 +145,10 @@ def test_two_domain_report_without_study_or_trained_rows(tmp_path):
     ResultsTable(tmp_path / "scores.jsonl").append(rows)
     text = build_report(tmp_path, n_boot=10)
     pngs = _pngs(text)
-    assert len(pngs) == 1  # the scatter; a 2-domain space has no ternary map
-    _check_png(pngs[0])
+    # the scatter and the one edge (a 2-domain space is its edge); a 2-domain space has no ternary map
+    assert len(pngs) == 2
+    for blob in pngs:
+        _check_png(blob)
 
 
 def test_cli_report_writes_where_asked(tmp_path):
@@ -159,7 +161,7 @@ def test_cli_report_writes_where_asked(tmp_path):
     res = CliRunner().invoke(app, ["report", str(tmp_path / "res"), "--output", str(out), "--n-boot", "20"])
     assert res.exit_code == 0, res.output
     assert out.is_file() and str(out) in res.output.replace("\n", "")
-    assert len(_pngs(out.read_text())) == 1
+    assert len(_pngs(out.read_text())) == 2  # the scatter and the edge a-b
     res = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
     assert "no results table" in str(res.exception)
 
@@ -173,3 +175,56 @@ def test_unreadable_study_storage_is_reported_not_fatal(tmp_path):
     (tmp_path / "bad.db").write_text("not a database")
     path = write_results_report(tmp_path, storage=f"sqlite:///{tmp_path / 'bad.db'}", n_boot=10)
     assert "cannot read the studies in" in path.read_text()
+
+
+def _edge_table(folder, edges):
+    """3 domains, proxies on the 4-lattice, experts, and trained mixtures (two seeds) on the given edges only,
+    plus one interior trained mixture (on no edge)."""
+    doms = ["a", "b", "c"]
+    rows = []
+    for bench in ("x", "y"):
+        for d in doms:
+            rows.append(ScoreRow("expert", d, bench, 0.5 + 0.1 * doms.index(d)))
+        for m in lattice(doms, 4):
+            rows.append(ScoreRow("proxy", m.id, bench, m["a"] - 0.2 * m["c"], weights=m.as_dict(), group="g3",
+                                 method="linear"))  # fmt: skip
+            support = {d for d in doms if m[d] > 0}
+            if (len(support) == 2 and tuple(sorted(support)) in edges) or len(support) == 3:
+                for seed in (0, 1):
+                    rows.append(ScoreRow("trained", m.id, bench, m["a"] + 0.01 * seed, weights=m.as_dict(),
+                                         seed=seed))  # fmt: skip
+    ResultsTable(folder / "scores.jsonl").append(rows)
+    return folder
+
+
+def test_edges_section_plots_each_edge_with_trained_mixtures(tmp_path, monkeypatch):
+    import dmo.analysis.plots
+
+    seen = []
+    real = dmo.analysis.plots.edges_png
+
+    def spy(panels, cols, suptitle=""):
+        seen.append([(p.title, p.proxy_x.tolist(), p.trained_x.tolist(), p.trained_lo.tolist(),
+                      p.trained_hi.tolist()) for p in panels])  # fmt: skip
+        return real(panels, cols, suptitle)
+
+    monkeypatch.setattr(dmo.analysis.plots, "edges_png", spy)
+    text = build_report(_edge_table(tmp_path, {("a", "b"), ("b", "c")}), n_boot=10, n_perm=10)
+    assert "Proxy and trained score along the simplex edges" in text
+    titles = re.findall(r'alt="([^"]+)"', text)
+    assert titles.count("Along the simplex edges: g3 / linear") == 1
+    blob = _pngs(text)[titles.index("Along the simplex edges: g3 / linear")]
+    _check_png(blob)
+    (panels,) = seen
+    # two edges with trained mixtures (a-c has none) x two benchmarks
+    assert [t for t, *_ in panels] == [f"{e}: {b} (3 trained)" for e in ("a - b", "b - c") for b in ("x", "y")]
+    _title, px, tx, lo, hi = panels[0]
+    # the edge's 3 lattice points inside, then the experts at both ends (x = weight of b)
+    assert sorted(tx) == [0.0, 0.25, 0.5, 0.75, 1.0] and sorted(px) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [top - bottom for bottom, top in zip(lo, hi)][:3] == pytest.approx([0.01] * 3)  # the seed range
+
+
+def test_no_edges_section_without_trained_mixtures_on_an_edge(tmp_path):
+    text = build_report(_edge_table(tmp_path, set()), n_boot=10, n_perm=10)  # only an interior trained mixture
+    assert "along the simplex edges" not in text
+    assert not any(t.startswith("Along the simplex edges") for t in re.findall(r'alt="([^"]+)"', text))

@@ -2,6 +2,7 @@
 
 Contents: the correlation table (with its baselines), per proxy group a scatter of proxy against trained
 score per benchmark (rho in each title), for 3-domain spaces ternary heat maps of proxy and trained scores,
+per proxy group the proxy and trained score of each benchmark along every simplex edge with trained mixtures on it,
 for each Optuna study (given as a table of its trials) its optimisation history and the weights of its best trials,
 and the per-mixture comparison table. Written atomically: a crash never leaves half a report.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +167,96 @@ def _ternary_section(ok: pd.DataFrame) -> list[Figure]:
     return figures
 
 
+#: a weight counts as zero below this (mixture ids round weights to 4 digits)
+_ZERO = 1e-9
+
+
+def _edge_points(frame: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """The rows of ``frame`` on the edge between domains a and b: both weights positive, every other weight 0."""
+    cols = [c for c in frame.columns if c.startswith("w_")]
+    if f"w_{a}" not in cols or f"w_{b}" not in cols:
+        return frame.iloc[:0]
+    w = frame[cols].astype(float).fillna(0.0)
+    others = [c for c in cols if c not in (f"w_{a}", f"w_{b}")]
+    on = (w[f"w_{a}"] > _ZERO) & (w[f"w_{b}"] > _ZERO)
+    if others:
+        on &= w[others].abs().max(axis=1) <= _ZERO
+    return frame[on]
+
+
+def _vertex_rows(frame: pd.DataFrame, d: str) -> pd.DataFrame:
+    """The rows of ``frame`` at the pure mixture of domain d."""
+    cols = [c for c in frame.columns if c.startswith("w_")]
+    if f"w_{d}" not in cols:
+        return frame.iloc[:0]
+    w = frame[cols].astype(float).fillna(0.0)
+    return frame[(w[f"w_{d}"] - 1).abs().le(1e-6) & (w.sum(axis=1) - 1).abs().le(1e-6)]
+
+
+def _edges_section(ok: pd.DataFrame) -> list[Figure]:
+    """Per proxy group, each edge of the simplex with trained mixtures on it: per benchmark the proxy and the
+    trained score against the weight, the experts at the ends. Forgetting shows here: a proxy that falls towards
+    one end faster than the trained models do is an expert that forgets the other domain when merged."""
+    from dmo.analysis.plots import EdgePanel, edges_png
+
+    trained = ok[ok["kind"] == "trained"]
+    if trained.empty:
+        return []
+    trained = trained.assign(seed=trained["seed"].astype("Int64").fillna(-1))
+    experts = ok[ok["kind"] == "expert"].groupby(["mixture", "benchmark"])["score"].mean()
+    figures = []
+    for (group, method), part in ok[ok["kind"] == "proxy"].groupby(["group", "method"], sort=True):
+        domains = _domains_of(part)
+        benches = sorted(set(part["benchmark"]) & set(trained["benchmark"]))
+        panels, n_edges = [], 0
+        for a, b in itertools.combinations(domains, 2):
+            tr_edge = _edge_points(trained[trained["benchmark"].isin(benches)], a, b)
+            if tr_edge.empty:  # the experts alone are no curve: only edges with trained mixtures on them
+                continue
+            n_edges += 1
+            px_edge = _edge_points(part, a, b)
+            for bench in benches:
+                t = tr_edge[tr_edge["benchmark"] == bench]
+                per_seed = t.groupby(["mixture", "seed"])["score"].mean().unstack("seed")
+                wt = t.drop_duplicates("mixture").set_index("mixture")[f"w_{b}"].astype(float)
+                tx, ty = list(wt.loc[per_seed.index]), list(per_seed.mean(axis=1))
+                lo, hi = list(per_seed.min(axis=1)), list(per_seed.max(axis=1))
+                is_exp = [False] * len(tx)
+                p = px_edge[px_edge["benchmark"] == bench]
+                pm = p.groupby("mixture")["score"].mean()
+                wp = p.drop_duplicates("mixture").set_index("mixture")[f"w_{b}"].astype(float)
+                px, py = list(wp.loc[pm.index]), list(pm)
+                for d, x in ((a, 0.0), (b, 1.0)):
+                    e = experts.get((d, bench))
+                    if e is not None:  # an expert is the model trained on its domain alone: the edge's end
+                        tx, ty, lo, hi, is_exp = [*tx, x], [*ty, e], [*lo, e], [*hi, e], [*is_exp, True]
+                    v = _vertex_rows(part[part["benchmark"] == bench], d)
+                    if not v.empty:
+                        px, py = [*px, x], [*py, float(v["score"].mean())]
+                    elif e is not None and method in ("linear", "task_arithmetic", "weight_average"):
+                        # a linear merge of one expert with weight 1 is that expert: its proxy score is the expert's
+                        px, py = [*px, x], [*py, e]
+                panels.append(
+                    EdgePanel(
+                        f"{a} - {b}: {bench} ({len(per_seed)} trained)",
+                        np.array(px), np.array(py), np.array(tx), np.array(ty), np.array(lo), np.array(hi),
+                        xlabel=f"weight of {b} (0 = {a}, 1 = {b})", expert=np.array(is_exp),
+                    )
+                )  # fmt: skip
+        if panels:
+            figures.append(
+                Figure(
+                    f"Along the simplex edges: {group} / {method}",
+                    edges_png(panels, cols=len(benches), suptitle=f"{group} / {method}"),
+                    f"{n_edges} edge{'s' if n_edges != 1 else ''} with trained mixtures, one row each, one panel per "
+                    "benchmark: the proxy (orange) and the trained models (blue: mean over seeds, band: seed range) "
+                    "against the weight of the edge's second domain; diamonds: the experts at the ends. Where the "
+                    "proxy falls off faster than training towards one end, merging forgets what training keeps.",
+                )
+            )
+    return figures
+
+
 def _study_section(history: pd.DataFrame) -> list[str | Figure]:
     """Per study: optimisation history, weights of the best trials, ternary of the trials, best-trials table."""
     from dmo.analysis.plots import TernaryPanel, history_png, ternary_png, weights_png
@@ -295,6 +387,9 @@ def build_report(
     ternary = _ternary_section(ok)
     if ternary:
         sections.append(Section("Three-domain spaces on the simplex", list(ternary)))
+    edges = _edges_section(ok)
+    if edges:
+        sections.append(Section("Proxy and trained score along the simplex edges", list(edges)))
 
     if studies_note:
         sections.append(Section("Studies", [f'<p class="note">{html.escape(studies_note)}</p>']))

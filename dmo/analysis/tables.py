@@ -12,6 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from dmo.analysis.compare import COLUMNS
+from dmo.calibration import DEFAULT_CALIBRATION
 from dmo.errors import DmoError
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -48,6 +49,7 @@ def correlation_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         "benchmark",
         "n",
         "proxy rho [95% CI]",
+        "calibrated rho [95% CI]",
         "p",
         "tau",
         "r",
@@ -66,6 +68,12 @@ def correlation_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                 r.benchmark,
                 str(r.n),
                 _ci(r.spearman, r.spearman_lo, r.spearman_hi),
+                # older tables (CSV/JSON read back) have no calibrated columns
+                _ci(
+                    getattr(r, "calibrated_spearman", math.nan),
+                    getattr(r, "calibrated_lo", math.nan),
+                    getattr(r, "calibrated_hi", math.nan),
+                ),
                 _p(getattr(r, "spearman_p", math.nan)),
                 _f(r.kendall),
                 _f(r.pearson),
@@ -86,8 +94,11 @@ def correlation_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 LEGEND = (
     "p = two-sided permutation p-value of the proxy's rho; r = Pearson; top-k = share of the trained top k in the "
     "proxy's top k; expert-mix = sum_i w_i * score(expert_i), a free baseline; regression = ridge on the weights "
-    "fitted on the other trained mixtures (RegMix-style, leave-one-out); seed rho = agreement of two training "
-    "seeds (the ceiling); regret@1 = best trained score minus that of the proxy's top mixture."
+    "fitted on the other trained mixtures (RegMix-style, leave-one-out); calibrated = mean score only: the proxy's "
+    f"scores mapped to trained ones by a calibration ({DEFAULT_CALIBRATION} unless told otherwise; the CSV's "
+    "'calibration' column) fitted on the experts and the other trained mixtures (leave-one-out), what a study with "
+    "'objective: {calibrate: ...}' optimises; seed rho = agreement of two training seeds (the ceiling); regret@1 = "
+    "best trained score minus that of the proxy's top mixture."
 )
 
 
@@ -134,11 +145,13 @@ def render_correlation(console: Console, table: pd.DataFrame, fmt: str = "table"
 #: Shorter headers for the terminal, where width is scarce.
 _SHORT = {
     "proxy rho [95% CI]": "proxy rho",
+    "calibrated rho [95% CI]": "calibrated",
     "expert-mix rho [95% CI]": "expert-mix",
     "regression rho [95% CI]": "regression",
 }
 _SHORTER = {
     "proxy rho [95% CI]": "proxy",
+    "calibrated rho [95% CI]": "calib",
     "expert-mix rho [95% CI]": "exp-mix",
     "regression rho [95% CI]": "regress",
     "seed rho": "seed",

@@ -13,6 +13,7 @@ _EXPORTS = {
     "run_study": "dmo.search.trials",
     "preflight": "dmo.search.trials",
     "proxy_target": "dmo.search.trials",
+    "ScoreObjective": "dmo.search.trials",
     "run_workers": "dmo.search.launch",
     "open_study": "dmo.search.study",
     "study_paths": "dmo.search.study",

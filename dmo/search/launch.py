@@ -33,7 +33,7 @@ from dmo.progress import progress_bar
 from dmo.scoring.base import Scorer
 from dmo.search.storage import Heartbeat
 from dmo.search.study import StudyResult, open_study, study_paths, summarize, worker_index_from_env
-from dmo.search.trials import preflight, proxy_target, run_study
+from dmo.search.trials import ScoreObjective, preflight, proxy_target, run_study
 
 __all__ = ["WorkerSpec", "run_workers"]
 
@@ -52,6 +52,9 @@ class WorkerSpec:
     #: builds the worker's own scorer from the space; a module-level function, pickled by name
     open_scorer: Callable[[SearchSpace], Scorer]
     batch: int = 1
+    #: builds the trials' objective from the space and the worker's scorer (None: the space's aggregate); a
+    #: module-level function, pickled by name, that rebuilds the parent's objective from the same inputs
+    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective] | None = None
 
 
 @dataclass
@@ -85,12 +88,15 @@ def run_workers(
     console: Console | None = None,
     batch: int = 1,
     open_scorer: Callable[[SearchSpace], Scorer] | None = None,
+    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective] | None = None,
 ) -> StudyResult:
     """Run the space's study in ``n_workers`` local processes; returns the study's summary.
 
     ``scorer`` is used here only to check the inputs before any process starts; every worker builds its own with
     ``open_scorer`` (default: :func:`dmo.session.scorer_for`), a module-level function so that it can be pickled.
     ``batch``: trials each worker runs at once (see :func:`dmo.search.trials.run_study`).
+    ``open_objective``: builds the trials' objective (e.g. :func:`dmo.session.objective_for`); it runs here once
+    first, so that a bad input stops the study before any worker starts, and again in every worker.
     """
     if open_scorer is None:
         raise DmoError("run_workers needs open_scorer: a module-level function that builds a scorer for the space")
@@ -99,10 +105,19 @@ def run_workers(
     console = console or Console(stderr=True)
     paths = study_paths(space, storage, study_name)
     preflight(space, scorer, proxy_target(space))
+    if open_objective is not None:
+        open_objective(space, scorer)
     hb = Heartbeat.from_env()
     study = open_study(space, paths, heartbeat=hb)  # creates the study and enqueues a grid, once, here
     spec = WorkerSpec(
-        space, paths.storage, paths.study_name, n_trials, str(results_dir().resolve()), open_scorer, batch
+        space,
+        paths.storage,
+        paths.study_name,
+        n_trials,
+        str(results_dir().resolve()),
+        open_scorer,
+        batch,
+        open_objective,
     )
     # Under a scheduler that already numbers this process (DMO_WORKER_INDEX, e.g. one SLURM task running
     # --workers 4), number the workers after it, so that no two workers anywhere share a sampler seed.
@@ -186,10 +201,12 @@ def worker_main(spec: WorkerSpec, index: int, messages: Any) -> None:
     err = Console(stderr=True)
     try:
         scorer = spec.open_scorer(spec.space)
+        objective = spec.open_objective(spec.space, scorer) if spec.open_objective is not None else None
         paths = study_paths(spec.space, spec.storage, spec.study_name, root=Path(spec.results))
         result = run_study(
-            spec.space, scorer, paths, n_trials=spec.n_trials, progress=False, worker_index=index, batch=spec.batch
-        )
+            spec.space, scorer, paths, n_trials=spec.n_trials, progress=False, worker_index=index, batch=spec.batch,
+            objective=objective,
+        )  # fmt: skip
         messages.put(("done", index, result.evaluated, ""))
     except DmoError as exc:
         messages.put(("error", index, 0, str(exc)))

@@ -59,6 +59,7 @@ from dmo.search.storage import Heartbeat, make_storage, redact, storage_errors
 
 __all__ = [
     "MIXTURE_ATTR",
+    "PROXY_VALUE_ATTR",
     "StudyPaths",
     "StudyResult",
     "enqueue_candidates",
@@ -80,6 +81,8 @@ SURPLUS_ATTR = "dmo_surplus"
 ABORTED_ATTR = "dmo_aborted"
 #: Trial user attribute: the trial waited for another worker that was scoring the same proxy.
 CLAIM_WAIT_ATTR = "dmo_waited_for_claim"
+#: Trial user attribute: the space's plain aggregate of the proxy's scores, where the objective is calibrated.
+PROXY_VALUE_ATTR = "dmo_proxy_value"
 #: Study user attributes: the creator sets ``dmo_init`` first and ``dmo_ready`` once the grid is enqueued.
 INIT_ATTR = "dmo_init"
 READY_ATTR = "dmo_ready"
@@ -90,6 +93,8 @@ log = logging.getLogger("dmo.study")
 def space_hash(space: SearchSpace) -> str:
     """What a study's results depend on; the sampler and the trial count may change between runs."""
     relevant = space.model_dump(mode="json", exclude={"sampler", "name"})
+    if relevant["objective"].get("calibrate") is None:  # spaces from before calibration keep their studies
+        relevant["objective"].pop("calibrate", None)
     relevant["candidates"] = [m.id for m in space.candidates()]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

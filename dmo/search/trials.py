@@ -36,6 +36,7 @@ from dmo.search.study import (
     ABORTED_ATTR,
     CLAIM_WAIT_ATTR,
     MIXTURE_ATTR,
+    PROXY_VALUE_ATTR,
     SURPLUS_ATTR,
     WORKER_ATTR,
     StudyPaths,
@@ -45,7 +46,11 @@ from dmo.search.study import (
     trial_mixture,
 )
 
-__all__ = ["preflight", "proxy_target", "run_study", "worker_name"]
+__all__ = ["ScoreObjective", "preflight", "proxy_target", "run_study", "worker_name"]
+
+#: What a trial maximises, from its mixture and its proxy's scores per benchmark (default: the space's aggregate of
+#: the scores; a calibrated objective, :func:`dmo.session.calibrated_objective`, also reads the mixture).
+ScoreObjective = Callable[[Mixture, dict[str, float]], float]
 
 log = logging.getLogger("dmo.study")
 
@@ -144,11 +149,14 @@ def run_study(
     worker_index: int | None = None,
     heartbeat: Heartbeat | None = None,
     batch: int = 1,
+    objective: ScoreObjective | None = None,
 ) -> StudyResult:
     """Run (or resume, or join) the space's study until it holds ``n_trials`` finished trials.
 
     For a grid, until every candidate has run. Safe to run in any number of processes at once on one storage.
     ``batch``: trials this process runs at once, their targets scored in one backend call (:mod:`dmo.search.batcher`).
+    ``objective``: what a trial maximises (default: ``space.objective`` of the proxy's scores); every process on
+    one study must use the same one.
     """
     if batch < 1:
         raise DmoError(f"--batch must be at least 1, got {batch}")
@@ -156,7 +164,9 @@ def run_study(
     make_target = make_proxy or proxy_target(space)
     preflight(space, scorer, make_target)
     study = open_study(space, paths, worker_index=worker_index, heartbeat=hb, threads=batch > 1)
-    worker = _TrialLoop(study, space, scorer, paths, n_trials or space.sampler.n_trials, make_target, hb, batch)
+    worker = _TrialLoop(
+        study, space, scorer, paths, n_trials or space.sampler.n_trials, make_target, hb, batch, objective
+    )
     with storage_errors(paths.storage):
         worker.run(progress)
     return summarize(study, worker.evaluated)
@@ -175,8 +185,10 @@ class _TrialLoop:
         make_target: Callable[[Mixture], Target],
         hb: Heartbeat,
         batch: int = 1,
+        objective: ScoreObjective | None = None,
     ) -> None:
         self.study, self.space, self.scorer, self.paths = study, space, scorer, paths
+        self.value = objective
         self.batch = batch
         self.batcher = (
             Batcher(scorer, paths.table, space.benchmarks, space.name or "", self._count) if batch > 1 else None
@@ -330,7 +342,11 @@ class _TrialLoop:
             if errors:
                 trial.set_user_attr("errors", errors)
                 raise optuna.TrialPruned(f"benchmarks failed: {', '.join(sorted(errors))}")
-            value = self.space.objective(scores)
+            if self.value is None:
+                value = self.space.objective(scores)
+            else:  # calibrated: the proxy's own aggregate stays on the trial, for comparison
+                trial.set_user_attr(PROXY_VALUE_ATTR, self.space.objective(scores))
+                value = self.value(mixture, scores)
             if not math.isfinite(value):
                 raise DmoError(f"mixture {mixture.id} scored {scores}: the objective is {value}, not a finite number")
             return value
