@@ -131,11 +131,12 @@ def options(quick: bool) -> list[Option]:
         if name != "weight_average":  # weighted weight_average == linear here (weights sum to 1)
             out.append(Option(name, name))
         paper = PAPER_PARAMS.get(name, {})
+        label = name + SEP + "paper"
         if name == "weight_average":
-            paper = {"weighted": False}
+            # the paper's weight_average is weighted (== linear here); its unweighted switch is the plain mean
+            paper, label = {"weighted": False}, name + SEP + "unweighted"
         if paper:
             params = tuple(sorted(spec.check_params(paper).items()))
-            label = name + SEP + "paper"
             out.append(Option(label, name, params, support_only=dict(params).get("weighted") is False))
     return out
 
