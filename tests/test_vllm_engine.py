@@ -290,7 +290,8 @@ def test_a_batched_grid_study_scores_like_one_at_a_time_and_fills_the_engine(
 ) -> None:
     """``--batch 4``: four adapter proxies generated in one engine call; every trial's value as with ``--batch 1``."""
     from dmo.config import parse_space
-    from dmo.search.study import run_study, study_paths
+    from dmo.search.study import study_paths
+    from dmo.search.trials import run_study
 
     space = parse_space({
         "name": "batched", "domains": list(DOMAINS), "experts": str(world.root / "experts.yaml"),
@@ -324,7 +325,8 @@ def test_a_study_runs_for_every_registered_merge_method(world: SimpleNamespace, 
     from dmo.config import parse_space
     from dmo.errors import DmoError
     from dmo.merge.registry import method_names
-    from dmo.search.study import run_study, study_paths
+    from dmo.search.study import study_paths
+    from dmo.search.trials import run_study
 
     outcomes = {}
     for method in method_names():
