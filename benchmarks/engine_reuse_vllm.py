@@ -28,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dmo.config import load_manifest, parse_space
+from dmo.config import parse_space
+from dmo.manifest import load_manifest
 from dmo.mixture import Mixture
 from dmo.scoring.base import Target, make_scorer, score_targets
 from dmo.scoring.tasks import write_tiny_tasks

@@ -189,7 +189,7 @@ def load_space_def(name: str, world: Any) -> Space:
 def manifest_for(world: Any, spaces: Sequence[Space], fisher: dict[str, Path] | None) -> Any:
     """The world's manifest in memory, with every trained mixture of ``spaces`` (also those the background build
     has trained but not yet listed) and, when given, Fisher files kept outside the world's cache."""
-    from dmo.config import ExpertManifest, ExpertRef, ModelRef, TrainedRef
+    from dmo.manifest import ExpertManifest, ExpertRef, ModelRef, TrainedRef
 
     experts = {
         d: ExpertRef(path=world.expert_dir(d), fisher=(fisher or {}).get(d)) for d in world.config.domains

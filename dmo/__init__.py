@@ -10,12 +10,12 @@ from dmo._lazy import lazy_exports
 
 _EXPORTS = {
     "DmoError": "dmo.errors",
-    "ExpertManifest": "dmo.config",
+    "ExpertManifest": "dmo.manifest",
     "Mixture": "dmo.mixture",
     "ResultsTable": "dmo.results",
     "SearchSpace": "dmo.config",
     "Session": "dmo.session",
-    "load_manifest": "dmo.config",
+    "load_manifest": "dmo.manifest",
     "load_space": "dmo.config",
 }
 __all__ = sorted(_EXPORTS)

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from dmo.config import ExpertManifest, SearchSpace, load_manifest, load_space, parse_space
+from dmo.config import SearchSpace, load_space, parse_space
 from dmo.errors import DmoError
+from dmo.manifest import ExpertManifest, load_manifest
 from dmo.mixture import Mixture
 from dmo.paths import SpaceFolder
 from dmo.progress import progress_bar

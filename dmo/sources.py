@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from dmo.plugins import PluginRegistry
 
 if TYPE_CHECKING:
-    from dmo.config import ExpertManifest, SearchSpace
+    from dmo.config import SearchSpace
+    from dmo.manifest import ExpertManifest
 
 __all__ = ["SOURCES", "ExpertSet", "is_source_name", "resolve_source"]
 

@@ -511,7 +511,7 @@ def test_experts_of_different_bases_with_equal_shapes_are_refused(pristine):
 
 def test_remote_code_is_off_by_default_and_never_enabled_silently(tmp_path, monkeypatch):
     """The manifest defaults to ``trust_remote_code: false``; the model loader passes False and local-only."""
-    from dmo.config import ExpertManifest
+    from dmo.manifest import ExpertManifest
     from dmo.scoring import lmms_model
 
     manifest = ExpertManifest.model_validate({"name": "m", "base": "./b", "experts": {"a": "./a"}})
@@ -536,7 +536,8 @@ def test_remote_code_is_off_by_default_and_never_enabled_silently(tmp_path, monk
 
 @pytest.mark.parametrize("what", ["study name", "space name", "manifest name", "domain name"])
 def test_names_that_become_paths_are_sanitised(what, tmp_path):
-    from dmo.config import load_manifest, parse_space
+    from dmo.config import parse_space
+    from dmo.manifest import load_manifest
     from dmo.search.study import study_paths
 
     space = parse_space({"name": "s", "domains": ["a", "b"], "mixtures": [{"a": 1}], "benchmarks": ["x"]})

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmo.config import load_manifest, load_space, parse_space
+from dmo.config import load_space, parse_space
 from dmo.errors import DmoError
+from dmo.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

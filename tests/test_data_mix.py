@@ -11,16 +11,8 @@ import pytest
 from PIL import Image
 
 from dmo.errors import DmoError
-from dmo.groundtruth.data_mix import (
-    SHAREGPT_ENTRY,
-    DataFolder,
-    draw,
-    mix,
-    mixture_name,
-    paper_name,
-    read_name,
-    read_pool,
-)
+from dmo.groundtruth.data_mix import SHAREGPT_ENTRY, DataFolder, draw, mix, mixture_name, paper_name, read_name
+from dmo.groundtruth.pools import read_pool
 from dmo.mixture import Mixture, from_paper_name
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from dmo.cli import app
-from dmo.config import load_manifest
 from dmo.groundtruth.data_mix import domain_order
+from dmo.manifest import load_manifest
 from dmo.merge.fisher import fisher, fisher_norms
 from dmo.merge.registry import method_names
 from dmo.tinyworld.config import WorldConfig

@@ -25,8 +25,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dmo.cli import app
-from dmo.config import ExpertManifest, load_manifest
 from dmo.errors import DmoError
+from dmo.manifest import ExpertManifest, load_manifest
 from dmo.merge.experts import ParamFilter
 from dmo.merge.families import FAMILIES, family_of
 from dmo.merge.stream import merge_checkpoints

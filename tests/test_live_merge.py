@@ -135,7 +135,7 @@ def test_written_model_answers_like_the_merged_checkpoint(lora_world: dict, tmp_
 def test_hf_backend_proxies_equal_the_streaming_merge(lora_world: dict, tmp_path: Path, method: str, params: dict):
     """The hf backend's in-memory delta for every merge method = ``dmo merge`` of the same proxy."""
     pytest.importorskip("lmms_eval")
-    from dmo.config import ExpertManifest
+    from dmo.manifest import ExpertManifest
     from dmo.mixture import Mixture
     from dmo.scoring.base import Target
     from dmo.scoring.hf_backend import HFScorer

@@ -14,7 +14,6 @@ import yaml
 from PIL import Image
 from test_data_mix import make_sources, rows_of
 
-from dmo.config import load_manifest
 from dmo.errors import DmoError
 from dmo.groundtruth.data_mix import DataFolder
 from dmo.groundtruth.llamafactory import plan_runs, train_runs, validate
@@ -22,6 +21,7 @@ from dmo.groundtruth.recipe import LORA_DEFAULTS, PAPER_DEFAULTS, Recipe, parse_
 from dmo.groundtruth.register import register
 from dmo.groundtruth.runs import RunFolder
 from dmo.groundtruth.slurm import write_slurm
+from dmo.manifest import load_manifest
 from dmo.mixture import Mixture
 
 MIX = Mixture(("general", "ocr"), (0.25, 0.75))

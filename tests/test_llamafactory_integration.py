@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from dmo.config import load_manifest
+from dmo.manifest import load_manifest
 from dmo.merge.lora import concat_adapter, expert_delta, load_lora, lora_delta, write_adapter
 
 ROOT = Path(__file__).resolve().parent.parent

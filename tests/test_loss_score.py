@@ -22,8 +22,8 @@ import torch
 import yaml
 from PIL import Image
 
-from dmo.config import load_manifest
 from dmo.errors import DmoError
+from dmo.manifest import load_manifest
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
 from dmo.scoring.base import Target, make_scorer, score_targets

@@ -688,7 +688,7 @@ def test_manifest_paper_rounding_and_zero_weights(tmp_path: Path) -> None:
     manifest.write_text(
         "name: tiny\nkind: full\nbudget: 7\nbase: ./base\nexperts: {general: ./e0, ocr: ./e1, chart: ./e2}\n"
     )
-    from dmo.config import load_manifest
+    from dmo.manifest import load_manifest
 
     loaded = load_manifest(manifest)
     # round(w * 7) / 7: 0.3 -> 2/7, 0.65 -> 5/7 (sum 1), 0.05 -> 0 (dropped); no renormalisation

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dmo.config import ExpertManifest, load_manifest
+from dmo.manifest import ExpertManifest, load_manifest
 from dmo.merge.stream import merge_checkpoints
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable

@@ -314,7 +314,8 @@ def train_experts(
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
 ) -> None:
     """Train one expert per domain (budget samples of that domain each) and register them in a manifest."""
-    from dmo.groundtruth.data_mix import DataFolder, discover_domains
+    from dmo.groundtruth.data_mix import DataFolder
+    from dmo.groundtruth.pools import discover_domains
 
     if domains:
         doms = [d.strip() for d in domains.split(",") if d.strip()]
@@ -435,7 +436,8 @@ def ingest_command(
     candidates: list = []
     manifest_budget = None
     if space is not None:
-        from dmo.config import load_manifest, load_space
+        from dmo.config import load_space
+        from dmo.manifest import load_manifest
         from dmo.sources import is_source_name
 
         sp = load_space(space)
@@ -443,7 +445,7 @@ def ingest_command(
         if manifest is None and sp.experts and not is_source_name(sp.experts) and Path(sp.experts).is_file():
             manifest_budget = load_manifest(sp.experts, check_paths=False).budget
     if manifest is not None:
-        from dmo.config import load_manifest
+        from dmo.manifest import load_manifest
 
         m = load_manifest(manifest, check_paths=False)
         doms, manifest_budget = m.domains, m.budget

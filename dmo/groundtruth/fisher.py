@@ -66,7 +66,8 @@ def record_in_manifest(
     ``(False, lines)`` gives the entries to paste under ``experts:``.
     """
     from dmo.atomic import write_text
-    from dmo.config import read_yaml, set_expert_field
+    from dmo.configfile import read_yaml
+    from dmo.manifest import set_expert_field
 
     manifest_file = Path(manifest_file)
     root = manifest_file.parent.resolve()
@@ -95,7 +96,7 @@ def record_in_manifest(
 
 def chat_messages(row: Mapping[str, Any], multimodal: bool) -> list[dict[str, Any]]:
     """A :mod:`dmo.groundtruth.data_mix` row (sharegpt ``messages``, ``<image>`` placeholders) in chat format."""
-    from dmo.groundtruth.data_mix import IMAGE_PLACEHOLDER
+    from dmo.groundtruth.pools import IMAGE_PLACEHOLDER
 
     out = []
     for m in row["messages"]:
@@ -279,7 +280,8 @@ def load_base(base: Path, device: Any, dtype: Any, trust_remote_code: bool = Fal
 
 def sample_rows(data: str | os.PathLike[str], domain: str, samples: int, seed: int) -> tuple[list[dict], Path]:
     """The first ``samples`` rows of ``domain``'s data in :func:`~dmo.groundtruth.data_mix.domain_order` (or all)."""
-    from dmo.groundtruth.data_mix import domain_order, find_sources, read_pool
+    from dmo.groundtruth.data_mix import domain_order
+    from dmo.groundtruth.pools import find_sources, read_pool
 
     source = find_sources(Path(data), [domain])[domain]
     pool = read_pool(source, domain)
@@ -409,7 +411,7 @@ def compute_fisher(
     An expert whose Fisher file exists is kept unless ``overwrite``. Nothing is written to the manifest here:
     :func:`record_in_manifest` does that.
     """
-    from dmo.config import load_manifest
+    from dmo.manifest import load_manifest
     from dmo.merge.live import ExpertBank
     from dmo.merge.stream import parse_dtype, resolve_device
 

@@ -16,9 +16,7 @@ import yaml
 
 from dmo.atomic import file_lock, write_text
 from dmo.errors import DmoError
-from dmo.groundtruth.data_mix import (
-    MixRecord,
-)
+from dmo.groundtruth.data_mix import MixRecord
 from dmo.groundtruth.recipe import LORA_FILES, PLAN, Recipe
 from dmo.paths import safe_name
 

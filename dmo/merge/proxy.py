@@ -227,7 +227,7 @@ def merge_manifest(
     progress: Progress | None = None,
 ) -> MergeStats | AdapterStats:
     """Merge an expert manifest's experts for a mixture (``"general=0.25,ocr=0.75"`` or a mapping) into ``out``."""
-    from dmo.config import ExpertManifest, load_manifest
+    from dmo.manifest import ExpertManifest, load_manifest
     from dmo.merge.inputs import method_inputs
 
     manifest_file = None

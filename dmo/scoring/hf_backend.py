@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.manifest import ExpertManifest
 from dmo.merge.dense import applied_delta
 from dmo.merge.inputs import fisher_paths, inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, adapter_to, check_same_base, expert_delta, fingerprint, load_lora, lora_delta

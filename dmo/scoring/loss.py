@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.manifest import ExpertManifest
 from dmo.mixture import check_domain_name
 
 PREFIX = "loss:"
@@ -73,7 +73,7 @@ def loss_of(score: float) -> float:
 
 def validation_file(manifest: ExpertManifest, domain: str) -> Path:
     """The validation split of ``domain`` named by the manifest; a one-line DmoError saying what to add if none."""
-    from dmo.groundtruth.data_mix import find_val_sources
+    from dmo.groundtruth.pools import find_val_sources
 
     bench = f"{PREFIX}{domain}"
     if manifest.data is None:
@@ -110,7 +110,7 @@ class ValidationLoss:
     def rows(self, domain: str) -> list[dict[str, Any]]:
         """The split's rows as sharegpt ``messages`` + absolute ``images`` (read and checked by data_mix)."""
         if domain not in self._rows:
-            from dmo.groundtruth.data_mix import VAL_ROWS, read_pool
+            from dmo.groundtruth.pools import VAL_ROWS, read_pool
 
             rows = read_pool(validation_file(self.manifest, domain), domain).rows
             self._rows[domain] = rows[: min(VAL_ROWS, self.limit or VAL_ROWS)]

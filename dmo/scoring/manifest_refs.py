@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.manifest import ExpertManifest
 from dmo.mixture import Mixture
 from dmo.scoring.base import Target
 

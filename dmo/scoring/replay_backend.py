@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.manifest import ExpertManifest
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
 from dmo.scoring.base import Evaluation, Scorer, Target

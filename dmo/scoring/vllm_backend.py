@@ -26,8 +26,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from dmo.config import ExpertManifest
 from dmo.errors import DmoError
+from dmo.manifest import ExpertManifest
 from dmo.merge.experts import expert_kind
 from dmo.merge.families import check_family
 from dmo.merge.inputs import inputs_id, method_inputs

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dmo.config import SearchSpace, load_manifest
+from dmo.config import SearchSpace
+from dmo.manifest import load_manifest
 from dmo.sources import ExpertSet
 from dmo.tinyworld.config import WorldConfig
 
