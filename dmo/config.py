@@ -147,22 +147,8 @@ class SamplerSpec(Strict):
         return {"name": value} if isinstance(value, str) else value
 
 
-class VLLMOptions(Strict):
-    """The vllm backend's engine: LoRA serving of exact linear proxies, weight writes for the rest."""
-
-    lora: bool | None = Field(
-        default=None,
-        description="serve linear/RobustMerge proxies of LoRA experts as adapters (default: on a GPU, not on a CPU)",
-    )
-    max_lora_rank: int | None = Field(default=None, description="default: the smallest vLLM rank >= sum of ranks")
-    max_loras: int = Field(default=4, gt=0, description="adapters (proxies) in flight together")
-    gpu_memory_utilization: float | None = Field(
-        default=None, gt=0, le=1, description="default: 0.85 of a GPU; on a CPU a fixed 1 GiB KV cache instead"
-    )
-    max_model_len: int | None = Field(default=None, gt=0)
-    dtype: str = "auto"
-    store: Literal["device", "host"] = Field(default="device", description="where the expert bank lives")
-    engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM keyword arguments")
+#: Keys of the scoring section that belong to one backend or another (see ScoringSpec._backend_only).
+_BACKEND_KEYS = {"table", "nearest", "vllm"}
 
 
 class ScoringSpec(Strict):
@@ -181,12 +167,13 @@ class ScoringSpec(Strict):
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=64, gt=0)
     device: str = "auto"
-    #: ``replay`` backend only: the recorded results table to answer from, and whether the nearest recorded
-    #: mixture may answer for one that was not recorded (dmo/scoring/replay_backend.py).
+    #: Backend-specific keys; each backend's options model in its registry entry (dmo/scoring/backends.py) says which
+    #: are its own, and :meth:`backend_options` validates them with it. ``replay``: the recorded results table to
+    #: answer from, and whether the nearest recorded mixture may answer for one that was not recorded.
     table: str | None = None
     nearest: bool = False
-    #: ``vllm`` backend only: its engine options (dmo/scoring/vllm_backend.py, ``VLLMOptions``).
-    vllm: VLLMOptions | None = None
+    #: ``vllm``: its engine options (``dmo.scoring.backends.VLLMOptions``).
+    vllm: dict[str, Any] | None = None
     #: Folders of one's own lmms-eval task YAMLs, put on lmms-eval's include path (relative paths start from the space
     #: file's folder); earlier folders win over later ones and over lmms-eval's built-in tasks of the same name.
     tasks: list[Path] = []
@@ -215,19 +202,39 @@ class ScoringSpec(Strict):
 
     @model_validator(mode="after")
     def _backend_only(self) -> ScoringSpec:
-        if self.backend != "replay" and (self.table is not None or self.nearest):
-            raise ValueError("'table' and 'nearest' are options of the replay backend only (backend: replay)")
-        if self.backend != "vllm" and self.vllm is not None:
-            raise ValueError("'vllm' options apply to the vllm backend only (backend: vllm)")
+        from dmo.scoring.base import backend, scorer_names
+
+        if self.backend not in scorer_names():
+            return self  # an unknown backend was refused above; a stale install is said when the backend is made
+        own = set(backend(self.backend).options.model_fields)
+        for key in sorted(self._given() - own):
+            owners = [n for n in scorer_names() if key in backend(n).options.model_fields]
+            raise ValueError(f"'{key}' is an option of the {' or '.join(owners)} backend only (backend: {owners[0]})")
+        try:
+            self.backend_options()
+        except DmoError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
+    def _given(self) -> set[str]:
+        """The backend-specific keys this section sets (a value other than the default: a dumped and re-read
+        section writes every key out)."""
+        return {k for k in _BACKEND_KEYS if getattr(self, k) != type(self).model_fields[k].default}
+
     def backend_options(self) -> dict[str, Any]:
-        """Keyword arguments for the backend's factory besides the common ones."""
-        if self.backend == "replay":
-            return {"table": self.table, "nearest": self.nearest}
-        if self.backend == "vllm":
-            return (self.vllm or VLLMOptions()).model_dump()
-        return {}
+        """Keyword arguments for the backend's factory besides the common ones, checked by its options model."""
+        from pydantic import ValidationError
+
+        from dmo.scoring.base import backend
+
+        model = backend(self.backend).options
+        given = {k: getattr(self, k) for k in model.model_fields if k in self._given()}
+        try:
+            return model.model_validate(given).to_kwargs()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise DmoError(f"{where}: {err['msg']}") from None
 
 
 class SearchSpace(Strict):

@@ -113,3 +113,25 @@ def test_invalid_yaml_is_reported_with_line(tmp_path):
     f.write_text("domains: [general, ocr\nmixtures: x\n")
     with pytest.raises(DmoError, match=r"s\.yaml: line \d+: not valid YAML"):
         load_space(f)
+
+
+def test_backend_options_come_from_the_registered_backend() -> None:
+    """Each backend's own keys are checked by the options model of its registry entry, not by a list in config."""
+    from dmo.scoring.base import backend, scorer_names
+
+    assert {"hf", "replay", "vllm"} <= set(scorer_names())
+    base = {"name": "s", "domains": ["a", "b"], "mixtures": [{"a": 0.5, "b": 0.5}]}
+    replay = parse_space({**base, "scoring": {"backend": "replay", "table": "t.jsonl", "nearest": True}})
+    assert replay.scoring.backend_options() == {"table": "t.jsonl", "nearest": True}
+    vllm = parse_space({**base, "scoring": {"backend": "vllm", "vllm": {"max_loras": 2}}})
+    opts = vllm.scoring.backend_options()
+    assert opts["max_loras"] == 2 and set(opts) == set(
+        backend("vllm").options.model_fields["vllm"].annotation.__args__[0].model_fields
+    )
+    assert parse_space(vllm.model_dump()).scoring.backend_options() == opts  # a dumped space reads back the same
+    with pytest.raises(DmoError, match=r"'table' is an option of the replay backend only"):
+        parse_space({**base, "scoring": {"backend": "hf", "table": "t.jsonl"}})
+    with pytest.raises(DmoError, match=r"vllm\.max_loras: Input should be greater than 0"):
+        parse_space({**base, "scoring": {"backend": "vllm", "vllm": {"max_loras": 0}}})
+    with pytest.raises(DmoError, match=r"unknown scoring backend 'nope': choose one of hf, replay, vllm"):
+        parse_space({**base, "scoring": {"backend": "nope"}})

@@ -97,9 +97,15 @@ def scorer_names() -> list[str]:
     return SCORERS.names()
 
 
+def backend(name: str) -> Any:
+    """The registry entry of a backend (:class:`dmo.scoring.backends.Backend`: its factory and options model)."""
+    return SCORERS.get(name)
+
+
 def make_scorer(name: str, **kwargs: Any) -> Scorer:
+    entry = backend(name)
     try:
-        factory = SCORERS.get(name)
+        factory = entry.load() if hasattr(entry, "load") else entry  # in-process registrations give the class
     except ModuleNotFoundError as exc:
         raise DmoError(f"scoring backend {name!r} needs {exc.name!r}: pip install 'dmo[{name}]'") from None
     return factory(**kwargs)
