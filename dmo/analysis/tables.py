@@ -108,17 +108,23 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_correlation(console: Console, table: pd.DataFrame, fmt: str = "table") -> None:
+def _printed_as_data(console: Console, frame: pd.DataFrame, fmt: str) -> bool:
+    """Print ``frame`` as CSV or JSON (or say it is empty); False when a table is still to be drawn."""
     if fmt not in FORMATS:
         raise DmoError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "csv":
-        console.print(table.to_csv(index=False), end="", highlight=False, soft_wrap=True)
-        return
-    if fmt == "json":
-        console.print(table.to_json(orient="records", indent=2), highlight=False, soft_wrap=True)
-        return
-    if table.empty:
+        console.print(frame.to_csv(index=False), end="", highlight=False, soft_wrap=True)
+    elif fmt == "json":
+        console.print(frame.to_json(orient="records", indent=2), highlight=False, soft_wrap=True)
+    elif frame.empty:
         console.print("no mixture has both a proxy score and a trained score yet")
+    else:
+        return False
+    return True
+
+
+def render_correlation(console: Console, table: pd.DataFrame, fmt: str = "table") -> None:
+    if _printed_as_data(console, table, fmt):
         return
     head, rows = correlation_rows(table)
     if fmt == "markdown":
@@ -211,16 +217,7 @@ def compare_rows(frame: pd.DataFrame) -> list[list[str]]:
 
 def render_compare(console: Console, frame: pd.DataFrame, fmt: str = "table") -> None:
     """Proxy vs trained per mixture: one rich table per (group, method, benchmark), or one flat table."""
-    if fmt not in FORMATS:
-        raise DmoError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if fmt == "csv":
-        console.print(frame.to_csv(index=False), end="", highlight=False, soft_wrap=True)
-        return
-    if fmt == "json":
-        console.print(frame.to_json(orient="records", indent=2), highlight=False, soft_wrap=True)
-        return
-    if frame.empty:
-        console.print("no mixture has both a proxy score and a trained score yet")
+    if _printed_as_data(console, frame, fmt):
         return
     if fmt == "markdown":
         console.print(markdown_table(COMPARE_HEAD, compare_rows(frame)), highlight=False, soft_wrap=True)
