@@ -82,6 +82,23 @@ def include_paths(include_path: IncludePath) -> list[Path]:
     return folders
 
 
+def check_benchmarks(
+    benchmarks: Sequence[str], metric_map: dict[str, Any] | None, include_path: IncludePath, loss: Any
+) -> None:
+    """Refuse, before a study opens, what no backend can score: a validation split missing for a ``loss:``
+    benchmark (``loss`` is the backend's :class:`~dmo.scoring.loss.ValidationLoss`), a benchmark with no metric in
+    the map, or a task lmms-eval does not know."""
+    from dmo.scoring.loss import split_benchmarks
+    from dmo.scoring.metrics import metric_spec
+
+    tasks, _ = split_benchmarks(benchmarks)
+    loss.check(benchmarks)
+    for b in tasks:
+        metric_spec(b, metric_map)
+    if tasks:
+        task_manager_for(tasks, include_path)
+
+
 def task_manager_for(benchmarks: Sequence[str], include_path: IncludePath) -> Any:
     """A TaskManager that knows every benchmark, indexing the built-in tasks only when needed.
 

@@ -231,18 +231,12 @@ class VLLMScorer(Scorer):
 
     def check(self, benchmarks: Sequence[str]) -> None:
         """Fail before a study opens: unusable experts, unknown benchmarks, an adapter rank vLLM cannot serve."""
-        from dmo.scoring.evaluate import task_manager_for
-        from dmo.scoring.metrics import metric_spec
+        from dmo.scoring.evaluate import check_benchmarks
 
         require_vllm()
         self._lora_experts  # noqa: B018 - loads and validates every LoRA expert
         self._engine_kwargs()  # refuses an adapter rank over max_lora_rank
-        tasks, _ = split_benchmarks(benchmarks)
-        self.loss.check(benchmarks)
-        for b in tasks:
-            metric_spec(b, self.metric_map)
-        if tasks:
-            task_manager_for(tasks, self.include_path)
+        check_benchmarks(benchmarks, self.metric_map, self.include_path, self.loss)
 
     def benchmark_settings(self, benchmark: str) -> dict[str, Any]:
         return self.loss.cache_settings(benchmark)
