@@ -7,6 +7,7 @@ A :class:`Session` holds one space, its expert manifest, the scorer and the resu
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -173,6 +174,14 @@ class CalibratedObjective:
 
     def __call__(self, mixture: Mixture, scores: dict[str, float]) -> float:
         return float(self.space.objective(self.predict(mixture, scores)))
+
+    @property
+    def fit_id(self) -> str:
+        """The method and every point it was fitted on (rounded past float noise): new ground truth, new id."""
+        h = hashlib.sha256(self.method.encode())
+        for a in (self.weights, self.proxy, self.truth):
+            h.update(np.round(np.asarray(a, dtype=np.float64), 9).tobytes())
+        return h.hexdigest()[:16]
 
 
 def calibrated_objective(

@@ -31,7 +31,7 @@ from dmo.mixture import Mixture, lattice
 from dmo.results import ResultsTable, ScoreRow
 from dmo.search.launch import WorkerSpec
 from dmo.search.storage import make_storage
-from dmo.search.study import MIXTURE_ATTR, PROXY_VALUE_ATTR, space_hash, study_paths
+from dmo.search.study import FIT_ATTR, MIXTURE_ATTR, PROXY_VALUE_ATTR, space_hash, study_paths
 from dmo.session import Session, objective_for, scorer_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -374,3 +374,31 @@ def test_workers_rebuild_the_same_calibrated_objective(world: Path) -> None:
         m = next(c for c in session.space.candidates() if c.id == t.user_attrs[MIXTURE_ATTR])
         assert t.value == objective(m, {b: t.user_attrs[f"score:{b}"] for b in BENCHMARKS})
     assert study.best_trial.user_attrs[MIXTURE_ATTR] == mix((0.5, 0.5, 0)).id
+
+
+def test_a_resumed_study_on_changed_ground_truth_says_its_old_values_are_stale(
+    world: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """New trained mixtures refit the objective; trials valued under the old fit are flagged, not silently mixed."""
+    path = write_space(world, world / "recorded.jsonl", calibrate="{method: residual}")
+    space = load_space(path).model_copy(
+        update={"sampler": load_space(path).sampler.model_copy(update={"name": "random", "n_trials": 3})}
+    )
+    session = Session.open(path, space=space)
+    first = session.objective()
+    session.run_study(progress=False, objective=first, study_name="again")
+    study = optuna.load_study(study_name="again", storage=make_storage(study_paths(space, None, "again").storage))
+    fits = {t.user_attrs[FIT_ATTR] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert fits == {first.fit_id}
+    with caplog.at_level("WARNING", logger="dmo.study"):
+        session.run_study(n_trials=4, progress=False, objective=session.objective(), study_name="again")
+    assert "valued by a calibration" not in caplog.text  # same ground truth, same fit: nothing to say
+    m = mix((0.25, 0.25, 0.5))
+    session.table.append(
+        [ScoreRow("trained", m.id, b, s, weights=m.as_dict(), seed=0) for b, s in zip(BENCHMARKS, truth_scores(m))]
+    )
+    refit = session.objective()
+    assert refit.fit_id != first.fit_id
+    with caplog.at_level("WARNING", logger="dmo.study"):
+        session.run_study(n_trials=5, progress=False, objective=refit, study_name="again")
+    assert "4 earlier trial(s) were valued by a calibration fitted on other ground truth" in caplog.text

@@ -59,6 +59,7 @@ from dmo.search.storage import Heartbeat, make_storage, redact, storage_errors
 
 __all__ = [
     "MIXTURE_ATTR",
+    "FIT_ATTR",
     "PROXY_VALUE_ATTR",
     "StudyPaths",
     "StudyResult",
@@ -85,6 +86,8 @@ CLAIM_WAIT_ATTR = "dmo_waited_for_claim"
 PROXY_VALUE_ATTR = "dmo_proxy_value"
 #: Study user attributes: the creator sets ``dmo_init`` first and ``dmo_ready`` once the grid is enqueued.
 INIT_ATTR = "dmo_init"
+#: Trial user attribute: what the calibrated objective that valued the trial was fitted on.
+FIT_ATTR = "dmo_objective_fit"
 READY_ATTR = "dmo_ready"
 
 log = logging.getLogger("dmo.study")

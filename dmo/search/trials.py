@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -35,6 +35,7 @@ from dmo.search.storage import MAX_RETRY, Heartbeat, storage_errors
 from dmo.search.study import (
     ABORTED_ATTR,
     CLAIM_WAIT_ATTR,
+    FIT_ATTR,
     MIXTURE_ATTR,
     PROXY_VALUE_ATTR,
     SURPLUS_ATTR,
@@ -48,9 +49,16 @@ from dmo.search.study import (
 
 __all__ = ["ScoreObjective", "preflight", "proxy_target", "run_study", "worker_name"]
 
-#: What a trial maximises, from its mixture and its proxy's scores per benchmark (default: the space's aggregate of
-#: the scores; a calibrated objective, :func:`dmo.session.calibrated_objective`, also reads the mixture).
-ScoreObjective = Callable[[Mixture, dict[str, float]], float]
+
+class ScoreObjective(Protocol):
+    """What a trial maximises, from its mixture and its proxy's scores per benchmark (default: the space's aggregate
+    of the scores; a calibrated objective, :func:`dmo.session.calibrated_objective`, also reads the mixture)."""
+
+    #: What the objective was fitted on; trials scored under another fit are not comparable with this one's.
+    fit_id: str
+
+    def __call__(self, mixture: Mixture, scores: dict[str, float]) -> float: ...
+
 
 log = logging.getLogger("dmo.study")
 
@@ -206,6 +214,7 @@ class _TrialLoop:
 
     def run(self, progress: bool) -> None:
         self.fail_stale()
+        self.warn_if_refitted()
         ledger = self.ledger()
         if self.grid:
             todo = ledger.waiting + ledger.running + ledger.pending
@@ -255,6 +264,22 @@ class _TrialLoop:
             log.warning("this worker's trial was failed by another worker (missed heartbeats); it will be retried")
         finally:
             self.quiet.numbers.clear()  # Optuna has logged about this trial by now; numbers repeat across studies
+
+    def warn_if_refitted(self) -> None:
+        """A resumed calibrated study whose ground truth changed (new trained mixtures) keeps its earlier trials'
+        values, fitted on the old ground truth: say so, since the best trial may then be the wrong one."""
+        if self.value is None:
+            return
+        done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        older = [t for t in done if t.user_attrs.get(FIT_ATTR) not in (None, self.value.fit_id)]
+        if older:
+            log.warning(
+                "study %s: %d earlier trial(s) were valued by a calibration fitted on other ground truth (trained "
+                "mixtures changed since); their values are not comparable with new ones: pass a new --study-name "
+                "to search afresh",
+                self.paths.study_name,
+                len(older),
+            )
 
     def fail_stale(self) -> None:
         """Fail (and queue again once) the trials of workers that stopped beating or whose process is gone."""
@@ -346,6 +371,7 @@ class _TrialLoop:
                 value = self.space.objective(scores)
             else:  # calibrated: the proxy's own aggregate stays on the trial, for comparison
                 trial.set_user_attr(PROXY_VALUE_ATTR, self.space.objective(scores))
+                trial.set_user_attr(FIT_ATTR, self.value.fit_id)
                 value = self.value(mixture, scores)
             if not math.isfinite(value):
                 raise DmoError(f"mixture {mixture.id} scored {scores}: the objective is {value}, not a finite number")
