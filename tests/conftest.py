@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import qwen2_config
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +50,36 @@ def replay_space() -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def lora_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny real Qwen2 (saved by transformers) and three PEFT-saved LoRA experts with random non-zero A and B."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(**{k: v for k, v in qwen2_config().items() if k not in ("architectures",)})
+    model = transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(root / "base"))
+    (root / "base" / "tokenizer_config.json").write_text("{}")
+    recipes = {
+        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
+        "b": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
+        "c": dict(r=2, lora_alpha=2, use_rslora=True, target_modules=["q_proj", "o_proj"]),
+    }
+    experts = {}
+    for i, (name, recipe) in enumerate(recipes.items()):
+        pm = peft.get_peft_model(
+            transformers.Qwen2ForCausalLM.from_pretrained(str(root / "base")), peft.LoraConfig(**recipe)
+        )
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if ".lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.save_pretrained(str(root / name), save_embedding_layers=False)
+        experts[name] = root / name
+    return {"root": root, "base": root / "base", "experts": experts, "transformers": transformers, "peft": peft}

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from data_sources import make_sources, rows_of, write_image
 
 from dmo.errors import DmoError
 from dmo.groundtruth.data_mix import SHAREGPT_ENTRY, DataFolder, draw, mix, mixture_name, paper_name, read_name
@@ -16,40 +16,6 @@ from dmo.groundtruth.pools import read_pool
 from dmo.mixture import Mixture, from_paper_name
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _image(path: Path, shade: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (shade, shade, shade)).save(path)
-
-
-def make_sources(root: Path, n_general: int = 12, n_ocr: int = 20) -> Path:
-    """Two domains in two of the accepted formats: dmo rows (general) and sharegpt conversations (ocr)."""
-    data = root / "src"
-    rows = []
-    for i in range(n_general):
-        _image(data / "general" / "images" / f"{i}.png", i)
-        rows.append({"id": f"g{i}", "image": f"images/{i}.png", "question": f"q{i}", "answer": f"a{i}"})
-    (data / "general").mkdir(parents=True, exist_ok=True)
-    (data / "general" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    conv = []
-    for i in range(n_ocr):
-        _image(data / "ocr_images" / f"{i}.png", 100 + i)
-        conv.append(
-            {
-                "conversations": [
-                    {"from": "human", "value": f"<image>read {i}"},
-                    {"from": "gpt", "value": str(i)},
-                ],
-                "images": [f"ocr_images/{i}.png"],
-            }
-        )
-    (data / "ocr.json").write_text(json.dumps(conv))
-    return data
-
-
-def rows_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_paper_names_round_trip():
@@ -142,7 +108,7 @@ def test_interleave_writes_no_data_but_the_config(tmp_path):
 
 
 def test_formats_alpaca_and_sharegpt_messages(tmp_path):
-    _image(tmp_path / "img.png", 5)
+    write_image(tmp_path / "img.png", 5)
     alpaca = tmp_path / "chart.jsonl"
     alpaca.write_text(
         json.dumps({"instruction": "<image>What?", "input": "tell", "output": "x", "images": ["img.png"]}) + "\n"
@@ -188,7 +154,7 @@ def test_formats_alpaca_and_sharegpt_messages(tmp_path):
     ],
 )
 def test_bad_sources_are_refused(tmp_path, row, message):
-    _image(tmp_path / "img.png", 1)
+    write_image(tmp_path / "img.png", 1)
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(DmoError, match=message):

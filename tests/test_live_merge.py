@@ -5,14 +5,13 @@ files per proxy. Both must give the same parameters for every method, on LoRA an
 whose weights were written by the bank must answer like the merged checkpoint loaded fresh.
 """
 
-# ruff: noqa: F811  (lora_world is a fixture imported from test_merge_stream)
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-from test_merge_stream import assert_same_model, load_model, lora_world, make_set, write_model  # noqa: F401
+from checkpoints import assert_same_model, load_model, make_set, write_model
 
 from dmo.errors import DmoError
 from dmo.merge.live import ExpertBank, ModuleWriter, load_into

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from data_sources import make_sources, rows_of
 from PIL import Image
-from test_data_mix import make_sources, rows_of
 
 from dmo.errors import DmoError
 from dmo.groundtruth.data_mix import DataFolder

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge_stream import ParamFilter, assert_same_model, linear_reference, load_model, lora_world, make_set  # noqa: F401
+from checkpoints import assert_same_model, linear_reference, load_model, make_set
 from typer.testing import CliRunner
 
 from dmo.cli import app
+from dmo.merge.experts import ParamFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,7 @@ def test_options_reach_the_merge(manifest: Path) -> None:
     assert result.exit_code != 0 and "name=value" in str(result.exception)
 
 
-def test_adapter_proxy_from_the_command_line(lora_world: dict, tmp_path: Path) -> None:  # noqa: F811
+def test_adapter_proxy_from_the_command_line(lora_world: dict, tmp_path: Path) -> None:
     root = lora_world["root"]
     manifest = tmp_path / "lora.yaml"
     manifest.write_text(

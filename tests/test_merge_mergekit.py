@@ -22,10 +22,10 @@ import torch
 
 pytest.importorskip("mergekit")
 
+from checkpoints import assert_same_model, load_model, make_set
 from mergekit import sparsify as mk_sparsify
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
-from test_merge_stream import assert_same_model, load_model, make_set
 
 from dmo.merge.dare import keep_mask
 from dmo.merge.stream import merge_checkpoints

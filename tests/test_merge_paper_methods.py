@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import assert_same_model, load_model, make_set, write_model
+from references import naive_ties
 from safetensors.torch import save_file
-from test_merge_methods import naive_ties
-from test_merge_stream import ParamFilter, assert_same_model, load_model, make_set, write_model
 from typer.testing import CliRunner
 
 from dmo.errors import DmoError
 from dmo.merge import registry
 from dmo.merge.dare import dare, dare_ties, keep_mask
+from dmo.merge.experts import ParamFilter
 from dmo.merge.fisher import fisher, fisher_nn
 from dmo.merge.live import ExpertBank
 from dmo.merge.spectral import iso, svd
@@ -572,7 +573,7 @@ def test_dmo_merge_runs_each_method_per_tensor(tmp_path: Path, method: str, para
 
 def _dyadic_set(root: Path, seed: int) -> tuple[Path, dict[str, Path]]:
     """Float32 checkpoints on a 1/16 grid (exact deltas) where two experts cancel exactly in places."""
-    from test_merge_stream import qwen2_shapes
+    from checkpoints import qwen2_shapes
 
     g = torch.Generator().manual_seed(seed)
     base = {k: torch.round(torch.randn(s, generator=g) * 8) / 8 for k, s in qwen2_shapes().items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -19,6 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import (
+    assert_nothing_left,
+    assert_same_model,
+    linear_reference,
+    load_model,
+    make_set,
+    one_line,
+    write_model,
+)
 from safetensors.torch import load_file, save_file
 
 from dmo.errors import DmoError
@@ -26,140 +34,6 @@ from dmo.merge import checkpoint as ckpt_mod
 from dmo.merge import registry
 from dmo.merge.experts import PAPER_EXCLUDE, ParamFilter
 from dmo.merge.stream import merge_checkpoints
-
-HIDDEN, INTER, LAYERS, HEADS, KV, VOCAB = 16, 48, 2, 4, 2, 40
-VISUAL = {
-    "visual.patch_embed.proj.weight": (16, 12),
-    "visual.blocks.0.attn.qkv.weight": (48, 16),
-    "visual.merger.mlp.0.weight": (16, 16),
-}
-
-
-def qwen2_config(tied: bool = False) -> dict:
-    return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV, "vocab_size": VOCAB, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": tied, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
-    }  # fmt: skip
-
-
-def qwen2_shapes(visual: bool = False) -> dict[str, tuple[int, ...]]:
-    head = HIDDEN // HEADS
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HEADS * head, HIDDEN), p + "self_attn.q_proj.bias": (HEADS * head,),
-            p + "self_attn.k_proj.weight": (KV * head, HIDDEN), p + "self_attn.k_proj.bias": (KV * head,),
-            p + "self_attn.v_proj.weight": (KV * head, HIDDEN), p + "self_attn.v_proj.bias": (KV * head,),
-            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * head),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTER),
-        }  # fmt: skip
-    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
-    if visual:
-        shapes |= VISUAL
-    return shapes
-
-
-def write_model(folder: Path, tensors: Mapping[str, torch.Tensor], *, shards: int = 1, side_files: bool = True) -> Path:
-    """A model folder as transformers writes it: one file, or ``shards`` files plus the index."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(tensors)
-    if shards == 1:
-        save_file(dict(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        per = math.ceil(len(names) / shards)
-        weight_map = {}
-        for i in range(shards):
-            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: tensors[n] for n in names[i * per : (i + 1) * per]}
-            save_file(part, str(folder / file), metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(part, file)
-        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    if side_files:
-        (folder / "config.json").write_text(json.dumps(qwen2_config()))
-        (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-        (folder / "preprocessor_config.json").write_text(json.dumps({"patch_size": 2}))
-    return folder
-
-
-def make_set(
-    root: Path, dtype: torch.dtype = torch.bfloat16, *, n: int = 3, shards: int = 2, visual: bool = False, seed: int = 0
-) -> tuple[Path, dict[str, Path]]:
-    """A base and ``n`` experts (base + noise in every tensor), all non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = qwen2_shapes(visual)
-    base = {k: (torch.randn(s, generator=g) * 0.5 + 0.1).to(dtype) for k, s in shapes.items()}
-    base_folder = write_model(root / "base", base, shards=shards)
-    experts = {}
-    for i in range(n):
-        tensors = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
-        experts[f"e{i}"] = write_model(root / f"e{i}", tensors, shards=shards)
-    return base_folder, experts
-
-
-def load_model(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= load_file(str(f))
-    return out
-
-
-def assert_same_model(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
-    """Equal up to float32 rounding (fp32), or up to one rounding step of the output dtype (bf16/fp16).
-
-    dmo sums ``c * base + sum w_i theta_i`` where the references sum ``base + sum w_i (theta_i - base)``; in float32
-    they agree to ~1e-7, which rounds to the same bf16 value except at rounding boundaries (one ulp, rarely).
-    """
-    assert set(actual) == set(expected)
-    exact = total = 0
-    for k, e in expected.items():
-        a = actual[k]
-        assert a.dtype == e.dtype and a.shape == e.shape, k
-        if e.dtype == torch.float32:
-            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=k)
-        else:
-            torch.testing.assert_close(a.float(), e.float(), rtol=2**-7, atol=1e-6, msg=k)
-            exact += int((a == e).sum())
-            total += e.numel()
-    assert exact >= 0.97 * total, f"only {exact}/{total} low-precision entries identical"
-
-
-def linear_reference(
-    base: Path, experts: Mapping[str, Path], weights: Mapping[str, float], *, scale: float = 1.0, keep=lambda n: True
-) -> dict[str, torch.Tensor]:
-    b = load_model(base)
-    xs = {e: load_model(p) for e, p in experts.items() if weights.get(e, 0)}
-    out = {}
-    for k, v in b.items():
-        if not keep(k):
-            out[k] = v
-            continue
-        acc = v.float().clone()
-        for e, x in xs.items():
-            acc += scale * weights[e] * (x[k].float() - v.float())
-        out[k] = acc.to(v.dtype)
-    return out
-
-
-def assert_nothing_left(parent: Path, out: Path) -> None:
-    assert not out.exists()
-    leftovers = [p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    assert not leftovers, leftovers
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    message = str(exc.value)
-    assert "\n" not in message and message
-    return message
-
-
-# ------------------------------------------------------------------------------------------------------- linear
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -291,42 +165,6 @@ def test_delta_methods_stream_like_the_registered_function(tmp_path: Path, metho
     extra = lambda k: {"name": k} if spec.takes_name else {}  # noqa: E731
     expected = {k: b[k] + spec.fn(deltas[k].clone(), w, **params, **extra(k)) for k in b}
     assert_same_model(load_model(tmp_path / "out"), expected)
-
-
-# ------------------------------------------------------------------------------------------------ LoRA experts
-
-
-@pytest.fixture(scope="module")
-def lora_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tiny real Qwen2 (saved by transformers) and three PEFT-saved LoRA experts with random non-zero A and B."""
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    root = tmp_path_factory.mktemp("lora")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(**{k: v for k, v in qwen2_config().items() if k not in ("architectures",)})
-    model = transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(str(root / "base"))
-    (root / "base" / "tokenizer_config.json").write_text("{}")
-    recipes = {
-        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
-        "b": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]),
-        "c": dict(r=2, lora_alpha=2, use_rslora=True, target_modules=["q_proj", "o_proj"]),
-    }
-    experts = {}
-    for i, (name, recipe) in enumerate(recipes.items()):
-        pm = peft.get_peft_model(
-            transformers.Qwen2ForCausalLM.from_pretrained(str(root / "base")), peft.LoraConfig(**recipe)
-        )
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if ".lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pm.save_pretrained(str(root / name), save_embedding_layers=False)
-        experts[name] = root / name
-    return {"root": root, "base": root / "base", "experts": experts, "transformers": transformers, "peft": peft}
 
 
 def _lora_reference(
