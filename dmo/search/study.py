@@ -58,8 +58,8 @@ from dmo.search.simplex import from_box, param_names, to_box
 from dmo.search.storage import Heartbeat, make_storage, redact, storage_errors
 
 __all__ = [
-    "MIXTURE_ATTR",
     "FIT_ATTR",
+    "MIXTURE_ATTR",
     "PROXY_VALUE_ATTR",
     "StudyPaths",
     "StudyResult",
