@@ -518,6 +518,32 @@ def test_creator_dying_mid_enqueue_is_taken_over_and_nothing_is_enqueued_twice(w
     assert len(res.study.trials) == len(space.candidates())
 
 
+def test_a_trial_whose_worker_died_before_claiming_it_is_retried(world, monkeypatch, caplog):
+    """A worker killed inside Optuna's ask (trial created, sampled, no heartbeat, no worker name yet) leaves a RUNNING
+    trial no heartbeat check sees; after a grace period another worker fails it, queues it again, and finishes."""
+    monkeypatch.setenv("DMO_RESULTS", str(world / "results"))
+    space = load_space(world / "space.yaml")
+    paths = study_paths(space, storage_url("sqlite", world), "unclaimed")
+    hb = Heartbeat(0.2, 1.0)
+    from dmo.scoring.replay_backend import ReplayScorer
+    from dmo.search.study import open_study
+
+    study = open_study(space, paths, heartbeat=hb)
+    orphan = study.ask()  # what the dead worker left: RUNNING, never claimed
+    assert study.get_trials(deepcopy=False)[0].state == optuna.trial.TrialState.RUNNING
+    time.sleep(1.2)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="dmo.study"):
+        run_study(space, ReplayScorer(space.scoring.table, nearest=True), paths, n_trials=4, progress=False,
+                  heartbeat=hb)  # fmt: skip
+    assert time.monotonic() - t0 < 30
+    trials = optuna.load_study(study_name="unclaimed", storage=make_storage(paths.storage)).get_trials()
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert f"trial {orphan.number}: no worker claimed it" in caplog.text
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4
+    assert any(t.system_attrs.get("failed_trial") == orphan.number for t in trials)  # queued again, once
+
+
 def test_each_worker_gets_its_own_sampler_seed(monkeypatch):
     monkeypatch.delenv("DMO_WORKER_INDEX", raising=False)
     assert [worker_seed(7, i, False) for i in range(3)] == [7, 8, 9]

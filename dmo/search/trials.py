@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as _dt
 import logging
 import math
 import os
@@ -287,15 +288,26 @@ class _TrialLoop:
             optuna.storages.fail_stale_trials(self.study)
         storage = study_storage(self.study)
         callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+        now = _dt.datetime.now()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if _dead_local_pid(t.user_attrs.get(WORKER_ATTR)) is None:
-                continue
+            worker = t.user_attrs.get(WORKER_ATTR)
+            if worker is not None:
+                if _dead_local_pid(worker) is None:
+                    continue
+                why = f"its worker {worker} is gone"
+            else:
+                # A worker killed between creating the trial (Optuna's ask, which also samples) and its first
+                # heartbeat leaves a trial no heartbeat check can see: a trial nobody claimed for a whole grace period.
+                started = t.datetime_start
+                if started is None or abs((now - started).total_seconds()) < self.hb.grace:
+                    continue
+                why = f"no worker claimed it for {self.hb.grace:g} s"
             try:
                 failed = storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL)
             except UpdateFinishedTrialError:
                 continue  # another worker got there first
             if failed:
-                log.warning("trial %d: its worker %s is gone; queueing it again", t.number, t.user_attrs[WORKER_ATTR])
+                log.warning("trial %d: %s; queueing it again", t.number, why)
                 with quiet_experimental():
                     retry = callback or RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
                     retry(self.study, copy.deepcopy(storage.get_trial(trial_id(t))))
