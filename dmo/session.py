@@ -99,7 +99,7 @@ class Session:
         out += [Target("expert", domain=d) for d in self.space.domains]
         return out + trained_targets(self.space, self.manifest)[0]
 
-    def objective(self, progress: bool = False) -> ScoreObjective | None:
+    def objective(self, progress: bool = False) -> CalibratedObjective | None:
         """What the space's study maximises: None for the space's aggregate of the proxy's scores, else the
         calibrated objective (:func:`calibrated_objective`), fitted now."""
         if self.space.objective.calibrate is None:

@@ -117,7 +117,7 @@ def study(
 
     session = Session.open(space_file, sampler=sampler, experts=experts, backend=backend, limit=limit, tasks=tasks_dir)
     objective = session.objective(progress=True)  # a calibrated one is fitted (and refused) before the study opens
-    for note in getattr(objective, "notes", []):
+    for note in objective.notes if objective is not None else []:
         from rich.markup import escape
 
         console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)

@@ -136,16 +136,12 @@ def proxy_target(space: SearchSpace) -> Callable[[Mixture], Target]:
 
 
 def preflight(space: SearchSpace, scorer: Scorer, make_target: Callable[[Mixture], Target]) -> None:
-    """Fail on broken inputs before the study is touched: fingerprinting a proxy reads every expert.
-
-    A scorer may also offer ``check(benchmarks)`` to refuse benchmarks it cannot score.
-    """
+    """Fail on broken inputs before the study is touched: fingerprinting a proxy reads every expert, and the
+    scorer refuses benchmarks it cannot score."""
     if not space.benchmarks:
         raise DmoError(f"search space {space.name!r} lists no benchmarks: add 'benchmarks: [...]' to it")
     scorer.fingerprint(make_target(space.uniform()))
-    check = getattr(scorer, "check", None)
-    if callable(check):
-        check(list(space.benchmarks))
+    scorer.check(list(space.benchmarks))
 
 
 def run_study(
