@@ -95,7 +95,7 @@ def _tiny_hf_models(root: Path) -> None:
         peft = get_peft_model(model, config)
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(seed))
         peft.save_pretrained(folder)
         peft.unload()
         cfg_path = folder / "adapter_config.json"
