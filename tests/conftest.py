@@ -12,8 +12,8 @@ import torch
 from checkpoints import qwen2_config
 
 #: Test files that compare floating-point results against references. ``scripts/test.sh`` runs them a second time on
-#: other kernels (``-m numerical`` under MKL's SSE4.2 path, ATen's non-vectorised one and one thread, in a shuffled
-#: order), so that no tolerance holds for one CPU's kernel path only.
+#: other kernels (``-m numerical`` under MKL's SSE4.2 / compatible path, ATen's non-vectorised one and one thread, in a
+#: shuffled order), so that no tolerance holds for one CPU's kernel path only.
 NUMERICAL = (
     "test_calibrated_objective.py", "test_calibration.py", "test_correlate.py", "test_fisher.py", "test_internvl.py",
     "test_live_merge.py", "test_loss_score.py", "test_merge_cli.py", "test_merge_lora.py", "test_merge_mergekit.py",
