@@ -308,16 +308,45 @@ def test_lazy_exports_are_visible_to_a_type_checker(path: Path) -> None:
     assert exported <= set(typed), f"{path.relative_to(ROOT)}: {sorted(exported - set(typed))} not typed"
 
 
-def _all_names(tree: ast.Module, table: dict[str, str]) -> set[str]:
+def _all_names(tree: ast.Module, table: dict[str, str] | None) -> set[str]:
     """The names of ``__all__``: a literal list, or ``sorted(_EXPORTS)``."""
     value = next(
         node.value
         for node in tree.body
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets))
+        or (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "__all__")
     )
+    assert value is not None
     if ast.unparse(value) == "sorted(_EXPORTS)":
+        assert table is not None, "__all__ = sorted(_EXPORTS) without _EXPORTS"
         return set(table)
     return set(ast.literal_eval(value))
+
+
+def _bound_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level, ``if TYPE_CHECKING:`` imports included."""
+    out: set[str] = set()
+    for node in tree.body:
+        body = node.body if isinstance(node, ast.If) and _is_type_checking(node) else [node]
+        for child in body:
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                out |= {(a.asname or a.name).split(".")[0] for a in child.names}
+            elif isinstance(child, ast.Assign):
+                out |= {t.id for t in child.targets if isinstance(t, ast.Name)}
+            elif isinstance(child, ast.AnnAssign) and isinstance(child.target, ast.Name):
+                out.add(child.target.id)
+            elif isinstance(child, ast.FunctionDef | ast.ClassDef):
+                out.add(child.name)
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("__init__.py")), ids=lambda p: _module_name(p))
+def test_every_public_name_of_a_package_is_visible_to_a_type_checker(path: Path) -> None:
+    """Each name in ``__all__`` is bound where a type checker reads it: imported (under ``TYPE_CHECKING`` for a lazy
+    export) or defined in the package itself, never only reachable through ``__getattr__``."""
+    tree = ast.parse(path.read_text())
+    missing = _all_names(tree, _lazy_table(tree)) - _bound_names(tree)
+    assert not missing, f"{path.relative_to(ROOT)}: {sorted(missing)} in __all__ but not bound for a type checker"
 
 
 def test_lazy_exports_name_real_objects() -> None:
