@@ -248,7 +248,8 @@ def correlate(
             base = None
             if not experts.empty and all(b in experts.columns for b in benches):
                 parts = [expert_mix_scores(weights.loc[full], experts, b) for b in benches]
-                base = None if any(q is None for q in parts) else np.mean(parts, axis=0)
+                known = [q for q in parts if q is not None]
+                base = np.mean(known, axis=0) if len(known) == len(parts) else None
             reg = regression_loo(weights.loc[full].to_numpy(), y)
             seeds = _seed_rho(t_seeds, full, benches)
             row, _, _ = _row(str(group), str(method), MEAN_SCORE, full, x, y, base, reg, seeds, opts)

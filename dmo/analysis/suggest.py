@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,9 @@ from scipy import stats
 from dmo import calibration as cal
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: bootstrap resamples of the trained mixtures behind sigma
 N_BOOT = 100
@@ -275,10 +279,9 @@ def suggest(
 
     trained_ids = set(t_obj.index)
     if candidates is not None:
-        pool = [(m.id, np.array([m.as_dict().get(d, 0.0) for d in doms])) for m in candidates]
         by_w = {tuple(np.round(w, 4)): m for m, w in p_w.items() if m in p_obj.index}
-        pool = [(by_w.get(tuple(np.round(w, 4))), w) for _, w in pool]
-        pool = [(m, w) for m, w in pool if m is not None]
+        asked = [np.array([m.as_dict().get(d, 0.0) for d in doms]) for m in candidates]
+        pool = [(by_w[key], w) for w in asked if (key := tuple(np.round(w, 4))) in by_w]
     else:
         pool = [(m, p_w[m]) for m in p_obj.index]
     trained_w = [t_w[m] for m in trained_ids if m in t_w]
@@ -351,7 +354,7 @@ def suggestion_json(s: Suggestion) -> str:
     return json.dumps(doc, indent=2)
 
 
-def render_suggestion(console, s: Suggestion, fmt: str = "table") -> None:  # type: ignore[no-untyped-def]
+def render_suggestion(console: Console, s: Suggestion, fmt: str = "table") -> None:
     """Print a suggestion on a rich console: a table with a one-line summary, or JSON."""
     from rich import box
     from rich.markup import escape

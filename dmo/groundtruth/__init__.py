@@ -3,7 +3,17 @@
 table, ``fisher`` computes the experts' Fisher weights on their domain data.
 """
 
+from typing import TYPE_CHECKING
+
 from dmo._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names for a type checker; at run time each is imported on first use
+    from dmo.groundtruth.data_mix import mix as mix
+    from dmo.groundtruth.fisher import compute_fisher as compute_fisher
+    from dmo.groundtruth.ingest import ingest as ingest
+    from dmo.groundtruth.llamafactory import Recipe as Recipe
+    from dmo.groundtruth.llamafactory import plan_runs as plan_runs
+    from dmo.groundtruth.llamafactory import train_runs as train_runs
 
 _EXPORTS = {
     "mix": "dmo.groundtruth.data_mix",

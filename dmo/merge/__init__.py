@@ -11,7 +11,17 @@ PEFT adapter from an expert manifest (``dmo merge``). ``families`` knows model l
 files (Fisher weights). The names below are imported on first use, so importing this package stays cheap.
 """
 
+from typing import TYPE_CHECKING
+
 from dmo._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names for a type checker; at run time each is imported on first use
+    from dmo.merge.proxy import merge_manifest as merge_manifest
+    from dmo.merge.registry import MergeMethod as MergeMethod
+    from dmo.merge.registry import get_method as get_method
+    from dmo.merge.registry import merge_method as merge_method
+    from dmo.merge.registry import method_names as method_names
+    from dmo.merge.stream import merge_checkpoints as merge_checkpoints
 
 _EXPORTS = {
     "MergeMethod": "dmo.merge.registry",

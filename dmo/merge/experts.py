@@ -112,18 +112,18 @@ class ParamFilter:
 
 def map_names(keys: Iterable[str], base: Checkpoint, what: str) -> dict[str, str]:
     """Adapter parameter names -> base checkpoint names (exactly, else through transformers' renaming rules)."""
-    keys = dict.fromkeys(keys)
-    if not keys:
+    unique = list(dict.fromkeys(keys))
+    if not unique:
         return {}
     try:
-        return resolve_names(keys, base.tensors.keys(), KeyMap.identity(), what=f"the base model {base.folder}")
+        return resolve_names(unique, base.tensors.keys(), KeyMap.identity(), what=f"the base model {base.folder}")
     except DmoError as first:
         try:
             keymap = KeyMap.for_config(base.folder)
         except DmoError:
             raise DmoError(f"{what}: {first}") from None
         try:
-            return resolve_names(keys, base.tensors.keys(), keymap, what=f"the base model {base.folder}")
+            return resolve_names(unique, base.tensors.keys(), keymap, what=f"the base model {base.folder}")
         except DmoError as exc:
             raise DmoError(f"{what}: {exc}") from None
 

@@ -106,7 +106,7 @@ def write_lora_proxy(
     excluded: set[str] = set()
     try:
         for name in active:
-            adapter = load_lora(experts[name], allow_bin=allow_bin)
+            adapter = load_lora(Path(experts[name]), allow_bin=allow_bin)
             if base_ckpt is not None:
                 mapped = map_names(adapter.modules, base_ckpt, f"expert {name!r} ({experts[name]})")
             else:

@@ -178,9 +178,11 @@ def _make_storage(url: str, hb: Heartbeat, threads: bool = False) -> optuna.stor
     attempts = 5
     for attempt in range(attempts):
         try:
+            # Optuna annotates both as int, but only waits on and compares with them as seconds: a float works
+            # (sub-second beats keep tests and short studies fast)
             storage = optuna.storages.RDBStorage(
                 url,
-                heartbeat_interval=hb.interval,
+                heartbeat_interval=hb.interval,  # type: ignore[arg-type]
                 grace_period=hb.grace,  # type: ignore[arg-type]
                 heartbeat_stale_trial_callback=retry,
                 engine_kwargs=engine_kwargs,
