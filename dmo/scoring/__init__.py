@@ -7,9 +7,13 @@ lmms-eval glue (``evaluate``, ``lmms_model``, ``plugin``, ``tasks``, ``paper_tas
 from dmo._lazy import lazy_exports
 
 _EXPORTS = {
+    "Backend": "dmo.scoring.base",
+    "BackendOptions": "dmo.scoring.base",
     "Evaluation": "dmo.scoring.base",
     "Scorer": "dmo.scoring.base",
+    "ScoringContext": "dmo.scoring.base",
     "Target": "dmo.scoring.base",
+    "TargetRefused": "dmo.scoring.base",
     "make_scorer": "dmo.scoring.base",
     "score_target": "dmo.scoring.base",
     "score_targets": "dmo.scoring.base",
