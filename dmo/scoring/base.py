@@ -215,7 +215,8 @@ def make_scorer(
     try:
         cls = entry.load()
     except ModuleNotFoundError as exc:
-        raise DmoError(f"scoring backend {name!r} needs {exc.name!r}: pip install 'dmo[{name}]'") from None
+        how = f"pip install 'dmo[{name}]'" if entry.scorer.startswith("dmo.") else f"install {exc.name!r}"
+        raise DmoError(f"scoring backend {name!r} needs {exc.name!r}: {how}") from None
     return cls.from_context(context, checked)
 
 
