@@ -230,12 +230,6 @@ class OneCallAtATime(HeartbeatStorage):
         self.inner = inner
         self._lock = threading.RLock()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"inner": self.inner}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["inner"])  # type: ignore[misc]
-
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             return getattr(self.inner, method)(*args, **kwargs)
