@@ -183,3 +183,31 @@ def test_a_registry_entry_must_be_a_backend(monkeypatch: pytest.MonkeyPatch) -> 
         DmoError, match=r"'classy' is registered as <class .*ReplayScorer'>, not a dmo.scoring.base.Backend"
     ):
         backend("classy")
+
+
+def test_an_entry_must_name_a_scorer_that_can_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmo.manifest import ExpertManifest
+    from dmo.scoring.base import SCORERS, Backend, ScoringContext, make_scorer
+
+    (tmp_path / "half_done.py").write_text(
+        "from dmo.scoring.base import Scorer\n"
+        "class NoContext(Scorer):\n"
+        "    name = 'nc'\n"
+        "    def fingerprint(self, target): return ''\n"
+        "    def settings(self): return {}\n"
+        "    def evaluate(self, target, benchmarks): raise AssertionError\n"
+        "class NotAScorer:\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(SCORERS._registered, "nc", Backend("half_done:NoContext"))
+    monkeypatch.setitem(SCORERS._registered, "plain", Backend("half_done:NotAScorer"))
+    context = ScoringContext(
+        ExpertManifest.model_validate({"name": "m", "base": {"path": tmp_path}, "experts": {"a": {"path": tmp_path}}})
+    )
+    with pytest.raises(DmoError, match=r"class NoContext does not implement from_context"):
+        make_scorer("nc", context)
+    with pytest.raises(DmoError, match=r"half_done:NotAScorer is not a dmo.scoring.base.Scorer subclass"):
+        make_scorer("plain", context)
+    with pytest.raises(DmoError, match=r"nc\.x: not an option of the nc backend \(its options: none\)"):
+        make_scorer("nc", context, {"x": 1})
