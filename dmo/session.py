@@ -23,7 +23,7 @@ from dmo.mixture import Mixture
 from dmo.paths import SpaceFolder
 from dmo.progress import progress_bar
 from dmo.results import ResultsTable
-from dmo.scoring.base import Scorer, Target, make_scorer, score_targets
+from dmo.scoring.base import Scorer, ScoringContext, Target, TargetRefused, make_scorer, score_targets
 from dmo.search.study import StudyResult, study_paths
 from dmo.search.trials import ScoreObjective, proxy_target, run_study
 from dmo.sources import is_source_name, resolve_source
@@ -67,28 +67,17 @@ class Session:
                 raise DmoError(f"domain {d!r} of space {space.name!r} has no expert in manifest {manifest.name!r}")
         folders = [*space.scoring.tasks, *([world_tasks] if world_tasks is not None else [])]
         include_path = folders[0] if len(folders) == 1 else (folders or None)
-        own = {"metric_map": metric_map} if metric_map is not None else {}
-        try:
-            scorer = make_scorer(
-                space.scoring.backend,
-                manifest=manifest,
-                include_path=include_path,
-                limit=space.scoring.limit,
-                batch_size=space.scoring.batch_size,
-                device=space.scoring.device,
-                **space.scoring.backend_options(),
-                **own,
-            )
-        except TypeError as exc:
-            if "metric_map" not in str(exc):
-                raise
-            raise DmoError(
-                f"the {space.scoring.backend} backend does not take a space's own metric entries (scoring.metrics) "
-                "yet: score with backend hf, or add them to dmo/scoring/metrics.yaml"
-            ) from None
+        context = ScoringContext(
+            manifest,
+            include_path=include_path,
+            limit=space.scoring.limit,
+            batch_size=space.scoring.batch_size,
+            device=space.scoring.device,
+            metric_map=metric_map,
+        )
+        scorer = make_scorer(space.scoring.backend, context, space.scoring.backend_options())
         if space.benchmarks:
-            scorer.check(space.benchmarks)
-        check_metrics(space, metric_map)
+            scorer.check(space.benchmarks)  # metrics, task names, validation data: each backend knows what it needs
         assert space.name is not None
         table = ResultsTable(SpaceFolder.for_space(space.name).scores)
         return cls(space, manifest, scorer, table, include_path)
@@ -271,12 +260,12 @@ def _score_trained(
     """Score the manifest's trained models through the cache; what went wrong with each one that failed."""
     try:
         results = score_targets(scorer, table, targets, benches, group=group)
-    except DmoError:  # a backend that refuses a target (replay: not recorded): one by one, to keep the others
+    except TargetRefused:  # a backend that refuses a target (replay: not recorded): one by one, to keep the others
         results = []
         for t in targets:
             try:
                 results.append(score_targets(scorer, table, [t], benches, group=group)[0])
-            except DmoError as exc:
+            except TargetRefused as exc:
                 results.append(({}, {"": str(exc)}))
     return [
         f"{t.label} seed {t.seed}: {next(iter(errors.values()))}" for t, (_, errors) in zip(targets, results) if errors
@@ -348,24 +337,6 @@ def own_task_folders(space: SearchSpace) -> dict[str, Any] | None:
 
         include_paths(space.scoring.tasks)
     return space.scoring.metric_map()
-
-
-def check_metrics(space: SearchSpace, metric_map: dict[str, Any] | None) -> None:
-    """Before a study opens: every benchmark has a score metric in the shipped map or the space's own entries."""
-    if space.scoring.backend == "replay":  # recorded scores: no metric is read
-        return
-    from dmo.scoring.loss import split_benchmarks
-    from dmo.scoring.metrics import metric_spec
-
-    for b in split_benchmarks(space.benchmarks)[0]:  # a loss:<domain> has no lmms-eval metric
-        try:
-            metric_spec(b, metric_map)
-        except DmoError:
-            raise DmoError(
-                f"no score metric known for benchmark {b!r} of space {space.name!r}: add it to the space's scoring "
-                f"section, e.g. 'scoring: {{metrics: {{{b}: {{metric: <lmms-eval metric name>}}}}}}' "
-                "(or to dmo/scoring/metrics.yaml)"
-            ) from None
 
 
 def _dump(value: Any) -> Any:

@@ -60,7 +60,7 @@ def replay_space() -> Callable[..., Path]:
             mixtures: {{lattice: {{resolution: 4}}}}
             benchmarks: [b1, b2]
             sampler: {{name: {sampler}, n_trials: {n_trials}, seed: 0}}
-            scoring: {{backend: replay, table: {recorded}, nearest: true}}
+            scoring: {{backend: replay, replay: {{table: {recorded}, nearest: true}}}}
             """)
         )
         return path

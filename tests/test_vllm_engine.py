@@ -27,7 +27,7 @@ from dmo.manifest import ExpertManifest, load_manifest
 from dmo.merge.stream import merge_checkpoints
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
-from dmo.scoring.base import Target, make_scorer, score_targets
+from dmo.scoring.base import ScoringContext, Target, make_scorer, score_targets
 from dmo.scoring.lmms_model import load_pretrained
 from dmo.scoring.manifest_refs import trained_path
 from dmo.scoring.tasks import write_tiny_tasks
@@ -84,7 +84,7 @@ def engine(world: SimpleNamespace) -> VLLMScorer:
 
 @pytest.fixture(scope="module")
 def hf(world: SimpleNamespace) -> Any:
-    return make_scorer("hf", manifest=world.manifest, include_path=world.tasks, device="cpu")
+    return make_scorer("hf", ScoringContext(world.manifest, include_path=world.tasks, device="cpu"))
 
 
 def reference_model(world: SimpleNamespace, manifest: ExpertManifest, target: Target, folder: Path) -> Any:

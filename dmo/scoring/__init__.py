@@ -18,9 +18,13 @@ if TYPE_CHECKING:  # the same names for a type checker; at run time each is impo
     from dmo.scoring.base import scorer_names as scorer_names
 
 _EXPORTS = {
+    "Backend": "dmo.scoring.base",
+    "BackendOptions": "dmo.scoring.base",
     "Evaluation": "dmo.scoring.base",
     "Scorer": "dmo.scoring.base",
+    "ScoringContext": "dmo.scoring.base",
     "Target": "dmo.scoring.base",
+    "TargetRefused": "dmo.scoring.base",
     "make_scorer": "dmo.scoring.base",
     "score_target": "dmo.scoring.base",
     "score_targets": "dmo.scoring.base",

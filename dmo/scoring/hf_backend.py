@@ -24,7 +24,7 @@ from dmo.merge.names import KeyMap
 from dmo.merge.plans import open_input_checkpoint
 from dmo.merge.proxy import robust_adapter
 from dmo.merge.registry import get_method, merge_deltas
-from dmo.scoring.base import Evaluation, Scorer, Target
+from dmo.scoring.base import Evaluation, Scorer, ScoringContext, Target
 from dmo.scoring.evaluate import evaluate
 from dmo.scoring.lmms_model import DmoLMM, load_pretrained
 from dmo.scoring.loss import METRIC as LOSS_METRIC
@@ -41,6 +41,17 @@ def _device(name: str) -> str:
 
 class HFScorer(Scorer):
     name = "hf"
+
+    @classmethod
+    def from_context(cls, context: ScoringContext, options: Any) -> HFScorer:
+        return cls(
+            context.manifest,
+            include_path=context.include_path,
+            limit=context.limit,
+            batch_size=context.batch_size,
+            device=context.device,
+            metric_map=context.metric_map,
+        )
 
     def __init__(
         self,

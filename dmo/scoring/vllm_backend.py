@@ -35,7 +35,8 @@ from dmo.merge.lora import LoraAdapter, check_same_base, fingerprint, load_lora,
 from dmo.merge.proxy import VLLM_MAX_LORA_RANK, adapter_proxy
 from dmo.merge.registry import get_method
 from dmo.paths import cache_dir
-from dmo.scoring.base import Evaluation, Scorer, Target
+from dmo.scoring.backends import VLLMOptions
+from dmo.scoring.base import Evaluation, Scorer, ScoringContext, Target
 from dmo.scoring.loss import METRIC as LOSS_METRIC
 from dmo.scoring.loss import ValidationLoss, score_of, split_benchmarks
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
@@ -76,6 +77,18 @@ def _is_engine_death(exc: BaseException) -> bool:
 class VLLMScorer(Scorer):
     name = "vllm"
 
+    @classmethod
+    def from_context(cls, context: ScoringContext, options: VLLMOptions) -> VLLMScorer:
+        # the context's batch size and device are the in-process backends': vLLM schedules its own batches on the
+        # device it finds
+        return cls(
+            context.manifest,
+            context.include_path,
+            context.limit,
+            metric_map=context.metric_map,
+            **options.model_dump(),
+        )
+
     def __init__(
         self,
         manifest: ExpertManifest,
@@ -92,11 +105,8 @@ class VLLMScorer(Scorer):
         adapter_dir: Path | None = None,
         engine: dict[str, Any] | None = None,
         llm_factory: Callable[..., Any] | None = None,
-        batch_size: int | None = None,  # the hf backend's knobs; vLLM schedules its own batches on its own GPU
-        device: str | None = None,
         metric_map: Mapping[str, MetricSpec] | None = None,
     ) -> None:
-        del batch_size, device
         local_base(manifest)
         # which adapters vLLM can serve depends on where the family keeps its vision tower and projector
         check_family(manifest.base.path)
