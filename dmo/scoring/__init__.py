@@ -9,9 +9,13 @@ from typing import TYPE_CHECKING
 from dmo._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the same names for a type checker; at run time each is imported on first use
+    from dmo.scoring.base import Backend as Backend
+    from dmo.scoring.base import BackendOptions as BackendOptions
     from dmo.scoring.base import Evaluation as Evaluation
     from dmo.scoring.base import Scorer as Scorer
+    from dmo.scoring.base import ScoringContext as ScoringContext
     from dmo.scoring.base import Target as Target
+    from dmo.scoring.base import TargetRefused as TargetRefused
     from dmo.scoring.base import make_scorer as make_scorer
     from dmo.scoring.base import score_target as score_target
     from dmo.scoring.base import score_targets as score_targets
