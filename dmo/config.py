@@ -286,17 +286,17 @@ class SearchSpace(Strict):
                     raise DmoError(f"mixtures.{i}: {exc}") from None
             return dedupe(out)
         if src.lattice is not None:
-            s = src.lattice
+            lat = src.lattice
             return lattice(
                 self.domains,
-                s.resolution,
-                min_weight=s.min_weight,
-                max_weight=s.max_weight,
-                drop_vertices=s.drop_vertices,
+                lat.resolution,
+                min_weight=lat.min_weight,
+                max_weight=lat.max_weight,
+                drop_vertices=lat.drop_vertices,
             )
         if src.dirichlet is not None:
-            s = src.dirichlet
-            return dirichlet(self.domains, s.n, alpha=s.alpha, seed=s.seed, decimals=s.decimals)
+            dir_ = src.dirichlet
+            return dirichlet(self.domains, dir_.n, alpha=dir_.alpha, seed=dir_.seed, decimals=dir_.decimals)
         assert src.preset is not None
         mixtures = preset(src.preset.name, src.preset.with_uniform)
         if mixtures and list(mixtures[0].domains) != list(self.domains):

@@ -256,9 +256,9 @@ def score_targets(
         scores = {b: float(known[k]["score"]) for b, k in keys.items() if k in known}
         plans.append((target, fp, keys, scores, [b for b in benchmarks if b not in scores]))
     pending: dict[tuple[str, ...], list[int]] = {}
-    for i, (_, _, _, _, todo) in enumerate(plans):
-        if todo:
-            pending.setdefault(tuple(todo), []).append(i)
+    for i, (_, _, _, _, missing) in enumerate(plans):
+        if missing:
+            pending.setdefault(tuple(missing), []).append(i)
     errors: list[dict[str, str]] = [{} for _ in targets]
 
     def record(i: int, todo: tuple[str, ...], result: Evaluation, seconds: float) -> None:

@@ -378,7 +378,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _storage_error(shown: str, exc: BaseException) -> StorageError:
-    chain = []  # Optuna wraps the database's own error: the cause is further down
+    chain: list[BaseException] = []  # Optuna wraps the database's own error: the cause is further down
     cause: BaseException | None = exc
     while cause is not None and len(chain) < 10:
         chain.append(cause)

@@ -55,8 +55,10 @@ class ScoreObjective(Protocol):
     """What a trial maximises, from its mixture and its proxy's scores per benchmark (default: the space's aggregate
     of the scores; a calibrated objective, :func:`dmo.session.calibrated_objective`, also reads the mixture)."""
 
-    #: What the objective was fitted on; trials scored under another fit are not comparable with this one's.
-    fit_id: str
+    @property
+    def fit_id(self) -> str:
+        """What the objective was fitted on; trials scored under another fit are not comparable with this one's."""
+        ...
 
     def __call__(self, mixture: Mixture, scores: dict[str, float]) -> float: ...
 
