@@ -280,7 +280,8 @@ def test_vllm_backend_passes_the_fisher_files_to_the_worker_bank(world: SimpleNa
     assert scorer.route(target) == "write"
     scorer._switch(target)
     (opened,) = [args for method, args in engine.calls if method == "dmo_open_bank"]
-    assert opened[-1] == {"fisher": {d: str(fisher_file(world, d)) for d in DOMAINS}}
+    assert opened[5] == {"fisher": {d: str(fisher_file(world, d)) for d in DOMAINS}}
+    assert opened[6] is None  # the paper's parameter filter, as dmo merge's
     state = worker.model.state_dict()
     want = reference_fisher_merge(world, weights, "fisher")
     for p in world.adapted:

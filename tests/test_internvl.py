@@ -29,7 +29,7 @@ from dmo.errors import DmoError
 from dmo.manifest import ExpertManifest, load_manifest
 from dmo.merge.experts import ParamFilter
 from dmo.merge.families import FAMILIES, family_of
-from dmo.merge.stream import merge_checkpoints
+from dmo.merge.stream import MergeOptions, merge_checkpoints
 from dmo.mixture import Mixture
 from dmo.scoring.base import Target
 from dmo.scoring.hf_backend import HFScorer
@@ -307,7 +307,9 @@ def test_custom_internvl_checkpoints_are_refused_with_how_to_convert_them(tmp_pa
         lambda: family_of(base),
         lambda: load_pretrained(base),
         lambda: merge_checkpoints(base, {"general": expert}, {"general": 1.0}, tmp_path / "out"),
-        lambda: merge_checkpoints(base, {"general": expert}, {"general": 1.0}, tmp_path / "out", exclude=[]),
+        lambda: merge_checkpoints(
+            base, {"general": expert}, {"general": 1.0}, tmp_path / "out", MergeOptions(exclude=[])
+        ),
         lambda: VLLMScorer(load_manifest(tmp_path / "m.yaml")),
     ):
         with pytest.raises(DmoError) as exc:
@@ -341,7 +343,7 @@ def test_a_multimodal_family_dmo_does_not_know_is_refused_in_one_line(world: Sim
     with pytest.raises(DmoError, match="does not know the layout"):
         VLLMScorer(manifest)
     # with the parameters to keep named explicitly, the merge does not depend on the family's names
-    merge_checkpoints(base, experts, {"general": 1.0}, tmp_path / "out", exclude=["vision_tower"])
+    merge_checkpoints(base, experts, {"general": 1.0}, tmp_path / "out", MergeOptions(exclude=["vision_tower"]))
     assert (tmp_path / "out" / "model.safetensors").is_file()
     # text-only models have no vision parts to name
     text = tmp_path / "text"
@@ -397,8 +399,13 @@ def test_vllm_serves_internvl_proxies_like_transformers(world: SimpleNamespace, 
                 # vLLM's write route writes every tensor a full expert changes, the vision tower included (the
                 # paper's full-merge filter is dmo merge's default only: a known difference), so the reference
                 # merges every tensor too; LoRA experts touch nothing the filters keep
-                merge_checkpoints(world.base, experts, WEIGHTS, folder, method=target.method or "linear",
-                                  params=dict(target.params), exclude=[])  # fmt: skip
+                merge_checkpoints(
+                    world.base,
+                    experts,
+                    WEIGHTS,
+                    folder,
+                    MergeOptions(method=target.method or "linear", params=dict(target.params), exclude=[]),
+                )
                 model = load_live(folder)
             mine = answers(scorer.lmm)
             want = {}

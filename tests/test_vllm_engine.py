@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from dmo.manifest import ExpertManifest, load_manifest
-from dmo.merge.stream import merge_checkpoints
+from dmo.merge.stream import MergeOptions, merge_checkpoints
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
 from dmo.scoring.base import Target, make_scorer, score_targets
@@ -100,7 +100,9 @@ def reference_model(world: SimpleNamespace, manifest: ExpertManifest, target: Ta
     else:
         weights = {d: w for d, w in target.weights.items() if w}
         experts = {d: Path(manifest.experts[d].path) for d in weights}
-    merge_checkpoints(base, experts, weights, folder, method=target.method or "linear", params=dict(target.params))
+    merge_checkpoints(
+        base, experts, weights, folder, MergeOptions(method=target.method or "linear", params=dict(target.params))
+    )
     return load_pretrained(folder)[0]
 
 

@@ -73,10 +73,13 @@ class DmoWorkerExtension:
         store: str = "device",
         allow_bin: bool = False,
         inputs: dict[str, dict[str, str]] | None = None,
+        exclude: list[str] | None = None,
     ) -> dict[str, Any]:
         """Read ``experts`` (against the base checkpoint ``base``) onto this worker's device, under ``key``.
 
         ``inputs``: per-expert inputs of the merge methods that need them, ``{"fisher": {expert: file}}``.
+        ``exclude``: what a merge keeps at the base value, as ``dmo merge``'s (default: the paper's filter; ``[]``
+        keeps every change, for a trained model).
         """
         if not hasattr(self, "_dmo_banks"):
             self._dmo_banks = {}
@@ -89,6 +92,7 @@ class DmoWorkerExtension:
             store=store,
             allow_bin=allow_bin,
             extra=inputs,  # type: ignore[arg-type]
+            exclude=exclude,
         )
         packed = dict(getattr(model, "packed_modules_mapping", None) or {})
         with Checkpoint.open(base, what="base model", allow_bin=allow_bin) as ckpt:
