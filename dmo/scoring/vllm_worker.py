@@ -35,6 +35,23 @@ from dmo.merge.checkpoint import Checkpoint
 from dmo.merge.live import ExpertBank
 
 
+def packed_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Which checkpoint modules vLLM packs into one layer: the model's own ``packed_modules_mapping``, else the union
+    of its direct children's (as vLLM reads it: a multimodal model such as Qwen2-VL declares none itself, its
+    language model does). Reading only the model's own attribute found nothing there, so a write of ``q_proj`` and
+    ``v_proj`` fed the packed ``qkv_proj`` without ``k_proj``, and vLLM processed it with uninitialised memory in that
+    part: wrong answers, at times NaN logits."""
+    own = dict(getattr(model, "packed_modules_mapping", None) or {})
+    if own:
+        return own
+    for child in model.children():
+        for packed, members in dict(getattr(child, "packed_modules_mapping", None) or {}).items():
+            if own.get(packed, members) != members:
+                raise DmoError(f"{type(child).__name__} packs {packed} from {members}, another part from {own[packed]}")
+            own[packed] = list(members)
+    return own
+
+
 def companions(changed: Iterable[str], available: Iterable[str], packed: Mapping[str, list[str]]) -> list[str]:
     """Checkpoint tensors outside ``changed`` that share a serving-engine layer with something in ``changed``.
 
@@ -94,7 +111,7 @@ class DmoWorkerExtension:
             extra=inputs,  # type: ignore[arg-type]
             exclude=exclude,
         )
-        packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+        packed = packed_modules(model)
         with Checkpoint.open(base, what="base model", allow_bin=allow_bin) as ckpt:
             extra = {n: ckpt.view(n).to(device, copy=True) for n in companions(bank.names, ckpt.tensors, packed)}
         self._dmo_banks[key] = (bank, extra)
