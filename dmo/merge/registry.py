@@ -14,6 +14,14 @@ A delta method may also register a *chunked* form (``chunked=`` a :class:`Chunke
 statistics pass over each expert's flattened delta (chunks in order), then a merge of any chunk of the K deltas on
 its own. The streaming engine (:mod:`dmo.merge.stream`) uses it to merge checkpoints with memory bounded by a chunk
 (plus what the statistics keep); the plain function is the same computation on one chunk holding the whole tensor.
+The function's signature is the one place where a method's parameters and defaults are declared: the chunked form
+takes the same keyword parameters without defaults (checked at registration) and is built with
+:meth:`MergeMethod.make_chunked`, which fills in the function's defaults.
+
+What the rest of dmo needs to know about a method is a field of its entry, never a list of names: whether the merge
+is a weighted sum of the task vectors (``adapter_coefficients``, :meth:`MergeMethod.linear_coefficients`: streamed as
+a sum, served as one concatenated LoRA adapter), whether one expert merges into itself
+(:attr:`MergeMethod.expert_at_vertex`), its chunked form, its extra inputs.
 
 A chunked form may also ask for a *joint* pass (``joint = True``): after the statistics pass, ``observe_all`` sees
 every chunk of all K deltas together once (the paper's TIES needs one number over the whole tensor, its majority
