@@ -359,8 +359,9 @@ def test_a_multimodal_family_dmo_does_not_know_is_refused_in_one_line(world: Sim
 @pytest.mark.slow
 def test_vllm_serves_internvl_proxies_like_transformers(world: SimpleNamespace, tasks: Any) -> None:
     """vLLM's CPU engine on the tiny InternVL: a linear proxy as an adapter and written into the weights, a
-    full-expert proxy written (vision tower included), the base; every answer equals transformers' on the same
-    merged checkpoint, and the adapter-served proxy scores 1.0 on items whose answers are the reference's."""
+    full-expert proxy written (its vision tower at the base, as dmo merge keeps it), the base; every answer equals
+    transformers' on the same merged checkpoint, and the adapter-served proxy scores 1.0 on items whose answers are
+    the reference's."""
     try:
         import vllm  # noqa: F401
     except ImportError as exc:
@@ -396,15 +397,14 @@ def test_vllm_serves_internvl_proxies_like_transformers(world: SimpleNamespace, 
                 model = load_live(world.base)
             else:
                 experts = {d: Path(manifest.experts[d].path) for d in DOMAINS}
-                # vLLM's write route writes every tensor a full expert changes, the vision tower included (the
-                # paper's full-merge filter is dmo merge's default only: a known difference), so the reference
-                # merges every tensor too; LoRA experts touch nothing the filters keep
+                # every route keeps what dmo merge's default (the paper's) filter keeps: the full experts' vision
+                # tower stays at the base on the vllm write route too
                 merge_checkpoints(
                     world.base,
                     experts,
                     WEIGHTS,
                     folder,
-                    MergeOptions(method=target.method or "linear", params=dict(target.params), exclude=[]),
+                    MergeOptions(method=target.method or "linear", params=dict(target.params)),
                 )
                 model = load_live(folder)
             mine = answers(scorer.lmm)
