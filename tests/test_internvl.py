@@ -297,7 +297,7 @@ def custom_internvl(folder: Path) -> Path:
 
 
 def test_custom_internvl_checkpoints_are_refused_with_how_to_convert_them(tmp_path: Path) -> None:
-    from dmo.scoring.vllm_backend import VLLMScorer
+    from dmo.scoring.vllm.backend import VLLMScorer
 
     base = custom_internvl(tmp_path / "InternVL3_5-2B")
     expert = tmp_path / "e"
@@ -326,7 +326,7 @@ def test_custom_internvl_checkpoints_are_refused_with_how_to_convert_them(tmp_pa
 def test_a_multimodal_family_dmo_does_not_know_is_refused_in_one_line(world: SimpleNamespace, tmp_path: Path) -> None:
     import shutil
 
-    from dmo.scoring.vllm_backend import VLLMScorer
+    from dmo.scoring.vllm.backend import VLLMScorer
 
     base = tmp_path / "llava"
     shutil.copytree(world.base, base)
@@ -366,8 +366,8 @@ def test_vllm_serves_internvl_proxies_like_transformers(world: SimpleNamespace, 
         import vllm  # noqa: F401
     except ImportError as exc:
         pytest.fail(f"this test starts a real vLLM engine: run it from .venv-vllm ({exc})")
-    from dmo.scoring.vllm_backend import VLLMScorer
-    from dmo.scoring.vllm_lmms import answers
+    from dmo.scoring.vllm.backend import VLLMScorer
+    from dmo.scoring.vllm.lmms import answers
 
     lora = load_manifest(world.w.lora_manifest)
     engine = VLLMScorer(lora, include_path=tasks.folder, adapter_dir=world.root / "adapters", lora=True,

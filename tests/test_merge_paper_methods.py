@@ -24,7 +24,7 @@ from dmo.errors import DmoError
 from dmo.merge import registry
 from dmo.merge.dare import dare, dare_ties, keep_mask
 from dmo.merge.experts import ParamFilter
-from dmo.merge.fisher import fisher, fisher_nn
+from dmo.merge.fisher_merge import fisher, fisher_nn
 from dmo.merge.live import ExpertBank
 from dmo.merge.spectral import iso, svd
 from dmo.merge.stream import MergeOptions, merge_checkpoints

@@ -31,9 +31,9 @@ from dmo.scoring.base import Target, make_scorer, score_targets
 from dmo.scoring.lmms_model import load_pretrained
 from dmo.scoring.manifest_refs import trained_path
 from dmo.scoring.tasks import write_tiny_tasks
-from dmo.scoring.vllm_backend import VLLMScorer
-from dmo.scoring.vllm_engine import VLLM_LORA_RANKS, engine_kwargs
-from dmo.scoring.vllm_lmms import answers
+from dmo.scoring.vllm.backend import VLLMScorer
+from dmo.scoring.vllm.engine import VLLM_LORA_RANKS, engine_kwargs
+from dmo.scoring.vllm.lmms import answers
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.generate import _as_chw_uint8, generate_encoded
 

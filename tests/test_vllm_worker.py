@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dmo.errors import DmoError
-from dmo.scoring.vllm_worker import companions, packed_modules
+from dmo.scoring.vllm.worker import companions, packed_modules
 
 QWEN2_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 CHECKPOINT = [

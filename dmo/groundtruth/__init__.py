@@ -11,7 +11,7 @@ _EXPORTS = {
     "train_runs": "dmo.groundtruth.llamafactory",
     "Recipe": "dmo.groundtruth.llamafactory",
     "ingest": "dmo.groundtruth.ingest",
-    "compute_fisher": "dmo.groundtruth.fisher",
+    "compute_fisher": "dmo.groundtruth.fisher_weights",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -70,7 +70,7 @@ BUILTIN_MODULES = (
     "dmo.merge.robustmerge",
     "dmo.merge.spectral",
     "dmo.merge.wudi",
-    "dmo.merge.fisher",
+    "dmo.merge.fisher_merge",
 )
 #: Per method, the parameters with which dmo reproduces the DMO paper's ``merge_models`` (mLLMs_merging_4_DMO's
 #: ``model_merging.py``; the paper's coefficients come from :meth:`dmo.mixture.Mixture.rounded_to_budget`). Its

@@ -74,4 +74,4 @@ class Backend:
 
 HF = Backend("dmo.scoring.hf_backend:HFScorer", HFOptions)
 REPLAY = Backend("dmo.scoring.replay_backend:ReplayScorer", ReplayOptions)
-VLLM = Backend("dmo.scoring.vllm_backend:VLLMScorer", VLLMSection)
+VLLM = Backend("dmo.scoring.vllm.backend:VLLMScorer", VLLMSection)

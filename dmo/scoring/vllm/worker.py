@@ -1,7 +1,7 @@
 """dmo's vLLM worker extension: merged proxies written into the live engine's weights.
 
 vLLM mixes this class into each worker when the engine is built with
-``worker_extension_cls="dmo.scoring.vllm_worker.DmoWorkerExtension"``; the engine's public
+``worker_extension_cls="dmo.scoring.vllm.worker.DmoWorkerExtension"``; the engine's public
 ``LLM.collective_rpc("dmo_...")`` then runs these methods inside every worker. Each worker keeps an
 :class:`~dmo.merge.live.ExpertBank` of the experts on its own device and, per proxy, merges there and feeds
 ``(checkpoint name, value)`` pairs to the worker's own in-place reload (``Worker.reload_weights(weights_iterator=...)``,
@@ -17,7 +17,7 @@ every bias of those modules), read once from the base checkpoint.
 
 The reload resets the worker's encoder and multimodal caches; the caller must also reset the engine's prefix cache,
 its multimodal cache and its encoder-cache bookkeeping (``LLM.reset_prefix_cache``, ``LLM.reset_mm_cache``,
-``LLM.llm_engine.reset_encoder_cache``): :class:`dmo.scoring.vllm_backend.VLLMScorer` does. Method names start with
+``LLM.llm_engine.reset_encoder_cache``): :class:`dmo.scoring.vllm.backend.VLLMScorer` does. Method names start with
 ``dmo_`` because vLLM refuses an extension whose names clash with the worker's. This module imports nothing from
 vLLM, so it can be imported (and tested) without it.
 """

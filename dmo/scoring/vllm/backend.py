@@ -7,7 +7,7 @@ The base model is loaded once. A target reaches the engine in one of two ways:
   multi-LoRA support: one ``LoRARequest`` per proxy, so switching costs an adapter load and several proxies can
   be in flight together (:meth:`VLLMScorer.evaluate_many`);
 * **write**: every other proxy (full experts, TIES, DARE, a full trained model) is merged on the GPU by dmo's
-  worker extension (:mod:`dmo.scoring.vllm_worker`) from expert tensors read once, and written into the live
+  worker extension (:mod:`dmo.scoring.vllm.worker`) from expert tensors read once, and written into the live
   weights through the model's own ``load_weights``. After every write the engine's prefix cache and multimodal
   caches are reset, so no KV computed under the previous proxy answers for the new one.
 
@@ -40,7 +40,7 @@ from dmo.scoring.loss import METRIC as LOSS_METRIC
 from dmo.scoring.loss import ValidationLoss, score_of, split_benchmarks
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
 from dmo.scoring.metrics import MetricSpec, own_metrics
-from dmo.scoring.vllm_engine import (
+from dmo.scoring.vllm.engine import (
     adapter_rank,
     engine_kwargs,
     on_cpu,
@@ -184,7 +184,7 @@ class VLLMScorer(Scorer):
         """The lmms-eval model wrapping the live engine (built on first use)."""
         from transformers import AutoProcessor
 
-        from dmo.scoring.vllm_lmms import DmoVLLM
+        from dmo.scoring.vllm.lmms import DmoVLLM
 
         kwargs = self._engine_kwargs()
         self.served_rank = kwargs.get("max_lora_rank")
