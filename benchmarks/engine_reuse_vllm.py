@@ -33,7 +33,7 @@ from dmo.manifest import load_manifest
 from dmo.mixture import Mixture
 from dmo.scoring.base import ScoringContext, Target, make_scorer, score_targets
 from dmo.scoring.tasks import write_tiny_tasks
-from dmo.scoring.vllm_backend import VLLMScorer
+from dmo.scoring.vllm.backend import VLLMScorer
 
 DOMAINS = ("counting", "general", "ocr")
 BENCHMARKS = [f"dmo_tiny_{d}" for d in DOMAINS]

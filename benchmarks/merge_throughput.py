@@ -195,12 +195,12 @@ def child_copy(folder: Path, out: Path) -> dict:
 
 
 def child_dmo(folder: Path, out: Path, scale: float = 1.0) -> dict:
-    from dmo.merge.stream import merge_checkpoints
+    from dmo.merge.stream import MergeOptions, merge_checkpoints
 
     t0 = time.perf_counter()
     params = {} if scale == 1.0 else {"scale": scale}
     experts = {e: folder / e for e in WEIGHTS}
-    stats = merge_checkpoints(folder / "base", experts, WEIGHTS, out, params=params, kind="full")
+    stats = merge_checkpoints(folder / "base", experts, WEIGHTS, out, MergeOptions(params=params, kind="full"))
     return {"work_s": time.perf_counter() - t0, "read": stats.bytes_read, "written": stats.bytes_written}
 
 

@@ -208,7 +208,7 @@ def manifest_for(world: Any, spaces: Sequence[Space], fisher: dict[str, Path] | 
 
 def fisher_files(world: Any, out: Path) -> dict[str, Path]:
     """Each expert's Fisher weights, computed once into ``out`` (never into the world's cache)."""
-    from dmo.groundtruth.fisher import compute_fisher
+    from dmo.groundtruth.fisher_weights import compute_fisher
 
     files = {d: (out / f"{d}.safetensors").resolve() for d in world.config.domains}
     if all(p.exists() for p in files.values()):

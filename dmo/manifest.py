@@ -162,7 +162,7 @@ def set_expert_field(path: str | Path, field: str, values: dict[str, str]) -> st
     through the positions PyYAML reports. A string entry ``ocr: ./ocr`` becomes ``ocr: {path: ./ocr, fisher: x}``;
     a mapping gets the key added (or its value replaced). The result is validated as a manifest; a layout this
     cannot edit safely (an anchor shared by two experts, ...) raises :class:`DmoError`. Nothing is written here
-    (:func:`dmo.groundtruth.fisher.record_in_manifest` writes it atomically).
+    (:func:`dmo.groundtruth.fisher_weights.record_in_manifest` writes it atomically).
     """
     path = Path(path)
     before = validate(ExpertManifest, read_yaml(path), str(path))

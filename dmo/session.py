@@ -361,10 +361,12 @@ def scorer_for(space: SearchSpace) -> Scorer:
 def write_results_report(results: Path, output: Path | None = None, storage: str | None = None, **kwargs: Any) -> Path:
     """``dmo report``: the HTML report of a results folder, with the studies of ``storage`` (default: its study.db)."""
     from dmo.analysis.html_report import write_report
+    from dmo.merge.registry import expert_at_vertex_methods
     from dmo.paths import scores_path
     from dmo.search.history import study_history
 
     folder = SpaceFolder.of(scores_path(Path(results)))
     url = storage or (folder.study_url if folder.study_db.exists() else None)
     studies, note = study_history(url) if url else (None, None)
-    return write_report(results, output, studies=studies, studies_note=note, **kwargs)
+    vertex = expert_at_vertex_methods()
+    return write_report(results, output, studies=studies, studies_note=note, expert_at_vertex=vertex, **kwargs)

@@ -239,7 +239,7 @@ def spy(owner, name):
 spy(warnings, 'filterwarnings'); spy(warnings, 'simplefilter')
 spy(logging.Logger, 'addFilter'); spy(logging.Logger, 'setLevel'); spy(logging, 'disable')
 import dmo
-skip = ('dmo.cli.__main__', 'dmo.scoring.vllm_worker', 'dmo.scoring.vllm_lmms', 'dmo.scoring.plugin',
+skip = ('dmo.cli.__main__', 'dmo.scoring.vllm.worker', 'dmo.scoring.vllm.lmms', 'dmo.scoring.plugin',
         'dmo.scoring.paper_tasks')
 for m in pkgutil.walk_packages(dmo.__path__, 'dmo.'):
     if not m.name.startswith(skip):
@@ -258,7 +258,7 @@ def test_the_graph_sees_real_dependencies() -> None:
     """The rules above would pass on an empty graph: check it holds edges that exist."""
     assert "dmo.search.trials" in _deps("dmo.session")
     assert "dmo.search.study" in _deps("dmo.search.trials")
-    assert "dmo.scoring.vllm_engine" in _deps("dmo.scoring.vllm_lmms")  # a function-level import
+    assert "dmo.scoring.vllm.engine" in _deps("dmo.scoring.vllm.lmms")  # a function-level import
     assert "optuna" in _external("dmo.search.storage")
     assert not _deps("dmo.errors")
 

@@ -25,10 +25,10 @@ from dmo.errors import DmoError
 from dmo.merge import registry
 from dmo.merge.dare import dare, dare_ties, keep_mask
 from dmo.merge.experts import ParamFilter
-from dmo.merge.fisher import fisher, fisher_nn
+from dmo.merge.fisher_merge import fisher, fisher_nn
 from dmo.merge.live import ExpertBank
 from dmo.merge.spectral import iso, svd
-from dmo.merge.stream import merge_checkpoints
+from dmo.merge.stream import MergeOptions, merge_checkpoints
 from dmo.merge.ties import ties
 from dmo.merge.wudi import Quadratic, wudi, wudi2
 
@@ -195,7 +195,8 @@ def run_chunked(method: str, deltas: torch.Tensor, weights: torch.Tensor, chunk:
     k = deltas.shape[0]
     flat = deltas.reshape(k, -1)
     n = flat.shape[1]
-    method = spec.chunked(weights, n, **{**spec.defaults, **params})
+    name = params.pop("name", "")
+    method = spec.make_chunked(weights, n, name, params)
     if method.stats:
         for i in range(k):
             for lo in range(0, n, chunk):
@@ -281,15 +282,16 @@ def test_weight_average_renormalises_and_unweighted_is_the_mean_of_the_present()
 def test_weight_average_matches_mergekit_linear(tmp_path: Path) -> None:
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
+    from mergekit.merge import MergeOptions as MergekitOptions
+    from mergekit.merge import run_merge
 
     base, experts = make_set(tmp_path, torch.float32, n=3, shards=1, seed=3)
     weights = {"e0": 0.5, "e1": 0.3, "e2": 0.4}  # sum 1.2: mergekit's linear (normalize: true) divides by it
     models = [{"model": str(experts[e]), "parameters": {"weight": w}} for e, w in weights.items()]
     config = {"merge_method": "linear", "dtype": "float32", "out_dtype": "float32", "models": models}
-    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
+    options = MergekitOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
     run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mk"), options=options)
-    merge_checkpoints(base, experts, weights, tmp_path / "dmo", method="weight_average", exclude=[])
+    merge_checkpoints(base, experts, weights, tmp_path / "dmo", MergeOptions(method="weight_average", exclude=[]))
     theirs = load_model(tmp_path / "mk")
     ours = load_model(tmp_path / "dmo")
     for k in theirs:
@@ -644,8 +646,13 @@ def test_streaming_in_tiny_chunks_and_threads_equals_the_pure_function(
     # the dyadic set's repeated rows make degenerate spectra, where TSV's truncation is not unique: random for svd
     base, experts = make_set(tmp_path, torch.float32, n=3, seed=2) if method == "svd" else _dyadic_set(tmp_path, 2)
     weights = {"e0": 0.2, "e1": 0.5, "e2": 0.3}
-    merge_checkpoints(base, experts, weights, tmp_path / "out", method=method, params=params, exclude=[], chunk=64,
-                      threads=2)  # fmt: skip
+    merge_checkpoints(
+        base,
+        experts,
+        weights,
+        tmp_path / "out",
+        MergeOptions(method=method, params=params, exclude=[], chunk=64, threads=2),
+    )
     want = _reference(base, experts, weights, method, params)
     got = load_model(tmp_path / "out")
     for k in want:
@@ -670,7 +677,9 @@ def test_fisher_streams_with_the_experts_fisher_files(tmp_path: Path, method: st
     base, experts = make_set(tmp_path, torch.float32, n=3, shards=2, visual=True, seed=4)
     files = _fisher_files(tmp_path, experts, 40)
     weights = {"e0": 0.5, "e1": 0.3, "e2": 0.2}
-    stats = merge_checkpoints(base, experts, weights, tmp_path / "out", method=method, extra={"fisher": files})
+    stats = merge_checkpoints(
+        base, experts, weights, tmp_path / "out", MergeOptions(method=method, extra={"fisher": files})
+    )
     keep = ParamFilter("full")
     fishers = [load_model(files[e]) for e in weights]
     want = _reference(base, experts, weights, method, {}, keep=keep, extra={"fisher": fishers})
@@ -685,23 +694,27 @@ def test_fisher_bad_input(tmp_path: Path) -> None:
     base, experts = make_set(tmp_path, torch.float32, n=2, shards=1, seed=5)
     weights = {"e0": 0.5, "e1": 0.5}
     with pytest.raises(DmoError, match="needs each expert's fisher weights"):
-        merge_checkpoints(base, experts, weights, tmp_path / "a", method="fisher")
+        merge_checkpoints(base, experts, weights, tmp_path / "a", MergeOptions(method="fisher"))
     files = _fisher_files(tmp_path, experts, 1)
     with pytest.raises(DmoError, match="fisher weights given, but merge method 'svd' takes no per-expert inputs"):
-        merge_checkpoints(base, experts, weights, tmp_path / "a", method="svd", extra={"fisher": files})
+        merge_checkpoints(base, experts, weights, tmp_path / "a", MergeOptions(method="svd", extra={"fisher": files}))
     with pytest.raises(DmoError, match="no fisher weights given for expert 'e1'"):
         merge_checkpoints(
-            base, experts, weights, tmp_path / "a", method="fisher", extra={"fisher": {"e0": files["e0"]}}
+            base, experts, weights, tmp_path / "a", MergeOptions(method="fisher", extra={"fisher": {"e0": files["e0"]}})
         )
     fisher_e1 = load_model(files["e1"])
     fisher_e1["model.norm.weight"] = torch.ones(3)
     save_file(fisher_e1, str(files["e1"] / "fisher_weights.safetensors"))
     with pytest.raises(DmoError, match=r"fisher weights of expert 'e1' give model.norm.weight the shape \[3\]"):
-        merge_checkpoints(base, experts, weights, tmp_path / "a", method="fisher", extra={"fisher": files})
+        merge_checkpoints(
+            base, experts, weights, tmp_path / "a", MergeOptions(method="fisher", extra={"fisher": files})
+        )
     del fisher_e1["model.norm.weight"]
     save_file(fisher_e1, str(files["e1"] / "fisher_weights.safetensors"))
     with pytest.raises(DmoError, match="fisher weights of expert 'e1' .* have no tensor for model.norm.weight"):
-        merge_checkpoints(base, experts, weights, tmp_path / "a", method="fisher_nn", extra={"fisher": files})
+        merge_checkpoints(
+            base, experts, weights, tmp_path / "a", MergeOptions(method="fisher_nn", extra={"fisher": files})
+        )
     assert not (tmp_path / "a").exists()
 
 
@@ -716,9 +729,57 @@ def test_live_bank_merges_matrix_and_fisher_methods_like_the_stream(tmp_path: Pa
     cases = [("svd", {"weighted": False}), ("iso", {}), ("wudi", {"iterations": 30}), ("fisher", {})]
     for method, params in cases:
         out = tmp_path / f"out-{method}"
-        merge_checkpoints(base, experts, weights, out, method=method, params=params, exclude=[],
-                          extra={"fisher": files} if method == "fisher" else None)  # fmt: skip
+        merge_checkpoints(
+            base,
+            experts,
+            weights,
+            out,
+            MergeOptions(
+                method=method, params=params, exclude=[], extra={"fisher": files} if method == "fisher" else None
+            ),
+        )
         proxy = load_model(base) | {k: v.cpu() for k, v in bank.merged(weights, method, params)}
         assert_same_model(proxy, load_model(out))
     with pytest.raises(DmoError, match="needs the fisher weights of every expert"):
         dict(ExpertBank.open(base, experts).merged(weights, "fisher_nn"))
+
+
+def test_a_method_declares_its_parameters_once() -> None:
+    """The chunked form takes the function's parameters without defaults of its own (dare's normalize=False and
+    dare_ties' normalize=True reach the stream as the functions declare them); a form that disagrees is refused."""
+    assert registry.get_method("ties").make_chunked(torch.ones(2), 6, "x", {}).density == 0.2
+    assert registry.get_method("dare").make_chunked(torch.ones(2), 6, "x", {}).normalize is False
+    assert registry.get_method("dare_ties").make_chunked(torch.ones(2), 6, "x", {}).normalize is True
+
+    class OwnDefault(registry.Chunked):
+        def __init__(self, weights, numel, name="", *, scale: float = 2.0):
+            super().__init__(weights, numel, name)
+
+        def merge(self, deltas, lo):
+            return deltas.sum(0)
+
+    def fn(deltas, weights, scale: float = 1.0):
+        return deltas.sum(0)
+
+    with pytest.raises(DmoError, match="gives 'scale' a default of its own"):
+        registry.merge_method("own_default_test", chunked=OwnDefault)(fn)
+
+    def other(deltas, weights, density: float = 1.0):
+        return deltas.sum(0)
+
+    with pytest.raises(DmoError, match="takes \\['scale'\\] but its function \\['density'\\]"):
+        registry.merge_method("mismatch_test", chunked=OwnDefault)(other)
+    assert "own_default_test" not in registry.method_names() and "mismatch_test" not in registry.method_names()
+
+
+def test_capabilities_are_fields_of_the_registry_entry() -> None:
+    """Which methods stream as a weighted sum and which merge one expert into itself: asked of the entry."""
+    linear = {m for m in registry.method_names() if registry.get_method(m).lora_exact}
+    assert linear == {"linear", "task_arithmetic", "weight_average"}
+    assert registry.get_method("linear").linear_coefficients({"a": 0.5, "b": 0.25}, {"scale": 2.0}) == {
+        "a": 1.0,
+        "b": 0.5,
+    }
+    assert registry.get_method("weight_average").linear_coefficients({"a": 3.0, "b": 1.0}, {}) == {"a": 0.75, "b": 0.25}
+    assert registry.get_method("ties").linear_coefficients({"a": 1.0}, {}) is None
+    assert set(registry.expert_at_vertex_methods()) == linear

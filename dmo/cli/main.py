@@ -345,7 +345,7 @@ def fisher_command(
     ] = True,
 ) -> None:
     """Diagonal Fisher weights of each expert on its domain's data, for 'dmo merge --method fisher / fisher_nn'."""
-    from dmo.groundtruth.fisher import compute_fisher, record_in_manifest
+    from dmo.groundtruth.fisher_weights import compute_fisher, record_in_manifest
     from dmo.progress import progress_bar
 
     with progress_bar("samples", description="fisher {task.description}", console=err, transient=True) as bar:

@@ -3,7 +3,7 @@
 ``lora`` reads LoRA experts and builds the exact linear proxy in memory (as one LoRA adapter or as dense deltas),
 ``dense`` applies deltas to weights, ``names`` reconciles checkpoint and live parameter names, ``registry`` holds the
 merge methods by name (``linear``/``task_arithmetic`` and ``weight_average`` there, ``ties``, ``dare``/``dare_ties``,
-``robustmerge``, ``spectral`` (``svd``, ``iso``), ``wudi`` (``wudi``, ``wudi2``) and ``fisher`` (``fisher``,
+``robustmerge``, ``spectral`` (``svd``, ``iso``), ``wudi`` (``wudi``, ``wudi2``) and ``fisher_merge`` (``fisher``,
 ``fisher_nn``) in their own modules). At checkpoint scale, ``checkpoint`` reads and writes safetensors tensor by
 tensor, ``stream`` merges whole checkpoints (full fine-tunes and/or LoRA adapters) into a dense model with bounded
 memory, ``live`` merges experts held on a device for any mixture, and ``proxy`` writes a proxy as a dense model or one

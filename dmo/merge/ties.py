@@ -251,11 +251,12 @@ class TiesChunks(Chunked):
         weights: Tensor,
         numel: int,
         name: str = "",
-        density: float = 0.2,
-        consensus: str = "sum",
-        normalize: bool = True,
-        scale: float = 1.0,
-        weighted: bool = True,
+        *,
+        density: float,
+        consensus: str,
+        normalize: bool,
+        scale: float,
+        weighted: bool,
     ):
         super().__init__(weights, numel, name)
         _check_density(density)

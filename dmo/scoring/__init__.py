@@ -1,5 +1,5 @@
 """Scoring a model on benchmarks: the :class:`~dmo.scoring.base.Scorer` interface and its registry (``base``), the
-backends (``hf_backend``, ``vllm_backend`` with ``vllm_engine``/``vllm_worker``/``vllm_lmms``, ``replay_backend``),
+backends (``hf_backend``, the ``vllm`` package: ``backend``, ``engine``, ``worker``, ``lmms``; ``replay_backend``),
 lmms-eval glue (``evaluate``, ``lmms_model``, ``plugin``, ``tasks``, ``paper_tasks``) and the metric map
 (``metrics``). Nothing here knows Optuna.
 """

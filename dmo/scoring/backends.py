@@ -47,4 +47,4 @@ class VLLMOptions(BackendOptions):
 #: the hf backend has no options of its own (limit, batch size and device are common to all: ScoringContext)
 HF = Backend("dmo.scoring.hf_backend:HFScorer")
 REPLAY = Backend("dmo.scoring.replay_backend:ReplayScorer", ReplayOptions)
-VLLM = Backend("dmo.scoring.vllm_backend:VLLMScorer", VLLMOptions)
+VLLM = Backend("dmo.scoring.vllm.backend:VLLMScorer", VLLMOptions)

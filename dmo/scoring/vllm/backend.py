@@ -7,7 +7,7 @@ The base model is loaded once. A target reaches the engine in one of two ways:
   multi-LoRA support: one ``LoRARequest`` per proxy, so switching costs an adapter load and several proxies can
   be in flight together (:meth:`VLLMScorer.evaluate_many`);
 * **write**: every other proxy (full experts, TIES, DARE, a full trained model) is merged on the GPU by dmo's
-  worker extension (:mod:`dmo.scoring.vllm_worker`) from expert tensors read once, and written into the live
+  worker extension (:mod:`dmo.scoring.vllm.worker`) from expert tensors read once, and written into the live
   weights through the model's own ``load_weights``. After every write the engine's prefix cache and multimodal
   caches are reset, so no KV computed under the previous proxy answers for the new one.
 
@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from dmo.errors import DmoError
 from dmo.manifest import ExpertManifest
-from dmo.merge.experts import expert_kind
+from dmo.merge.experts import expert_kind, merge_filter
 from dmo.merge.families import check_family
 from dmo.merge.inputs import inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, check_same_base, fingerprint, load_lora, write_adapter
@@ -41,7 +41,7 @@ from dmo.scoring.loss import METRIC as LOSS_METRIC
 from dmo.scoring.loss import ValidationLoss, score_of, split_benchmarks
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
 from dmo.scoring.metrics import MetricSpec, own_metrics
-from dmo.scoring.vllm_engine import (
+from dmo.scoring.vllm.engine import (
     adapter_rank,
     engine_kwargs,
     on_cpu,
@@ -142,7 +142,9 @@ class VLLMScorer(Scorer):
         """The LoRA experts, keyed by domain (empty for a manifest of full experts)."""
         if self.manifest.kind != "lora":
             return {}
-        out = {d: load_lora(self._path(ref, f"expert {d!r}")) for d, ref in self.manifest.experts.items()}
+        # what a merge keeps at the base is dropped here, as dmo merge does: both routes serve the same proxy
+        keep = merge_filter(self.manifest.base.path, "lora")
+        out = {d: keep.adapter(load_lora(self._path(ref, f"expert {d!r}"))) for d, ref in self.manifest.experts.items()}
         check_same_base(list(out.items()), str(self.manifest.base.path))
         return out
 
@@ -192,7 +194,7 @@ class VLLMScorer(Scorer):
         """The lmms-eval model wrapping the live engine (built on first use)."""
         from transformers import AutoProcessor
 
-        from dmo.scoring.vllm_lmms import DmoVLLM
+        from dmo.scoring.vllm.lmms import DmoVLLM
 
         kwargs = self._engine_kwargs()
         self.served_rank = kwargs.get("max_lora_rank")
@@ -343,9 +345,16 @@ class VLLMScorer(Scorer):
             )
         write_adapter(folder, config, tensors, overwrite=True, metadata={"dmo_fingerprint": folder.name})
 
-    def _bank(self, key: str, experts: dict[str, str], inputs: dict[str, dict[str, str]] | None = None) -> None:
+    def _bank(
+        self,
+        key: str,
+        experts: dict[str, str],
+        inputs: dict[str, dict[str, str]] | None = None,
+        exclude: list[str] | None = None,
+    ) -> None:
+        """Open a bank in the workers; ``exclude=None`` filters as ``dmo merge`` does, ``[]`` keeps every change."""
         if key not in self._banks:
-            args = (key, str(self.manifest.base.path), experts, self.store) + ((False, inputs) if inputs else ())
+            args = (key, str(self.manifest.base.path), experts, self.store, False, inputs or None, exclude)
             self.lmm.llm.collective_rpc("dmo_open_bank", args=args)
             self._banks.add(key)
 
@@ -394,7 +403,7 @@ class VLLMScorer(Scorer):
         if target.kind == "trained":
             path = str(trained_path(self.manifest, target))
             key = f"trained:{path}"
-            self._bank(key, {"trained": path})
+            self._bank(key, {"trained": path}, exclude=[])  # a trained model is scored as trained, not merged
             self._write(key, {"trained": 1.0}, "linear", {}, fp)
             return fp, None
         experts = {d: str(self._path(r, f"expert {d!r}")) for d, r in self.manifest.experts.items()}
