@@ -162,3 +162,26 @@ def test_hf_backend_proxies_equal_the_streaming_merge(lora_world: dict, tmp_path
     assert_same_model(mine, load_model(tmp_path / "out"))
     other = Target("proxy", target.mixture, method=method, params=(("density", 0.9),) if method == "ties" else ())
     assert (scorer.fingerprint(other) != scorer.fingerprint(target)) is (other.params != target.params)
+
+
+def test_merged_targets_are_fingerprinted_with_their_parameter_filter(lora_world: dict) -> None:
+    """A score cached under another filter (an older dmo's, which wrote everything a full expert changed) must not be
+    read back for a proxy merged through this one: the filter is part of an expert's and a proxy's fingerprint."""
+    pytest.importorskip("lmms_eval")
+    from dmo.manifest import ExpertManifest
+    from dmo.merge.experts import ParamFilter
+    from dmo.mixture import Mixture
+    from dmo.scoring.base import Target
+    from dmo.scoring.hf_backend import HFScorer
+
+    paper, everything = ParamFilter("lora"), ParamFilter("lora", exclude=[])
+    assert paper.id() == ParamFilter("lora").id() and paper.id() != everything.id() != ParamFilter("full").id()
+    experts = {k: lora_world["experts"][k] for k in ("a", "b")}
+    manifest = ExpertManifest.model_validate(
+        {"name": "m", "base": {"path": lora_world["base"]}, "experts": {k: {"path": p} for k, p in experts.items()}}
+    )
+    scorer = HFScorer(manifest, device="cpu")
+    proxy = Target("proxy", Mixture.from_mapping({"a": 0.3, "b": 0.7}, ("a", "b")))
+    for target in (proxy, Target("expert", domain="a")):
+        assert scorer.fingerprint(target).endswith(f":f{paper.id()}")
+    assert "f" + paper.id() not in scorer.fingerprint(Target("base"))

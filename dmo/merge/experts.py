@@ -5,6 +5,8 @@ and the filter of which tensors are merged. Kept apart from the planning and run
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -124,6 +126,12 @@ class ParamFilter:
             "include": None if self.include is None else [p.pattern for p in self.include],
             "exclude": [p.pattern for p in self.exclude],
         }
+
+    def id(self) -> str:
+        """A short hash of the patterns: part of a merged target's fingerprint, so a score cached under another
+        filter (an older dmo's, or other patterns) is never taken for this one's."""
+        blob = json.dumps(self.describe(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def merge_filter(

@@ -21,7 +21,7 @@ import torch
 from dmo.errors import DmoError
 from dmo.manifest import ExpertManifest
 from dmo.merge.dense import applied_delta
-from dmo.merge.experts import expert_kind, merge_filter
+from dmo.merge.experts import ParamFilter, expert_kind, merge_filter
 from dmo.merge.inputs import fisher_paths, inputs_id, method_inputs
 from dmo.merge.live import ExpertBank
 from dmo.merge.lora import LoraAdapter, adapter_to, check_same_base, expert_delta, fingerprint, load_lora, lora_delta
@@ -190,6 +190,8 @@ class HFScorer(Scorer):
         if target.kind == "proxy":  # a recomputed Fisher file is another proxy
             inputs = inputs_id(method_inputs(self.manifest, weights, method))
             fp += f":{inputs}" if inputs else ""
+        if target.kind != "trained":  # experts and proxies are filtered (trained models are scored as they are)
+            fp += f":f{ParamFilter(self.manifest.kind).id()}"
         return fp
 
     def _is_full(self, target: Target) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from dmo.errors import DmoError
 from dmo.manifest import ExpertManifest
-from dmo.merge.experts import expert_kind, merge_filter
+from dmo.merge.experts import ParamFilter, expert_kind, merge_filter
 from dmo.merge.families import check_family
 from dmo.merge.inputs import inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, check_same_base, fingerprint, load_lora, write_adapter
@@ -287,6 +287,7 @@ class VLLMScorer(Scorer):
         weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
         inputs = inputs_id(method_inputs(self.manifest, weights, method)) if target.kind == "proxy" else ""
         inputs = f":{inputs}" if inputs else ""  # a recomputed Fisher file is another proxy
+        inputs += f":f{ParamFilter(self.manifest.kind).id()}"  # experts and proxies are merged through the filter
         if self._lora_experts:
             return f"{base}:{fingerprint(self._lora_experts, weights, method, dict(target.params))}{inputs}"
         ids = sorted((folder_id(self._path(self.manifest.experts[d], d)), w) for d, w in weights.items())
