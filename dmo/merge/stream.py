@@ -297,7 +297,8 @@ class _Runner:
     def _write(self, plan: Plan, data: Tensor, lo: int) -> None:
         flat = data.reshape(-1)
         raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
-        mv = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
+        # numpy arrays are buffers; numpy's stubs do not say so
+        mv = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")  # type: ignore[arg-type]
         self.writer.write(plan.out, mv, lo * plan.out.dtype.itemsize)
 
     def _copy(self, blk: _Block, staging: dict[torch.dtype, Tensor]) -> None:

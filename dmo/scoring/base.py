@@ -149,10 +149,16 @@ class Scorer(abc.ABC):
 
     #: Short backend name recorded in every row's ``source``.
     name: str = ""
-    #: How many targets one :meth:`evaluate_many` call scores together (``dmo study --batch`` may not exceed it).
-    max_batch: int = 1
-    #: Trials a study runs at once when ``--batch`` is not given.
-    default_batch: int = 1
+
+    @property
+    def max_batch(self) -> int:
+        """How many targets one :meth:`evaluate_many` call scores together (``dmo study --batch`` may not exceed it)."""
+        return 1
+
+    @property
+    def default_batch(self) -> int:
+        """Trials a study runs at once when ``--batch`` is not given."""
+        return 1
 
     @classmethod
     def from_context(cls, context: ScoringContext, options: Any) -> Scorer:

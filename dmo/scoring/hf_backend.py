@@ -61,13 +61,13 @@ class HFScorer(Scorer):
     def __init__(
         self,
         manifest: ExpertManifest,
-        include_path: Path | None = None,
+        include_path: Path | list[Path] | None = None,
         limit: int | None = None,
         batch_size: int = 64,
         device: str = "auto",
         metric_map: Mapping[str, MetricSpec] | None = None,  # a space's own entries over the shipped map
     ) -> None:
-        local_base(manifest)
+        self.base = local_base(manifest)  # a hub id is refused here, in one line
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
@@ -85,24 +85,24 @@ class HFScorer(Scorer):
 
         hf_logging.disable_progress_bar()  # dmo draws its own bars; a per-load bar would interleave with them
         model, processor = load_pretrained(
-            self.manifest.base.path, device=self.device, trust_remote_code=self.manifest.trust_remote_code
+            self.base, device=self.device, trust_remote_code=self.manifest.trust_remote_code
         )
         return DmoLMM.from_model(model, processor, batch_size=self.batch_size, name=self.manifest.name)
 
     @cached_property
     def _names(self) -> KeyMap:
-        return KeyMap.for_config(self.manifest.base.path)
+        return KeyMap.for_config(self.base)
 
     @cached_property
     def experts(self) -> dict[str, LoraAdapter]:
         """The LoRA experts without what a merge keeps at the base (empty for a manifest of full experts)."""
         if self.manifest.kind != "lora":
             return {}
-        keep = merge_filter(self.manifest.base.path, "lora")
+        keep = merge_filter(self.base, "lora")
         out = {}
         for domain in self.manifest.experts:
             out[domain] = self._on_device(keep.adapter(load_lora(self._expert_path(domain), names=self._names)))
-        check_same_base(list(out.items()), str(self.manifest.base.path))
+        check_same_base(list(out.items()), str(self.base))
         return out
 
     def _expert_path(self, domain: str) -> Path:
@@ -113,7 +113,7 @@ class HFScorer(Scorer):
 
     def _bank(self, key: str, experts: dict[str, Path], **options: Any) -> ExpertBank:
         if key not in self._banks:
-            self._banks[key] = ExpertBank.open(self.manifest.base.path, experts, device=self.device, **options)
+            self._banks[key] = ExpertBank.open(self.base, experts, device=self.device, **options)
         return self._banks[key]
 
     def _full_delta(self, target: Target) -> dict[str, torch.Tensor] | None:
@@ -174,7 +174,7 @@ class HFScorer(Scorer):
 
     def fingerprint(self, target: Target) -> str:
         if target.kind == "base":
-            return f"base:{folder_id(self.manifest.base.path)}"
+            return f"base:{folder_id(self.base)}"
         method, params = target.method or "linear", dict(target.params)
         if self._is_full(target):
             path = trained_path(self.manifest, target) if target.kind == "trained" else None
@@ -183,10 +183,10 @@ class HFScorer(Scorer):
                 [folder_id(path)] if path else sorted((folder_id(self._expert_path(d)), w) for d, w in weights.items())
             )
             payload = repr((target.kind, method, sorted(params.items()), ids))
-            fp = f"{folder_id(self.manifest.base.path)}:full:{hashlib.sha256(payload.encode()).hexdigest()}"
+            fp = f"{folder_id(self.base)}:full:{hashlib.sha256(payload.encode()).hexdigest()}"
         else:
             adapters, weights = self._parts(target)
-            fp = f"{folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, method, params)}"
+            fp = f"{folder_id(self.base)}:{fingerprint(adapters, weights, method, params)}"
         if target.kind == "proxy":  # a recomputed Fisher file is another proxy
             inputs = inputs_id(method_inputs(self.manifest, weights, method))
             fp += f":{inputs}" if inputs else ""
@@ -238,6 +238,7 @@ class HFScorer(Scorer):
         params = spec.check_params(dict(target.params))
         if spec.lora_exact or target.kind != "proxy":
             coef = spec.linear_coefficients(weights, params) if target.kind == "proxy" else weights
+            assert coef is not None  # lora_exact methods have linear coefficients
             if len(adapters) == 1:
                 ((name, adapter),) = adapters.items()
                 return {k: v.mul_(coef[name]) for k, v in expert_delta(adapter).items()}

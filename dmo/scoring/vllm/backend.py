@@ -92,7 +92,7 @@ class VLLMScorer(Scorer):
     def __init__(
         self,
         manifest: ExpertManifest,
-        include_path: Path | None = None,
+        include_path: Path | list[Path] | None = None,
         limit: int | None = None,
         *,
         lora: bool | None = None,
@@ -107,9 +107,9 @@ class VLLMScorer(Scorer):
         llm_factory: Callable[..., Any] | None = None,
         metric_map: Mapping[str, MetricSpec] | None = None,
     ) -> None:
-        local_base(manifest)
+        self.base = local_base(manifest)  # a hub id is refused here, in one line
         # which adapters vLLM can serve depends on where the family keeps its vision tower and projector
-        check_family(manifest.base.path)
+        check_family(self.base)
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
@@ -143,9 +143,9 @@ class VLLMScorer(Scorer):
         if self.manifest.kind != "lora":
             return {}
         # what a merge keeps at the base is dropped here, as dmo merge does: both routes serve the same proxy
-        keep = merge_filter(self.manifest.base.path, "lora")
+        keep = merge_filter(self.base, "lora")
         out = {d: keep.adapter(load_lora(self._path(ref, f"expert {d!r}"))) for d, ref in self.manifest.experts.items()}
-        check_same_base(list(out.items()), str(self.manifest.base.path))
+        check_same_base(list(out.items()), str(self.base))
         return out
 
     def _path(self, ref: Any, what: str) -> Path:
@@ -183,7 +183,7 @@ class VLLMScorer(Scorer):
                         VLLM_MAX_LORA_RANK)  # fmt: skip
             self.lora, rank = False, 0
         return engine_kwargs(
-            Path(self.manifest.base.path), lora_rank=rank, max_lora_rank=self.max_lora_rank if self.lora else None,
+            self.base, lora_rank=rank, max_lora_rank=self.max_lora_rank if self.lora else None,
             max_loras=self.max_loras,
             gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len, dtype=self.dtype,
             trust_remote_code=self.manifest.trust_remote_code, extra=self.engine_extra,
@@ -205,7 +205,7 @@ class VLLMScorer(Scorer):
             factory = LLM
         llm = factory(**kwargs)
         processor = AutoProcessor.from_pretrained(
-            self.manifest.base.path, local_files_only=True, trust_remote_code=self.manifest.trust_remote_code
+            self.base, local_files_only=True, trust_remote_code=self.manifest.trust_remote_code
         )
         self._written, self._written_bank, self._banks = None, None, set()
         self.processor = processor
@@ -215,7 +215,7 @@ class VLLMScorer(Scorer):
     def _experts_bank(self) -> str:
         """The worker's key for this manifest's experts (an engine may serve more than one manifest's)."""
         refs = sorted((d, str(r.path)) for d, r in self.manifest.experts.items())
-        return "experts:" + hashlib.sha256(repr((str(self.manifest.base.path), refs)).encode()).hexdigest()[:16]
+        return "experts:" + hashlib.sha256(repr((str(self.base), refs)).encode()).hexdigest()[:16]
 
     @property
     def max_batch(self) -> int:
@@ -256,6 +256,10 @@ class VLLMScorer(Scorer):
     # ------------------------------------------------------------------------------------------------ targets
 
     def _weights(self, target: Target) -> dict[str, float]:
+        """An expert's or a proxy's coefficient per domain."""
+        if target.kind == "expert":
+            assert target.domain is not None
+            return {target.domain: 1.0}
         assert target.mixture is not None
         weights = {d: w for d, w in target.mixture.as_dict().items() if w != 0}
         missing = [d for d in weights if d not in self.manifest.experts]
@@ -278,13 +282,13 @@ class VLLMScorer(Scorer):
         return "adapter" if spec.lora_exact or spec.inputs == "lora" else "write"
 
     def fingerprint(self, target: Target) -> str:
-        base = folder_id(Path(self.manifest.base.path))
+        base = folder_id(self.base)
         if target.kind == "base":
             return f"base:{base}"
         if target.kind == "trained":
             return f"{base}:trained:{folder_id(trained_path(self.manifest, target))}"
         method = target.method or "linear"
-        weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
+        weights = self._weights(target)
         inputs = inputs_id(method_inputs(self.manifest, weights, method)) if target.kind == "proxy" else ""
         inputs = f":{inputs}" if inputs else ""  # a recomputed Fisher file is another proxy
         inputs += f":f{ParamFilter(self.manifest.kind).id()}"  # experts and proxies are merged through the filter
@@ -350,12 +354,13 @@ class VLLMScorer(Scorer):
         self,
         key: str,
         experts: dict[str, str],
-        inputs: dict[str, dict[str, str]] | None = None,
+        inputs: Mapping[str, Mapping[str, Path]] | None = None,
         exclude: list[str] | None = None,
     ) -> None:
         """Open a bank in the workers; ``exclude=None`` filters as ``dmo merge`` does, ``[]`` keeps every change."""
         if key not in self._banks:
-            args = (key, str(self.manifest.base.path), experts, self.store, False, inputs or None, exclude)
+            files = {k: {e: str(f) for e, f in v.items()} for k, v in (inputs or {}).items()}  # plain data for the RPC
+            args = (key, str(self.base), experts, self.store, False, files or None, exclude)
             self.lmm.llm.collective_rpc("dmo_open_bank", args=args)
             self._banks.add(key)
 
@@ -408,7 +413,7 @@ class VLLMScorer(Scorer):
             self._write(key, {"trained": 1.0}, "linear", {}, fp)
             return fp, None
         experts = {d: str(self._path(r, f"expert {d!r}")) for d, r in self.manifest.experts.items()}
-        weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
+        weights = self._weights(target)
         method = target.method or "linear"
         # fisher / fisher_nn: a bank that also holds every expert's Fisher weights, beside the plain one
         inputs = method_inputs(self.manifest, self.manifest.domains, method) if target.kind == "proxy" else {}

@@ -32,7 +32,7 @@ import torch
 
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
-from dmo.merge.live import ExpertBank
+from dmo.merge.live import ExpertBank, Store
 
 
 def packed_modules(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -87,7 +87,7 @@ class DmoWorkerExtension:
         key: str,
         base: str,
         experts: dict[str, str],
-        store: str = "device",
+        store: Store = "device",
         allow_bin: bool = False,
         inputs: dict[str, dict[str, str]] | None = None,
         exclude: list[str] | None = None,
@@ -108,7 +108,7 @@ class DmoWorkerExtension:
             device=device,
             store=store,
             allow_bin=allow_bin,
-            extra=inputs,  # type: ignore[arg-type]
+            extra=inputs,
             exclude=exclude,
         )
         packed = packed_modules(model)
