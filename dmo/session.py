@@ -210,7 +210,7 @@ def calibrated_objective(
     experts = [Target("expert", domain=d) for d in domains]
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("ground truth for the calibration", total=len(experts) + len(kept))
-        score_targets(scorer, table, experts, benches, group=group)  # a failure is recorded: its vertex is left out
+        _score_each(scorer, table, experts, benches, group)  # an expert that fails: its vertex is left out (a note)
         bar.advance(task, len(experts))
         trained_errors = _score_each(scorer, table, kept, benches, group)
         bar.advance(task, len(kept))
