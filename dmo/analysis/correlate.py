@@ -147,16 +147,6 @@ def permutation_pvalue(null: np.ndarray, observed: float, exact: bool) -> float:
     return float(min(1.0, max(0.0, 2 * min(less, greater))))
 
 
-def spearman_permutation_test(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0) -> float:
-    """Two-sided permutation p-value of Spearman's rho (NaN when rho is undefined)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    rho = spearman(x, y)
-    if math.isnan(rho):
-        return math.nan
-    perms, exact = permutation_indices(len(x), n_perm, seed)
-    return permutation_pvalue(_rowwise_spearman(x[perms], np.broadcast_to(y, perms.shape)), rho, exact)
-
-
 def _top_share(v: np.ndarray, k: int) -> np.ndarray:
     """Probability of each item to be among the k largest when ties are broken uniformly at random."""
     kth = np.sort(v)[::-1][k - 1]
