@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 from dmo.errors import DmoError
-from dmo.groundtruth.trainer_losses import is_run_folder, loss_rows
 from dmo.mixture import Mixture, check_domain_name, from_paper_name
 from dmo.results import ResultsTable, ScoreRow, cache_key
 from dmo.scoring.metrics import MetricSpec, metric_spec, score_from_results
@@ -460,6 +459,8 @@ def ingest_rows(
 
     Unknown folders raise (listing them all) unless ``skip_unknown``; ``report`` receives what was skipped.
     """
+    from dmo.groundtruth.trainer_losses import is_run_folder, loss_rows
+
     root = Path(root)
     if is_run_folder(root):  # a dmo run folder: LLaMA-Factory's validation losses of its runs
         return loss_rows(root, domains=domains, group=group, report=report)

@@ -29,7 +29,6 @@ from dmo.groundtruth.recipe import PLAN
 from dmo.groundtruth.runs import RunFolder
 from dmo.mixture import Mixture
 from dmo.results import ScoreRow, cache_key
-from dmo.scoring.loss import METRIC, PREFIX
 
 SOURCE = "llamafactory-val-loss-v1"
 #: LLaMA-Factory's key of a domain's validation loss (its eval dataset ``<domain>-val``, dmo.groundtruth.data_mix)
@@ -96,6 +95,8 @@ def loss_rows(
     ``report``, as is an unfinished run or one without losses. Mixtures trained with ``interleave`` mixing are
     another ground truth (they have their own manifest): skipped, and said.
     """
+    from dmo.scoring.loss import METRIC, PREFIX  # (imports torch)
+
     folder = RunFolder(root)
     runs = folder.runs()
     if domains is None:
