@@ -8,11 +8,10 @@ A :class:`Session` holds one space, its expert manifest, the scorer and the resu
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +26,9 @@ from dmo.scoring.base import Scorer, ScoringContext, Target, TargetRefused, make
 from dmo.search.study import StudyResult, study_paths
 from dmo.search.trials import ScoreObjective, proxy_target, run_study
 from dmo.sources import is_source_name, resolve_source
+
+if TYPE_CHECKING:
+    from dmo.calibration import CalibrationPoints
 
 
 @dataclass
@@ -140,8 +142,8 @@ def trained_targets(space: SearchSpace, manifest: ExpertManifest) -> tuple[list[
 @dataclass
 class CalibratedObjective:
     """A trial's objective under ``objective: {calibrate: ...}``: the space's aggregate of the trained scores that the
-    calibration predicts from the mixture and its proxy's scores, fitted on the points below (the experts at the
-    vertices, where the proxy is the expert, then every trained mixture of the space, mean over seeds)."""
+    calibration predicts from the mixture and its proxy's scores, fitted on the points below (the results table's
+    :func:`dmo.calibration.calibration_points`: the experts at the vertices, then the trained mixtures)."""
 
     space: SearchSpace
     method: str
@@ -179,11 +181,13 @@ def calibrated_objective(
     """The calibrated objective of ``space`` (``objective.calibrate``), fitted on its ground truth.
 
     Scores, through the cache, the experts, the manifest's trained models of mixtures in the space and the proxies
-    (the space's merge method) of the trained mixtures; then reads every trained score of the space's results table
-    (also those ingested from lmms-eval output). Deterministic in the table, so every worker of a study rebuilds the
-    same one. Refuses, in one line, a space with no trained mixture, or fewer than the method needs.
+    (the space's merge method) of every trained mixture of the space in the results table (also those ingested from
+    lmms-eval output) that has none yet; then fits on the table's calibration points
+    (:func:`dmo.calibration.calibration_points`, the rule ``dmo correlate`` and ``dmo suggest`` use too).
+    Deterministic in the table, so every worker of a study rebuilds the same one. Refuses, in one line, a space with
+    no trained mixture, or fewer than the method needs.
     """
-    from dmo.calibration import check_trained
+    from dmo.calibration import FOREIGN_NOTE, calibration_points, check_trained
 
     assert space.objective.calibrate is not None
     method = space.objective.calibrate.method
@@ -195,69 +199,54 @@ def calibrated_objective(
     experts = [Target("expert", domain=d) for d in domains]
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("ground truth for the calibration", total=len(experts) + len(kept))
-        found = score_targets(scorer, table, experts, benches, group=group)
+        _score_each(scorer, table, experts, benches, group)  # an expert that fails: its vertex is left out (a note)
         bar.advance(task, len(experts))
-        for t, (_, errors) in zip(experts, found):
-            if errors:
-                b, e = next(iter(errors.items()))
-                raise DmoError(f"{where}: expert {t.domain!r} has no score on {b!r} ({e}); the calibration needs it")
-        trained_errors = _score_trained(scorer, table, kept, benches, group)
+        trained_errors = _score_each(scorer, table, kept, benches, group)
         bar.advance(task, len(kept))
-    expert_scores = np.array([[s[b] for b in benches] for s, _ in found])
 
-    truth, foreign = _trained_scores(table, domains, benches)
-    notes = []
+    def points() -> CalibrationPoints:
+        return calibration_points(table.frame(), domains, benches, space.merge.method, group=group)
+
+    found = points()
+    if found.without_proxy:  # the proxies of trained mixtures not scored yet (a failure leaves its mixture out)
+        make = proxy_target(space)
+        targets = [make(Mixture(tuple(domains), tuple(w))) for w in found.without_proxy.values()]
+        _score_each(scorer, table, targets, benches, group)
+        found = points()
+    # the table's mixtures over other domains are noted below, together with the manifest's
+    notes = [f"{where}: {n}" for n in found.notes if not n.startswith(FOREIGN_NOTE)]
     if trained_errors:  # like any reference that fails: the others still count
         notes.append(
             f"{where}: {len(trained_errors)} trained model(s) of the manifest could not be scored and are left out; "
             f"first: {trained_errors[0]}"
         )
-    foreign_ids = sorted({*other, *foreign})
-    if foreign_ids:
+    foreign = sorted({*other, *found.foreign})
+    if foreign:
         notes.append(
-            f"{where}: ignored {len(foreign_ids)} trained mixture(s) over other domains than {domains}: "
-            + ", ".join(foreign_ids[:5])
-            + (", ..." if len(foreign_ids) > 5 else "")
+            f"{where}: ignored {len(foreign)} trained mixture(s) over other domains than {domains}: "
+            + ", ".join(foreign[:5])
+            + (", ..." if len(foreign) > 5 else "")
         )
-    if not truth:
-        why = f" (the {len(foreign_ids)} found are over other domains)" if foreign_ids else ""
+    if len(found.names) == found.n_vertices:
+        why = f" (the {len(foreign)} found are over other domains)" if foreign and not found.trained else ""
         raise DmoError(
             f"space {space.name!r} has no trained mixtures{why}: train some (dmo train mixtures, or dmo ingest their "
             "scores) or drop objective.calibrate"
         )
-    vertex = {tuple(np.eye(len(domains))[i]): i for i in range(len(domains))}
-    inside = [m for m in truth if tuple(m.weights) not in vertex]
     try:
-        check_trained(method, len(inside))
+        check_trained(method, found.n_trained)
     except DmoError as exc:
         raise DmoError(f"space {space.name!r}: objective.calibrate: {exc}") from None
-    make = proxy_target(space)
-    proxies = score_targets(scorer, table, [make(m) for m in inside], benches, group=group)
-    for m, (_, errors) in zip(inside, proxies):
-        if errors:
-            b, e = next(iter(errors.items()))
-            raise DmoError(f"{where}: the proxy of trained mixture {m.id} has no score on {b!r} ({e})")
-    # a trained model at a vertex is one more point there, whose proxy is the expert
-    at_vertex = [m for m in truth if tuple(m.weights) in vertex]
-    points = [*inside, *at_vertex]
-    proxy = [[s[b] for b in benches] for s, _ in proxies] + [
-        list(expert_scores[vertex[tuple(m.weights)]]) for m in at_vertex
-    ]
     return CalibratedObjective(
-        space,
-        method,
-        weights=np.vstack([np.eye(len(domains)), np.array([m.weights for m in points]).reshape(-1, len(domains))]),
-        proxy=np.vstack([expert_scores, np.array(proxy).reshape(-1, len(benches))]),
-        truth=np.vstack([expert_scores, np.array([truth[m] for m in points]).reshape(-1, len(benches))]),
-        n_trained=len(inside),
+        space, method, weights=found.weights, proxy=found.proxy, truth=found.truth, n_trained=found.n_trained,
         notes=notes,
-    )
+    )  # fmt: skip
 
 
-def _score_trained(
+def _score_each(
     scorer: Scorer, table: ResultsTable, targets: list[Target], benches: list[str], group: str
 ) -> list[str]:
-    """Score the manifest's trained models through the cache; what went wrong with each one that failed."""
+    """Score targets through the cache, each failure kept apart from the others; what went wrong with each one."""
     try:
         results = score_targets(scorer, table, targets, benches, group=group)
     except TargetRefused:  # a backend that refuses a target (replay: not recorded): one by one, to keep the others
@@ -270,41 +259,6 @@ def _score_trained(
     return [
         f"{t.label} seed {t.seed}: {next(iter(errors.values()))}" for t, (_, errors) in zip(targets, results) if errors
     ]
-
-
-def _trained_scores(
-    table: ResultsTable, domains: list[str], benches: list[str]
-) -> tuple[dict[Mixture, list[float]], list[str]]:
-    """Trained score per benchmark of every mixture over ``domains`` in the table with all of ``benches`` (the
-    newest row per seed, then the mean over seeds), and the ids of trained mixtures over other domains."""
-    mixtures: dict[str, Mixture] = {}
-    newest: dict[tuple[str, Any], dict[str, float]] = {}
-    foreign: set[str] = set()
-    for rec in table.records():
-        score = rec.get("score")
-        if rec.get("kind") != "trained" or rec.get("status", "ok") != "ok" or rec.get("benchmark") not in benches:
-            continue
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
-            continue
-        weights = {d: float(w) for d, w in (rec.get("weights") or {}).items()}
-        try:
-            if any(w > 0 and d not in domains for d, w in weights.items()):
-                raise DmoError("other domains")
-            m = mixtures.get(str(rec.get("mixture"))) or Mixture.from_mapping(
-                {d: weights.get(d, 0.0) for d in domains}, domains
-            )
-        except DmoError:
-            foreign.add(str(rec.get("mixture")))
-            continue
-        mixtures[m.id] = m
-        newest.setdefault((m.id, rec.get("seed")), {})[str(rec["benchmark"])] = float(score)  # file order: newest wins
-    per_mixture: dict[str, list[list[float]]] = {}
-    for (mid, _), scores in newest.items():
-        if all(b in scores for b in benches):
-            per_mixture.setdefault(mid, []).append([scores[b] for b in benches])
-    # sorted, so that the fit (and so every worker's objective) does not depend on the table's row order
-    mean = {mixtures[mid]: list(np.mean(v, axis=0)) for mid, v in sorted(per_mixture.items())}
-    return mean, sorted(foreign)
 
 
 def objective_for(space: SearchSpace, scorer: Scorer) -> ScoreObjective | None:

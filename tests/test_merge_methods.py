@@ -18,7 +18,7 @@ from dmo.errors import DmoError
 from dmo.merge import registry
 from dmo.merge.dare import dare, dare_ties, keep_mask
 from dmo.merge.robustmerge import robustmerge
-from dmo.merge.ties import magnitude_mask, ties
+from dmo.merge.ties import keep, ties, trim_rule
 
 # ------------------------------------------------------------------------------------------------------- registry
 
@@ -51,6 +51,13 @@ def test_linear_scale_and_merge_deltas_pass_the_parameter_name() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- TIES
+
+
+def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES's trim of one whole tensor: the ``max(1, int(density * numel))`` largest ``|x|``."""
+    mags = x.detach().abs().reshape(-1).to(torch.float32)
+    threshold, cut = trim_rule(mags, density)
+    return keep(mags, 0, threshold, cut).reshape(x.shape)
 
 
 def test_magnitude_mask_keeps_exactly_k_and_breaks_ties_by_index() -> None:

@@ -429,7 +429,8 @@ def ingest_command(
         Path,
         typer.Argument(
             help="lmms-eval outputs: ROOT/<model>/<benchmark>/**/*_results.json, or the DMO paper's eval_bench/ "
-            "(or one experiment folder of it)."
+            "(or one experiment folder of it); or a dmo run folder (dmo train --out): LLaMA-Factory's validation "
+            "losses of its finished runs as loss:<domain> rows."
         ),
     ],
     results: Annotated[
@@ -455,7 +456,8 @@ def ingest_command(
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Read and check everything, write nothing.")] = False,
 ) -> None:
-    """Read lmms-eval results of the base, experts, trained mixtures and merged proxies into a results table."""
+    """Read lmms-eval results of the base, experts, trained mixtures and merged proxies into a results table (or the
+    validation losses of a dmo run folder's trainings)."""
     from dmo.groundtruth.ingest import ingest
     from dmo.paths import SpaceFolder, scores_path
     from dmo.results import ResultsTable

@@ -460,9 +460,16 @@ def ingest_rows(
 ) -> list[ScoreRow]:
     """The results table rows of every (model, benchmark) under ``root``; raises before returning any if one is bad.
 
+    ``root`` a dmo run folder (``dmo train``'s ``--out``): the ``loss:<domain>`` rows of its finished runs instead
+    (:mod:`dmo.groundtruth.trainer_losses`).
+
     Unknown folders raise (listing them all) unless ``skip_unknown``; ``report`` receives what was skipped.
     """
+    from dmo.groundtruth.trainer_losses import is_run_folder, loss_rows
+
     root = Path(root)
+    if is_run_folder(root):  # a dmo run folder: LLaMA-Factory's validation losses of its runs
+        return loss_rows(root, domains=domains, group=group, report=report)
     found = scan(root, domains, budget=budget, candidates=candidates, metric_map=metric_map)
     if found.unknown and not skip_unknown:
         raise unknown_error(root, found.unknown)

@@ -18,7 +18,7 @@ import os
 import shutil
 import struct
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -494,7 +494,3 @@ def write_error(exc: OSError, path: Path, tensor: str | None) -> DmoError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DmoError(f"cannot write {what}: permission denied; choose another output folder")
     return DmoError(f"cannot write {what}: {exc.strerror or exc}")
-
-
-def tensor_bytes(infos: Iterable[TensorInfo]) -> int:
-    return sum(i.nbytes for i in infos)

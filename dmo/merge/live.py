@@ -326,17 +326,3 @@ class ModuleWriter:
                 param.copy_(value)
                 count += 1
         return count
-
-
-def load_into(load_weights: Callable[[Iterable[tuple[str, Tensor]]], Any], named: Iterable[tuple[str, Tensor]]) -> int:
-    """Feed ``named`` to a ``load_weights``-style callable, counting what went through."""
-    count = 0
-
-    def counted() -> Iterator[tuple[str, Tensor]]:
-        nonlocal count
-        for item in named:
-            count += 1
-            yield item
-
-    load_weights(counted())
-    return count
