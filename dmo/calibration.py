@@ -451,7 +451,10 @@ def calibration_points(
         at = _place(np.eye(k)[i])
         truth = experts.loc[d, list(benchmarks)].to_numpy(float)
         vertex_proxy[at] = proxy_at.loc[[at], list(benchmarks)].to_numpy(float)[0] if at in proxy_at.index else truth
-        names.append(d), w_rows.append(np.eye(k)[i]), p_rows.append(vertex_proxy[at]), t_rows.append(truth)
+        names.append(d)
+        w_rows.append(np.eye(k)[i])
+        p_rows.append(vertex_proxy[at])
+        t_rows.append(truth)
     if missing:
         notes.append(
             f"expert(s) {', '.join(missing)} without a score on every one of {', '.join(benchmarks)}: their vertices "
@@ -494,7 +497,10 @@ def calibration_points(
         )
     points.sort(key=lambda p: p[0])
     for mid, w, p, t in points:
-        names.append(mid), w_rows.append(w), p_rows.append(p), t_rows.append(t)
+        names.append(mid)
+        w_rows.append(w)
+        p_rows.append(p)
+        t_rows.append(t)
     n_inside = sum(1 for _, w, _, _ in points if np.count_nonzero(w > ZERO_WEIGHT) > 1)
     b = len(benchmarks)
     return CalibrationPoints(

@@ -79,10 +79,10 @@ def final_losses(folder: Path) -> tuple[dict[str, float], Path | None, str]:
     final = [e for e in evals if e.get("step") == last]
     if not final:
         return {}, None, f"its last validation loss is from step {evals[-1].get('step')}, not the final step {last}"
-    found: dict[str, float] = {}
+    last_losses: dict[str, float] = {}
     for entry in final:  # one entry per domain when each is evaluated on its own
-        found.update(_losses(entry))
-    return found, path, ""
+        last_losses.update(_losses(entry))
+    return last_losses, path, ""
 
 
 def loss_rows(

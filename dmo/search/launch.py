@@ -54,7 +54,7 @@ class WorkerSpec:
     batch: int = 1
     #: builds the trials' objective from the space and the worker's scorer (None: the space's aggregate); a
     #: module-level function, pickled by name, that rebuilds the parent's objective from the same inputs
-    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective] | None = None
+    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective | None] | None = None
 
 
 @dataclass
@@ -89,7 +89,7 @@ def run_workers(
     batch: int = 1,
     *,
     open_scorer: Callable[[SearchSpace], Scorer],
-    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective] | None = None,
+    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective | None] | None = None,
 ) -> StudyResult:
     """Run the space's study in ``n_workers`` local processes; returns the study's summary.
 
