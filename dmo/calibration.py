@@ -416,6 +416,8 @@ def calibration_points(
 
     domains, benchmarks = tuple(domains), tuple(benchmarks)
     k, notes = len(domains), []
+    # rows are matched by index label below: a frame concatenated from several tables may repeat labels
+    frame = frame.reset_index(drop=True)
     ok = frame[(frame["status"] == "ok") & pd.to_numeric(frame["score"], errors="coerce").notna()].copy()
     ok["score"] = ok["score"].astype(float)
     ok = ok[np.isfinite(ok["score"]) & ok["benchmark"].isin(benchmarks)]

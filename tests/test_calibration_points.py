@@ -114,6 +114,13 @@ def test_the_points_follow_the_written_rule(table: ResultsTable) -> None:
     # without the group filter the same (one group here); another method's proxies are another fit
     same = calibration_points(table.frame(), DOMAINS, BENCH, "linear")
     np.testing.assert_array_equal(same.proxy, pts.proxy)
+    # a frame put together from two tables repeats index labels: the same points
+    frame = table.frame()
+    half = len(frame) // 2
+    joined = calibration_points(pd.concat([frame.iloc[:half], frame.iloc[half:].reset_index(drop=True)]), DOMAINS,
+                                BENCH, "linear", group=SPACE)  # fmt: skip
+    assert list(joined.names) == names
+    np.testing.assert_array_equal(joined.truth, pts.truth)
     ties = calibration_points(table.frame(), DOMAINS, BENCH, "ties")
     # its only proxy, and the trained model at vertex a, whose proxy there is the expert (no ties proxy at the vertex)
     assert list(ties.names) == ["a", "b", T_WITHOUT.id, T_VERTEX.id]
