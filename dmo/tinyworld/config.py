@@ -9,11 +9,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dmo.errors import DmoError
 from dmo.mixture import check_domain_name
-from dmo.tinyworld.render import CELL, DOMAINS
+from dmo.tinyworld.render import CELL, DOMAINS, TASKS
 
 #: Bump when rendering, tokenizer, model or training code changes what a config produces: it is part of the
 #: cache key, so stale worlds built by older code are never reused.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
+#: The previous format: ``basic`` tasks for pre-training, SFT and benchmarks alike (no ``tasks`` knobs in its key).
+#: A config with both task sets ``basic`` is that world, with the key it had, so it stays buildable by name.
+PREVIOUS_FORMAT = 5
+_SIZES = frozenset({"train_size", "test_size", "pretrain_samples", "budget"})
+#: Knobs that format 5 did not have; they are left out of its key.
+_NEW_IN_FORMAT_6 = frozenset({"tasks", "pretrain_tasks"})
 
 #: Knobs that change speed only, never a byte of the artifacts; they stay out of the cache key.
 _NOT_IN_KEY = frozenset({"threads"})
@@ -28,9 +34,14 @@ class WorldConfig(BaseModel):
     domains: tuple[str, ...] = DOMAINS
     image_size: int = 84
 
+    #: Task sets (see render.py): ``tasks`` draws the SFT pools and benchmarks, ``pretrain_tasks`` the base's
+    #: pre-training pool. Different sets teach the base the visual vocabulary but not the benchmarks' questions.
+    tasks: str = "hard"
+    pretrain_tasks: str = "basic"
+
     # Data: per-domain pool sizes. The test split is the held-out benchmark.
     train_size: int = Field(8192, ge=1)
-    test_size: int = Field(200, ge=1)
+    test_size: int = Field(500, ge=1)
 
     # Text tower (a Qwen2-VL decoder); head_dim = hidden / heads and sum(mrope_section) = head_dim / 2.
     text_hidden: int = 128
@@ -87,6 +98,13 @@ class WorldConfig(BaseModel):
             raise DmoError(f"tiny-world domains must be distinct and non-empty, got {list(v)}")
         return v
 
+    @field_validator("tasks", "pretrain_tasks")
+    @classmethod
+    def _known_tasks(cls, v: str) -> str:
+        if v not in TASKS:
+            raise DmoError(f"unknown tiny-world task set {v!r}: choose from {sorted(TASKS)}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> WorldConfig:
         if self.image_size % CELL or not 2 * CELL <= self.image_size <= 8 * CELL:
@@ -115,11 +133,37 @@ class WorldConfig(BaseModel):
         values.update(overrides)
         return cls(**values)
 
+    @classmethod
+    def named(cls, name: str, small: bool = False) -> WorldConfig:
+        """A world by name: ``current`` (format 6, the default) or ``v5`` (the previous format, same key as then)."""
+        if name not in WORLDS:
+            raise DmoError(f"unknown tiny world {name!r}: choose from {sorted(WORLDS)}")
+        if small:  # a small world keeps its own sizes
+            return cls.small(**{k: v for k, v in WORLDS[name].items() if k not in _SIZES})
+        return cls(**WORLDS[name])
+
+    @property
+    def pretrain_split(self) -> str:
+        """The split the base is pre-trained on: the SFT pool itself when both task sets are the same."""
+        return "train" if self.pretrain_tasks == self.tasks else "pretrain"
+
+    @property
+    def format_version(self) -> int:
+        return PREVIOUS_FORMAT if self.tasks == self.pretrain_tasks == "basic" else FORMAT_VERSION
+
     def canonical_json(self) -> str:
-        data = self.model_dump(mode="json", exclude=set(_NOT_IN_KEY))
-        data["format_version"] = FORMAT_VERSION
+        exclude = set(_NOT_IN_KEY) | (set(_NEW_IN_FORMAT_6) if self.format_version == PREVIOUS_FORMAT else set())
+        data = self.model_dump(mode="json", exclude=exclude)
+        data["format_version"] = self.format_version
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def key(self) -> str:
         """Short content hash of every knob that changes an artifact: the world's cache folder name."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+
+#: Named worlds (overrides of the defaults). ``v5`` is format 5's default world: basic tasks everywhere, 200 test items.
+WORLDS: dict[str, dict] = {
+    "current": {},
+    "v5": {"tasks": "basic", "pretrain_tasks": "basic", "test_size": 200},
+}

@@ -96,15 +96,15 @@ def pretrain_indices(config: WorldConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def gather(root, processor: Any, image_tokens: int, picks: Mapping[str, np.ndarray]) -> Examples:
-    """Encode the train items ``picks[domain]`` (indices into each domain's train split)."""
+def gather(root, processor: Any, image_tokens: int, picks: Mapping[str, np.ndarray], split: str = "train") -> Examples:
+    """Encode the items ``picks[domain]`` (indices into each domain's ``split``)."""
     enc = Encoder(processor, image_tokens)
     pixels, ids, plens, doms = [], [], [], []
     for domain, idx in picks.items():
         if len(idx) == 0:
             continue
-        rows = read_split(root, domain, "train")
-        pixels.append(np.asarray(load_pixels(root, domain, "train", rows))[np.asarray(idx)])
+        rows = read_split(root, domain, split)
+        pixels.append(np.asarray(load_pixels(root, domain, split, rows))[np.asarray(idx)])
         for i in idx:
             seq, plen = enc.encode(rows[i]["question"], rows[i]["answer"])
             ids.append(seq)
@@ -201,8 +201,9 @@ def pretrain(
     image_tokens: int,
     on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Full fine-tune of the randomly initialised model on a uniform mix of all domains (in place)."""
-    ex = gather(root, processor, image_tokens, pretrain_indices(config))
+    """Full fine-tune of the randomly initialised model on a uniform mix of all domains (in place), drawn from the
+    pre-training pool (the config's ``pretrain_tasks``)."""
+    ex = gather(root, processor, image_tokens, pretrain_indices(config), config.pretrain_split)
     return fit(
         model,
         processor,
