@@ -55,7 +55,7 @@ class Check:
 
 @dataclass(frozen=True)
 class SpaceTable:
-    """A space's trained mixtures: ``scores[m, s, b]`` is mixture ``m``'s accuracy on benchmark ``b`` with seed ``s``."""
+    """A space's trained mixtures: ``scores[m, s, b]`` = mixture ``m``'s accuracy on benchmark ``b``, seed ``s``."""
 
     mixtures: list[str]
     benchmarks: list[str]
@@ -66,7 +66,7 @@ class SpaceTable:
         return self.scores.mean(axis=1)
 
     def seed_noise(self) -> np.ndarray:
-        """Per benchmark: the mean absolute difference between two seeds of one mixture, over mixtures and seed pairs."""
+        """Per benchmark: the mean absolute difference of two seeds of one mixture, over mixtures and seed pairs."""
         s = self.scores.shape[1]
         gaps = [np.abs(self.scores[:, i] - self.scores[:, j]) for i, j in itertools.combinations(range(s), 2)]
         return np.mean(gaps, axis=(0, 1))
