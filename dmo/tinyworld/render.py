@@ -252,7 +252,7 @@ def render_chart_hard(rng: np.random.Generator, size: int = 84) -> Sample:
 
 Renderer = Callable[[np.random.Generator, int], Sample]
 
-#: The task sets, by name: ``basic`` is world format 5's (and later formats' pre-training), ``hard`` format 6's.
+#: The task sets, by name: ``basic`` is world format 5's, ``hard`` format 6's benchmarks, ``mixed`` half of each.
 TASKS: dict[str, dict[str, Renderer]] = {
     "basic": {"general": render_general, "counting": render_counting, "ocr": render_ocr, "chart": render_chart},
     "hard": {
@@ -262,6 +262,18 @@ TASKS: dict[str, dict[str, Renderer]] = {
         "chart": render_chart_hard,
     },
 }
+
+
+def _mixed(domain: str) -> Renderer:
+    """Half ``basic``, half ``hard`` items (a fair coin from the item's own generator)."""
+
+    def render(rng: np.random.Generator, size: int) -> Sample:
+        return TASKS["hard" if rng.random() < 0.5 else "basic"][domain](rng, size)
+
+    return render
+
+
+TASKS["mixed"] = {d: _mixed(d) for d in DOMAINS}
 
 
 def sample(domain: str, rng: np.random.Generator, size: int = 84, tasks: str = "basic") -> Sample:
