@@ -135,20 +135,21 @@ def test_missing_space_or_single_seed_is_an_actionable_error() -> None:
 
 
 def test_script_on_a_small_built_world(tmp_path: Path) -> None:
-    """End to end: build a small world with 3d ground truth, run the script, check its lines against the tables."""
+    """End to end: build a small world with 2d ground truth (the cheapest space), run the script, check its lines
+    against the tables."""
     root = tmp_path / "world"
     out = tmp_path / "props.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/world_properties.py"), "--small", "--root", str(root)]
     proc = subprocess.run(
-        [*cmd, "--spaces", "3d", "--build", "--json", str(out)], capture_output=True, text=True, timeout=900
+        [*cmd, "--spaces", "2d", "--build", "--json", str(out)], capture_output=True, text=True, timeout=900
     )
     assert proc.returncode in (0, 1), proc.stderr
     doc = json.loads(out.read_text())
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(lines) == len(doc["checks"]) == 3 + 3 + 3 + 3 + 1  # moves, seed_rho, 3 space-wide, gains, interaction
+    assert len(lines) == len(doc["checks"]) == 2 + 2 + 3 + 2 + 1  # moves, seed_rho, 3 space-wide, gains, interaction
     assert proc.returncode == (1 if any(not c["passed"] for c in doc["checks"]) else 0)
     info = json.loads((root / "world.json").read_text())
-    expected = {f"{c.where}:{c.name}": c.passed for c in check_world(info["accuracy"], ["3d"])}
+    expected = {f"{c.where}:{c.name}": c.passed for c in check_world(info["accuracy"], ["2d"])}
     assert {f"{c['where']}:{c['name']}": c["passed"] for c in doc["checks"]} == expected
     # Not built and not asked to build: a one-line error, exit 2.
     missing = subprocess.run([*cmd[:-1], str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)

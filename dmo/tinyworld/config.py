@@ -19,7 +19,7 @@ FORMAT_VERSION = 6
 PREVIOUS_FORMAT = 5
 _SIZES = frozenset({"train_size", "test_size", "pretrain_samples", "budget"})
 #: Knobs that format 5 did not have; they are left out of its key.
-_NEW_IN_FORMAT_6 = frozenset({"tasks", "pretrain_tasks"})
+_NEW_IN_FORMAT_6 = frozenset({"tasks", "pretrain_tasks", "pretrain_doses"})
 
 #: Knobs that change speed only, never a byte of the artifacts; they stay out of the cache key.
 _NOT_IN_KEY = frozenset({"threads"})
@@ -66,6 +66,9 @@ class WorldConfig(BaseModel):
 
     # Base pre-training: full fine-tune on a uniform mix of all domains. lr >= 3e-3 learned to ignore the image.
     pretrain_samples: int = Field(32768, ge=1)
+    #: Pre-training samples of each domain (in ``domains`` order); empty: ``pretrain_samples`` split evenly. A small
+    #: dose leaves a domain half-learned by the base, so that SFT data still moves its benchmark.
+    pretrain_doses: tuple[int, ...] = ()
     pretrain_lr: float = 6e-4
     pretrain_batch: int = Field(64, ge=1)
     pretrain_warmup: float = Field(0.05, ge=0, lt=1)
@@ -115,6 +118,10 @@ class WorldConfig(BaseModel):
             raise DmoError(f"sum(mrope_section) must be half the head dim {self.text_hidden // self.text_heads}")
         if self.vision_embed % self.vision_heads:
             raise DmoError("vision_embed must be divisible by vision_heads")
+        if self.pretrain_doses and (len(self.pretrain_doses) != len(self.domains) or min(self.pretrain_doses) < 0):
+            raise DmoError(f"pretrain_doses needs one count >= 0 per domain {list(self.domains)}")
+        if self.pretrain_doses and sum(self.pretrain_doses) != self.pretrain_samples:
+            raise DmoError(f"pretrain_samples must be the sum of pretrain_doses, {sum(self.pretrain_doses)}")
         if self.budget > self.train_size:
             raise DmoError(f"budget {self.budget} exceeds the per-domain train pool {self.train_size}")
         return self
@@ -149,7 +156,8 @@ class WorldConfig(BaseModel):
 
     @property
     def format_version(self) -> int:
-        return PREVIOUS_FORMAT if self.tasks == self.pretrain_tasks == "basic" else FORMAT_VERSION
+        v5 = self.tasks == self.pretrain_tasks == "basic" and not self.pretrain_doses
+        return PREVIOUS_FORMAT if v5 else FORMAT_VERSION
 
     def canonical_json(self) -> str:
         exclude = set(_NOT_IN_KEY) | (set(_NEW_IN_FORMAT_6) if self.format_version == PREVIOUS_FORMAT else set())

@@ -86,11 +86,16 @@ def sft_indices(config: WorldConfig, domain: str, n: int) -> np.ndarray:
 
 
 def pretrain_indices(config: WorldConfig) -> dict[str, np.ndarray]:
-    """Uniform mix for the base: pretrain_samples split evenly over domains, cycling through each pool."""
+    """The base's mix: ``pretrain_doses`` samples of each domain, or else pretrain_samples split evenly over domains,
+    cycling through each pool."""
     k = len(config.domains)
     out = {}
     for j, d in enumerate(config.domains):
-        n = config.pretrain_samples // k + (j < config.pretrain_samples % k)
+        n = (
+            config.pretrain_doses[j]
+            if config.pretrain_doses
+            else config.pretrain_samples // k + (j < config.pretrain_samples % k)
+        )
         perm = np.random.default_rng([config.seed, DOMAINS.index(d), 102]).permutation(config.train_size)
         out[d] = np.resize(perm, n)
     return out
