@@ -26,7 +26,7 @@ from dmo.tinyworld.data import load_pixels, read_split, write_domain
 from dmo.tinyworld.generate import encode, exact_match, generate, generate_encoded
 from dmo.tinyworld.model import init_model, load_base
 from dmo.tinyworld.tokenizer import build_processor, image_tokens, load_processor
-from dmo.tinyworld.train import LORA_TARGET_REGEX, Encoder, sft_indices
+from dmo.tinyworld.train import LORA_TARGET_REGEX, Encoder, pretrain_doses, sft_indices
 
 SMALL = WorldConfig.small()
 
@@ -52,19 +52,35 @@ V5_KEY, V5_SMALL_KEY = "0c6005d995b1641f", "11b4c085477ecbf6"
 def test_world_format_6_is_the_default_and_v5_keeps_its_key() -> None:
     current, v5 = WorldConfig(), WorldConfig.named("v5")
     assert current == WorldConfig.named("current") and current.format_version == 6 and v5.format_version == 5
-    assert (current.tasks, current.pretrain_tasks, v5.tasks, v5.pretrain_tasks) == ("hard", "basic", "basic", "basic")
     assert v5.key() == V5_KEY and WorldConfig.named("v5", small=True).key() == V5_SMALL_KEY
+    assert (v5.pretrain_samples, v5.test_size, v5.pretrain_weights) == (32768, 200, None)
     assert current.key() != v5.key() and SMALL.key() != V5_SMALL_KEY
-    assert json.loads(v5.canonical_json())["format_version"] == 5 and "tasks" not in v5.canonical_json()
-    assert json.loads(current.canonical_json())["tasks"] == "hard"
-    # A world with hard tasks but no separate pre-training is neither of the two: format 6, its own key.
-    assert WorldConfig(pretrain_tasks="hard").key() not in {current.key(), V5_KEY}
+    assert json.loads(v5.canonical_json())["format_version"] == 5 and "pretrain_weights" not in v5.canonical_json()
+    assert json.loads(current.canonical_json())["pretrain_weights"] == [1.0, 1.0, 8.0, 1.0]
+    assert WorldConfig(pretrain_weights=(1, 1, 4, 1)).key() != current.key()
     assert WorldConfig.named("v5", small=True).test_size == SMALL.test_size  # a small world keeps its sizes
-    assert (current.pretrain_split, v5.pretrain_split) == ("pretrain", "train")
     with pytest.raises(DmoError, match="unknown tiny world 'v4'"):
         WorldConfig.named("v4")
-    with pytest.raises(DmoError, match="unknown tiny-world task set"):
-        WorldConfig(tasks="easy")
+    with pytest.raises(DmoError, match="pretrain_weights"):
+        WorldConfig(pretrain_weights=(1, -1, 8, 1))
+    with pytest.raises(DmoError, match="pretrain_weights"):
+        WorldConfig(domains=("general", "ocr"), pretrain_weights=(0, 1, 0, 1))
+
+
+def test_pretrain_doses_follow_the_weights_exactly() -> None:
+    assert pretrain_doses(WorldConfig()) == {"general": 1024, "counting": 1024, "ocr": 8192, "chart": 1024}
+    assert pretrain_doses(WorldConfig.named("v5")) == dict.fromkeys(render.DOMAINS, 8192)
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        weights = tuple(float(w) for w in rng.uniform(0, 3, size=4))
+        domains = tuple(d for d in render.DOMAINS if rng.random() < 0.7) or ("ocr",)
+        total = int(rng.integers(1, 5000))
+        doses = pretrain_doses(WorldConfig(domains=domains, pretrain_samples=total, pretrain_weights=weights))
+        share = np.array([weights[render.DOMAINS.index(d)] for d in domains])
+        exact = total * share / share.sum()
+        got = np.array([doses[d] for d in domains])
+        assert list(doses) == list(domains) and got.sum() == total
+        assert np.all(np.abs(got - exact) < 1)  # largest remainder: every count within one sample of its share
 
 
 def test_config_is_frozen_and_validated() -> None:
@@ -98,19 +114,6 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path) -> None:
     assert read_split(tmp_path / "d", "chart", "train")[:12] == read_split(tmp_path / "a", "chart", "train")
 
 
-def test_pretrain_split_only_for_another_task_set(tmp_path: Path) -> None:
-    sizes = {"train": 6, "test": 3}
-    write_domain(tmp_path / "a", "general", 0, sizes, 84, "hard", "basic")
-    write_domain(tmp_path / "b", "general", 0, sizes, 84, "hard", "hard")
-    basic = {"What colour is the shape?", "What shape is it?"}
-    assert all(r["question"] in basic for r in read_split(tmp_path / "a", "general", "pretrain"))
-    assert not any(r["question"] in basic for r in read_split(tmp_path / "a", "general", "train"))
-    assert load_pixels(tmp_path / "a", "general", "pretrain").shape == (6, 84, 84, 3)
-    assert not (tmp_path / "b" / "data" / "general" / "pretrain.jsonl").exists()
-    # The splits both worlds share are the same items: the pre-training stream is one of its own.
-    assert read_split(tmp_path / "a", "general", "train") == read_split(tmp_path / "b", "general", "train")
-
-
 def test_jsonl_rows_and_images(tmp_path: Path) -> None:
     write_domain(tmp_path, "counting", 3, {"train": 6, "test": 4}, 84)
     folder = tmp_path / "data" / "counting"
@@ -133,11 +136,11 @@ def test_jsonl_rows_and_images(tmp_path: Path) -> None:
 # Every render answers its own question (read back from the pixels, not from the renderer's variables)
 
 
-def _samples(domain: str, n: int = 150, tasks: str = "basic") -> list[tuple[np.ndarray, str, str]]:
+def _samples(domain: str, n: int = 150) -> list[tuple[np.ndarray, str, str]]:
     rng = np.random.default_rng(12345)
     out = []
     for _ in range(n):
-        image, question, answer = render.sample(domain, rng, 84, tasks)
+        image, question, answer = render.sample(domain, rng)
         out.append((np.asarray(image).astype(int), question, answer))
     return out
 
@@ -176,79 +179,6 @@ def test_general_renders_answer_their_question() -> None:
             assert shape == answer
         seen.add(answer)
     assert set(render.SHAPES) | set(render.COLOURS) == seen
-
-
-def test_hard_general_asks_about_one_of_three_shapes() -> None:
-    c, seen = render.CELL, set()
-    for img, question, answer in _samples("general", tasks="hard"):
-        mask = _ink(img)
-        found = {}  # colour -> shape, one shape per 28-px cell
-        for row in range(3):
-            for col in range(3):
-                cell = mask[row * c : (row + 1) * c, col * c : (col + 1) * c]
-                if cell.any():
-                    colours = {tuple(v) for v in img[row * c : (row + 1) * c, col * c : (col + 1) * c][cell]}
-                    assert len(colours) == 1
-                    found[_colour_name(np.array(colours.pop()))] = _shape_of(cell)
-        assert len(found) == 3 and len(set(found.values())) == 3
-        if m := re.fullmatch(r"What colour is the (\w+)\?", question):
-            assert found[answer] == m.group(1)
-        else:
-            colour = re.fullmatch(r"What shape is (\w+)\?", question).group(1)
-            assert found[colour] == answer
-        seen.add(answer)
-    assert set(render.SHAPES) | set(render.COLOURS) == seen
-
-
-def test_hard_counting_counts_the_asked_colour() -> None:
-    counts = set()
-    for img, question, answer in _samples("counting", tasks="hard"):
-        colour = re.fullmatch(r"How many (\w+) circles\?", question).group(1)
-        labels, _ = ndimage.label(_ink(img))
-        by_colour: dict[str, int] = {}
-        for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-            blob = labels[sl] == i
-            if blob.mean() < 0.9:  # a circle (squares fill their box)
-                name = _colour_name(img[sl][blob][0])
-                by_colour[name] = by_colour.get(name, 0) + 1
-        assert len(by_colour) == 2 and str(by_colour[colour]) == answer
-        counts.add(int(answer))
-    assert counts == set(range(1, render.HARD_MAX_ASKED + 1))
-
-
-def test_hard_chart_labels_each_bar_with_its_value() -> None:
-    templates, c, base = _digit_templates(), render.CELL, 84 - 2
-    unit = (84 - c - 4) // render.MAX_BAR_VALUE
-    kinds = set()
-    for img, question, answer in _samples("chart", tasks="hard"):
-        bars, mask = {}, _ink(img)
-        for i in range(3):
-            x = i * c + 8
-            name = _colour_name(img[base - 1, x])
-            height = 0
-            while tuple(img[base - 1 - height, x]) == render.COLOURS[name]:
-                height += 1
-            assert height % unit == 0
-            label = mask[:c, i * c : (i + 1) * c]
-            iou = [(label & t).sum() / (label | t).sum() for t in templates]
-            assert max(iou) > 0.8 and int(np.argmax(iou)) == height // unit  # the label is the bar's value
-            bars[name] = height // unit
-        if question == "Which bar is tallest?":
-            assert answer == max(bars, key=bars.get)
-            kinds.add("tallest")
-        else:
-            colour = re.fullmatch(r"What is the value of the (\w+) bar\?", question).group(1)
-            assert answer == str(bars[colour])
-            kinds.add("value")
-    assert kinds == {"tallest", "value"}
-
-
-def test_hard_tasks_use_the_basic_vocabulary() -> None:
-    words = set(render.vocabulary())  # format 5's tokenizer: format 6 adds no word, so v5 keeps its exact bytes
-    for domain in render.DOMAINS:
-        for _, question, answer in _samples(domain, n=40, tasks="hard"):
-            assert set(question.replace("?", " ?").split()) <= words
-            assert answer.isdigit() or answer in words
 
 
 def test_counting_renders_answer_their_question() -> None:
@@ -320,8 +250,6 @@ def test_chart_renders_answer_their_question() -> None:
 def test_unknown_domain_is_refused() -> None:
     with pytest.raises(DmoError, match="unknown tiny-world domain"):
         render.sample("maths", np.random.default_rng(0))
-    with pytest.raises(DmoError, match="unknown tiny-world task set"):
-        render.sample("ocr", np.random.default_rng(0), 84, "easy")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -187,9 +187,7 @@ def _step_data(world: World, pool: _Pool, ui: _Progress) -> bool:
         return False
     c = world.config
     sizes = {"train": c.train_size, "test": c.test_size}
-    futures = [
-        pool.submit(write_domain, world.root, d, c.seed, sizes, c.image_size, c.tasks, c.pretrain_tasks) for d in todo
-    ]
+    futures = [pool.submit(write_domain, world.root, d, c.seed, sizes, c.image_size) for d in todo]
     _run_all(futures, ui.task("data", len(futures)))
     return True
 
@@ -202,7 +200,7 @@ def _step_validation(world: World) -> bool:
     c = world.config
     todo = [d for d in c.domains if not (world.data_dir(d) / "val.jsonl").exists()]
     for d in todo:
-        write_val_split(world.root, d, c.seed, c.test_size, c.image_size, c.tasks)
+        write_val_split(world.root, d, c.seed, c.test_size, c.image_size)
     return bool(todo)
 
 

@@ -9,17 +9,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dmo.errors import DmoError
 from dmo.mixture import check_domain_name
-from dmo.tinyworld.render import CELL, DOMAINS, TASKS
+from dmo.tinyworld.render import CELL, DOMAINS
 
 #: Bump when rendering, tokenizer, model or training code changes what a config produces: it is part of the
 #: cache key, so stale worlds built by older code are never reused.
 FORMAT_VERSION = 6
-#: The previous format: ``basic`` tasks for pre-training, SFT and benchmarks alike (no ``tasks`` knobs in its key).
-#: A config with both task sets ``basic`` is that world, with the key it had, so it stays buildable by name.
+#: The previous format: every domain pre-trained on an equal share. A config without ``pretrain_weights`` is that
+#: world, with the key it had then (the knob stays out of its key), so format 5 stays buildable by name.
 PREVIOUS_FORMAT = 5
+_NEW_IN_FORMAT_6 = frozenset({"pretrain_weights"})
+#: Knobs a small world keeps its own value of when built by name.
 _SIZES = frozenset({"train_size", "test_size", "pretrain_samples", "budget"})
-#: Knobs that format 5 did not have; they are left out of its key.
-_NEW_IN_FORMAT_6 = frozenset({"tasks", "pretrain_tasks", "pretrain_doses"})
 
 #: Knobs that change speed only, never a byte of the artifacts; they stay out of the cache key.
 _NOT_IN_KEY = frozenset({"threads"})
@@ -33,11 +33,6 @@ class WorldConfig(BaseModel):
     seed: int = 0
     domains: tuple[str, ...] = DOMAINS
     image_size: int = 84
-
-    #: Task sets (see render.py): ``tasks`` draws the SFT pools and benchmarks, ``pretrain_tasks`` the base's
-    #: pre-training pool. Different sets teach the base the visual vocabulary but not the benchmarks' questions.
-    tasks: str = "hard"
-    pretrain_tasks: str = "basic"
 
     # Data: per-domain pool sizes. The test split is the held-out benchmark.
     train_size: int = Field(8192, ge=1)
@@ -64,11 +59,12 @@ class WorldConfig(BaseModel):
     text_init_std: float = 0.02
     vision_init_std: float = 0.2
 
-    # Base pre-training: full fine-tune on a uniform mix of all domains. lr >= 3e-3 learned to ignore the image.
-    pretrain_samples: int = Field(32768, ge=1)
-    #: Pre-training samples of each domain (in ``domains`` order); empty: ``pretrain_samples`` split evenly. A small
-    #: dose leaves a domain half-learned by the base, so that SFT data still moves its benchmark.
-    pretrain_doses: tuple[int, ...] = ()
+    # Base pre-training: full fine-tune on a mix of all domains. lr >= 3e-3 learned to ignore the image.
+    pretrain_samples: int = Field(11264, ge=1)
+    #: Relative pre-training share of each of DOMAINS (general, counting, ocr, chart), used for the config's domains;
+    #: None: an equal share each (format 5). A small dose (1024 samples of the easy domains, 8192 of OCR) leaves
+    #: every domain half-learned by the base, so that SFT data still moves its benchmark (see world_candidates.md).
+    pretrain_weights: tuple[float, float, float, float] | None = (1.0, 1.0, 8.0, 1.0)
     pretrain_lr: float = 6e-4
     pretrain_batch: int = Field(64, ge=1)
     pretrain_warmup: float = Field(0.05, ge=0, lt=1)
@@ -101,13 +97,6 @@ class WorldConfig(BaseModel):
             raise DmoError(f"tiny-world domains must be distinct and non-empty, got {list(v)}")
         return v
 
-    @field_validator("tasks", "pretrain_tasks")
-    @classmethod
-    def _known_tasks(cls, v: str) -> str:
-        if v not in TASKS:
-            raise DmoError(f"unknown tiny-world task set {v!r}: choose from {sorted(TASKS)}")
-        return v
-
     @model_validator(mode="after")
     def _consistent(self) -> WorldConfig:
         if self.image_size % CELL or not 2 * CELL <= self.image_size <= 8 * CELL:
@@ -118,10 +107,10 @@ class WorldConfig(BaseModel):
             raise DmoError(f"sum(mrope_section) must be half the head dim {self.text_hidden // self.text_heads}")
         if self.vision_embed % self.vision_heads:
             raise DmoError("vision_embed must be divisible by vision_heads")
-        if self.pretrain_doses and (len(self.pretrain_doses) != len(self.domains) or min(self.pretrain_doses) < 0):
-            raise DmoError(f"pretrain_doses needs one count >= 0 per domain {list(self.domains)}")
-        if self.pretrain_doses and sum(self.pretrain_doses) != self.pretrain_samples:
-            raise DmoError(f"pretrain_samples must be the sum of pretrain_doses, {sum(self.pretrain_doses)}")
+        if self.pretrain_weights is not None and (
+            min(self.pretrain_weights) < 0 or not sum(self.pretrain_weights[DOMAINS.index(d)] for d in self.domains)
+        ):
+            raise DmoError("pretrain_weights must be >= 0 with a positive weight on some domain of the world")
         if self.budget > self.train_size:
             raise DmoError(f"budget {self.budget} exceeds the per-domain train pool {self.train_size}")
         return self
@@ -150,14 +139,8 @@ class WorldConfig(BaseModel):
         return cls(**WORLDS[name])
 
     @property
-    def pretrain_split(self) -> str:
-        """The split the base is pre-trained on: the SFT pool itself when both task sets are the same."""
-        return "train" if self.pretrain_tasks == self.tasks else "pretrain"
-
-    @property
     def format_version(self) -> int:
-        v5 = self.tasks == self.pretrain_tasks == "basic" and not self.pretrain_doses
-        return PREVIOUS_FORMAT if v5 else FORMAT_VERSION
+        return PREVIOUS_FORMAT if self.pretrain_weights is None else FORMAT_VERSION
 
     def canonical_json(self) -> str:
         exclude = set(_NOT_IN_KEY) | (set(_NEW_IN_FORMAT_6) if self.format_version == PREVIOUS_FORMAT else set())
@@ -170,8 +153,9 @@ class WorldConfig(BaseModel):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
 
-#: Named worlds (overrides of the defaults). ``v5`` is format 5's default world: basic tasks everywhere, 200 test items.
+#: Named worlds (overrides of the defaults). ``v5`` is format 5's default world: equal pre-training shares of 8192
+#: samples, 200 test items.
 WORLDS: dict[str, dict] = {
     "current": {},
-    "v5": {"tasks": "basic", "pretrain_tasks": "basic", "test_size": 200},
+    "v5": {"pretrain_weights": None, "pretrain_samples": 32768, "test_size": 200},
 }

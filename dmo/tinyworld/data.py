@@ -4,8 +4,6 @@ Layout (what a real dmo data source looks like)::
 
     data/<domain>/train.jsonl   {"id", "image": "images/<file>.png", "question", "answer", "domain"} per line
     data/<domain>/test.jsonl    the held-out benchmark split
-    data/<domain>/pretrain.jsonl  the base's pre-training pool, drawn from the config's ``pretrain_tasks`` (only when
-                                they differ from ``tasks``, which draw every other split)
     data/<domain>/val.jsonl     a validation split (``loss:<domain>`` scores): rows of a stream of their own, seen by
                                 no pre-training, SFT or benchmark; written after the rest (write_val_split)
     data/<domain>/images/*.png
@@ -31,7 +29,7 @@ from dmo.tinyworld.render import DOMAINS, sample
 SPLITS: tuple[str, ...] = ("train", "test")
 #: Every split's random stream, by position; ``val`` comes after the splits ``write_domain`` writes, so that adding it
 #: changed no byte of an existing world (and no cache key).
-STREAMS: tuple[str, ...] = (*SPLITS, "val", "pretrain")
+STREAMS: tuple[str, ...] = (*SPLITS, "val")
 
 
 def item_rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
@@ -42,32 +40,17 @@ def pixel_cache_path(root: Path, domain: str, split: str) -> Path:
     return root / "cache" / "pixels" / domain / f"{split}.npy"
 
 
-def write_domain(
-    root: Path,
-    domain: str,
-    seed: int,
-    sizes: dict[str, int],
-    image_size: int,
-    tasks: str = "basic",
-    pretrain_tasks: str | None = None,
-) -> None:
-    """Render and write ``data/<domain>/`` atomically, then its pixel cache. Safe to run in a worker process.
-
-    Splits ``train`` and ``test`` are drawn from ``tasks``; a ``pretrain`` split as large as ``train`` from
-    ``pretrain_tasks`` when that is another task set."""
+def write_domain(root: Path, domain: str, seed: int, sizes: dict[str, int], image_size: int) -> None:
+    """Render and write ``data/<domain>/`` atomically, then its pixel cache. Safe to run in a worker process."""
     root = Path(root)
     arrays: dict[str, np.ndarray] = {}
-    splits = {split: tasks for split in SPLITS}
-    if pretrain_tasks is not None and pretrain_tasks != tasks:
-        splits["pretrain"] = pretrain_tasks
-        sizes = {**sizes, "pretrain": sizes["train"]}
     with atomic_dir(root / "data" / domain) as tmp:
         (tmp / "images").mkdir()
-        for split, task_set in splits.items():
+        for split in SPLITS:
             pixels = np.empty((sizes[split], image_size, image_size, 3), dtype=np.uint8)
             lines = []
             for i in range(sizes[split]):
-                image, question, answer = sample(domain, item_rng(seed, domain, split, i), image_size, task_set)
+                image, question, answer = sample(domain, item_rng(seed, domain, split, i), image_size)
                 name = f"images/{split}-{i:05d}.png"
                 image.save(tmp / name, format="PNG", optimize=False, compress_level=1)
                 pixels[i] = np.asarray(image)
@@ -85,13 +68,13 @@ def write_domain(
         _save_array(pixel_cache_path(root, domain, split), pixels)
 
 
-def write_val_split(root: Path, domain: str, seed: int, size: int, image_size: int, tasks: str = "basic") -> None:
+def write_val_split(root: Path, domain: str, seed: int, size: int, image_size: int) -> None:
     """Add ``data/<domain>/val.jsonl`` (and its images) to a written domain; the jsonl is written last, atomically,
     so a half-written split is never read (its images are simply written again)."""
     folder = Path(root) / "data" / domain
     lines = []
     for i in range(size):
-        image, question, answer = sample(domain, item_rng(seed, domain, "val", i), image_size, tasks)
+        image, question, answer = sample(domain, item_rng(seed, domain, "val", i), image_size)
         name = f"images/val-{i:05d}.png"
         image.save(folder / name, format="PNG", optimize=False, compress_level=1)
         row = {"id": f"{domain}-val-{i:05d}", "image": name, "question": question, "answer": answer, "domain": domain}

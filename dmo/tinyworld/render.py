@@ -1,23 +1,10 @@
 """Four synthetic visual-question domains, drawn with PIL, shaped like the DMO paper's SFT domains.
 
-Two task sets draw them. ``basic`` (the only one of world format 5, and the pre-training data of later formats):
-
 * ``general``  - one coloured shape: "What colour is the shape?" / "What shape is it?"
 * ``counting`` - 1-6 circles among 0-2 square distractors: "How many circles?"
 * ``ocr``      - a 3-digit number in one row of 28-px cells, one digit per cell: "What number is written?"
 * ``chart``    - a bar chart with one coloured bar per 28-px column: "Which bar is tallest?" /
   "What is the value of the <colour> bar?"
-
-``hard`` (the benchmarks and SFT data since format 6) asks compositional questions about the same visual
-vocabulary, so a base pre-trained on ``basic`` knows the shapes, colours, circles, digits and bars but not how to
-answer the new questions:
-
-* ``general``  - three shapes of distinct colours and kinds: "What colour is the <shape>?" / "What shape is <colour>?"
-* ``counting`` - circles of two colours (1-6 of the asked one, 1-4 of the other) among 0-2 squares:
-  "How many <colour> circles?"
-* ``ocr``      - as in ``basic``
-* ``chart``    - bars in the two lower rows with a digit label (the value) in the top row: "Which bar is tallest?" /
-  "What is the value of the <colour> bar?" (read the label: chart data carries digits, as real charts carry text)
 
 Every answer is one short word or number, so exact match is a fair metric. Layouts snap to the vision
 tower's grid (14-px patches, 28-px merged tokens): a model with ~1M parameters trained from scratch could
@@ -188,100 +175,18 @@ def render_chart(rng: np.random.Generator, size: int = 84) -> Sample:
     return img, f"What is the value of the {names[i]} bar?", str(values[i])
 
 
-def render_general_hard(rng: np.random.Generator, size: int = 84) -> Sample:
-    img, _ = _background(rng, size)
-    draw = ImageDraw.Draw(img)
-    n_cells = size // CELL
-    n = 3
-    cells = rng.choice(n_cells * n_cells, size=n, replace=False)
-    shapes = [str(s) for s in rng.permutation(list(SHAPES))[:n]]
-    colours = [str(c) for c in rng.permutation(list(COLOURS))[:n]]
-    for cell, shape, colour in zip(cells, shapes, colours):
-        # One shape per 28-px cell (one merged vision token), a 1-px margin all round.
-        x0, y0 = int(cell % n_cells) * CELL + 1, int(cell // n_cells) * CELL + 1
-        draw_shape(draw, shape, (x0, y0, x0 + CELL - 3, y0 + CELL - 3), COLOURS[colour])
-    i = int(rng.integers(n))
-    if rng.random() < 0.5:
-        return img, f"What colour is the {shapes[i]}?", colours[i]
-    return img, f"What shape is {colours[i]}?", shapes[i]
-
-
-#: Hard counting: 1..HARD_MAX_ASKED circles of the asked colour, 1..HARD_MAX_OTHER of one other colour.
-HARD_MAX_ASKED = 6
-HARD_MAX_OTHER = 4
-
-
-def render_counting_hard(rng: np.random.Generator, size: int = 84) -> Sample:
-    img, _ = _background(rng, size)
-    draw = ImageDraw.Draw(img)
-    asked, other = (str(c) for c in rng.permutation(list(COLOURS))[:2])
-    n = int(rng.integers(1, HARD_MAX_ASKED + 1))
-    n_other = int(rng.integers(1, HARD_MAX_OTHER + 1))
-    n_distractors = int(rng.integers(0, MAX_DISTRACTORS + 1))
-    grid = size // PATCH
-    patches = rng.choice(grid * grid, size=n + n_other + n_distractors, replace=False)
-    for i, p in enumerate(patches):
-        circle = i < n + n_other
-        side = int(rng.integers(9, 13)) if circle else int(rng.integers(7, 11))
-        colour = asked if i < n else other if circle else _colour(rng)
-        x0 = int(p % grid) * PATCH + (PATCH - side) // 2
-        y0 = int(p // grid) * PATCH + (PATCH - side) // 2
-        draw_shape(draw, "circle" if circle else "square", (x0, y0, x0 + side - 1, y0 + side - 1), COLOURS[colour])
-    return img, f"How many {asked} circles?", str(n)
-
-
-def render_chart_hard(rng: np.random.Generator, size: int = 84) -> Sample:
-    img, _ = _background(rng, size)
-    draw = ImageDraw.Draw(img)
-    n_bars = size // CELL
-    # Bars stand in the cells below the top row; the top row holds each bar's value as a digit, in its colour.
-    unit = (size - CELL - 4) // MAX_BAR_VALUE
-    names = [str(c) for c in rng.permutation(list(COLOURS))[:n_bars]]
-    values = [int(v) for v in rng.permutation(MAX_BAR_VALUE)[:n_bars] + 1]
-    base = size - 2
-    for i, (name, value) in enumerate(zip(names, values)):
-        x0 = i * CELL + 5
-        draw.rectangle((x0, base - value * unit, x0 + CELL - 11, base - 1), fill=COLOURS[name])
-        draw_digit(draw, str(value), i * CELL, 0, 0, 0, COLOURS[name])
-    draw.line((0, base, size - 1, base), fill=(200, 200, 200), width=1)
-    if rng.random() < 0.5:
-        return img, "Which bar is tallest?", names[int(np.argmax(values))]
-    i = int(rng.integers(n_bars))
-    return img, f"What is the value of the {names[i]} bar?", str(values[i])
-
-
-Renderer = Callable[[np.random.Generator, int], Sample]
-
-#: The task sets, by name: ``basic`` is world format 5's, ``hard`` format 6's benchmarks, ``mixed`` half of each.
-TASKS: dict[str, dict[str, Renderer]] = {
-    "basic": {"general": render_general, "counting": render_counting, "ocr": render_ocr, "chart": render_chart},
-    "hard": {
-        "general": render_general_hard,
-        "counting": render_counting_hard,
-        "ocr": render_ocr,
-        "chart": render_chart_hard,
-    },
+RENDERERS: dict[str, Callable[[np.random.Generator, int], Sample]] = {
+    "general": render_general,
+    "counting": render_counting,
+    "ocr": render_ocr,
+    "chart": render_chart,
 }
 
 
-def _mixed(domain: str) -> Renderer:
-    """Half ``basic``, half ``hard`` items (a fair coin from the item's own generator)."""
-
-    def render(rng: np.random.Generator, size: int) -> Sample:
-        return TASKS["hard" if rng.random() < 0.5 else "basic"][domain](rng, size)
-
-    return render
-
-
-TASKS["mixed"] = {d: _mixed(d) for d in DOMAINS}
-
-
-def sample(domain: str, rng: np.random.Generator, size: int = 84, tasks: str = "basic") -> Sample:
-    """One ``(image, question, answer)`` of ``domain`` from the task set ``tasks``, drawn with ``rng``."""
-    if tasks not in TASKS:
-        raise DmoError(f"unknown tiny-world task set {tasks!r}: choose one of {sorted(TASKS)}")
+def sample(domain: str, rng: np.random.Generator, size: int = 84) -> Sample:
+    """One ``(image, question, answer)`` of ``domain``, drawn with ``rng``."""
     try:
-        render = TASKS[tasks][domain]
+        render = RENDERERS[domain]
     except KeyError:
         raise DmoError(f"unknown tiny-world domain {domain!r}: choose one of {list(DOMAINS)}") from None
     return render(rng, check_size(size))
