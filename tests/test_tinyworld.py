@@ -489,3 +489,21 @@ def test_interrupted_output_is_rebuilt(world: tuple[World, float]) -> None:
     build_world(SMALL, root=w.root, ground_truth=("2d",), progress=False)
     assert json.loads(evaluation.read_text())["accuracy"] == old_eval["accuracy"]  # deterministic
     assert adapter.stat().st_mtime_ns == old_adapter  # the adapter was not retrained
+
+
+def test_previous_world_builds_by_name(tmp_path: Path) -> None:
+    """``dmo world build --world v5``: format 5's world, under the key it had, with equal pre-training shares."""
+    from typer.testing import CliRunner
+
+    from dmo.cli import app
+
+    result = CliRunner().invoke(
+        app, ["world", "build", "--world", "v5", "--small", "--ground-truth", "none", "--root", str(tmp_path / "v5")]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"key {V5_SMALL_KEY}, format 5" in " ".join(result.output.split())
+    info = json.loads((tmp_path / "v5" / "world.json").read_text())
+    assert info["key"] == V5_SMALL_KEY and info["config"]["pretrain_weights"] is None
+    assert set(info["accuracy"]["experts"]) == set(render.DOMAINS) and info["base_training"]["samples"] == 2048
+    bad = CliRunner().invoke(app, ["world", "build", "--world", "v4", "--root", str(tmp_path / "v4")])
+    assert bad.exit_code != 0 and not (tmp_path / "v4").exists()
