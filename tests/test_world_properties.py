@@ -56,6 +56,8 @@ def _verdicts(accuracy: dict) -> dict[str, bool]:
 
 
 def test_a_world_with_trade_offs_passes_every_property() -> None:
+    checks = check_world(_accuracy(_linear), ["3d"])
+    assert all(type(c.passed) is bool for c in checks)  # what the script writes as JSON
     verdicts = _verdicts(_accuracy(_linear))
     assert all(verdicts.values()), [k for k, v in verdicts.items() if not v]
     assert set(verdicts) >= {"3d:moves[ocr]", "3d:seed_rho[general]", "3d:trade_offs", "world:interaction"}

@@ -89,7 +89,7 @@ def check_space(space: str, table: SpaceTable) -> list[Check]:
     mean, noise = table.mean, table.seed_noise()
     for b, name in enumerate(table.benchmarks):
         spread = float(np.ptp(mean[:, b]))
-        ok = spread >= MIN_RANGE and spread >= RANGE_OVER_NOISE * noise[b]
+        ok = bool(spread >= MIN_RANGE and spread >= RANGE_OVER_NOISE * noise[b])  # a plain bool: JSON-ready
         checks.append(
             Check(
                 space,
