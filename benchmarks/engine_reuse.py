@@ -36,7 +36,7 @@ from dmo.merge.dense import applied_delta
 from dmo.merge.live import ExpertBank, ModuleWriter
 from dmo.merge.lora import adapter_to, concat_adapter, load_lora, lora_delta, write_adapter
 from dmo.merge.names import KeyMap
-from dmo.merge.stream import merge_checkpoints
+from dmo.merge.stream import MergeOptions, merge_checkpoints
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.generate import encode, generate_encoded
 from dmo.tinyworld.model import init_model
@@ -177,13 +177,13 @@ def run(
     # exactness: written proxy == the same proxy merged to disk and loaded fresh
     mixture = MIXTURES[0]
     # the reference is merged by the streaming engine on the CPU: an independent path, on another device
-    merge_checkpoints(base, experts, mixture, root / name / "merged", exclude=[])
+    merge_checkpoints(base, experts, mixture, root / name / "merged", MergeOptions(exclude=[]))
     fresh = load(root / name / "merged", device)
     writer(bank.merged(mixture))
     if device.type == "cuda":  # `dmo merge` on the GPU: the streaming engine with --device cuda
         out = root / name / "merged_gpu"
         row["merge_gpu_s"], _ = timed(
-            lambda: merge_checkpoints(base, experts, mixture, out, exclude=[], device=str(device)), device
+            lambda: merge_checkpoints(base, experts, mixture, out, MergeOptions(exclude=[], device=str(device))), device
         )
         gpu, cpu = load_file_all(out), load_file_all(root / name / "merged")
         row["merge_gpu_identical"] = f"{sum(torch.equal(gpu[k], cpu[k]) for k in cpu)}/{len(cpu)}"

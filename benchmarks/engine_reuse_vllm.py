@@ -31,8 +31,9 @@ from typing import Any
 from dmo.config import parse_space
 from dmo.manifest import load_manifest
 from dmo.mixture import Mixture
-from dmo.scoring.base import Target, make_scorer, score_targets
+from dmo.scoring.base import ScoringContext, Target, make_scorer, score_targets
 from dmo.scoring.tasks import write_tiny_tasks
+from dmo.scoring.vllm.backend import VLLMScorer
 
 DOMAINS = ("counting", "general", "ocr")
 BENCHMARKS = [f"dmo_tiny_{d}" for d in DOMAINS]
@@ -98,14 +99,15 @@ def instrument(name: str, scorer: Any, clock: Clock) -> None:
 BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
     "vllm-writes": ("vllm", {"lora": False}),  # the CPU default: every proxy written into the weights
     "vllm-adapters": ("vllm", {"lora": True}),  # linear/RobustMerge proxies served as LoRA adapters
-    "hf": ("hf", {"device": "cpu"}),
+    "hf": ("hf", {}),
 }
 
 
 def make(column: str, manifest: Any, tasks: Path, limit: int, work: Path) -> Any:
     name, options = BACKENDS[column]
-    extra = {"adapter_dir": work / "adapters"} if name == "vllm" else {}
-    return make_scorer(name, manifest=manifest, include_path=tasks, limit=limit, **options, **extra)
+    if name == "vllm":  # adapters written under this run's folder, not the cache
+        return VLLMScorer(manifest, tasks, limit, adapter_dir=work / "adapters", **options)
+    return make_scorer(name, ScoringContext(manifest, include_path=tasks, limit=limit, device="cpu"), options)
 
 
 def measure(column: str, manifest: Any, tasks: Path, limit: int, work: Path, seed: int) -> dict[str, Any]:

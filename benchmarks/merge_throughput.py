@@ -33,6 +33,16 @@ from its setup (SVDs, the fixed ``H`` and ``B``); the table extrapolates to 300 
 
 Run: ``python benchmarks/merge_throughput.py --layer [--shapes 8960x1536,1536x8960] [--experts 4]
 [--layer-methods svd,iso,wudi,wudi2,ties] [--layer-iterations 3] [--device cpu]``.
+
+``--check`` catches a slip of ``dmo merge`` itself (the command as a user runs it, its imports included: task
+arithmetic, scale 0.9, of the 4 full experts of the 0.5B-shaped set) without an absolute time: rounds of it, the same
+merge called as a library and ``copy`` in the same script, the median ratios of their CPU times (command to library,
+library to copy), and the command's peak anonymous memory and peak RSS per byte of one model, each against the
+baseline saved in ``benchmarks/results/merge_check_baseline.json``; more than ``TOLERANCE`` worse fails with exit
+status 1. ``--save-baseline`` measures and saves a new baseline (after a
+change that is meant to cost more, or on another machine).
+
+Run: ``python benchmarks/merge_throughput.py --check [--repeats 7] [--root DIR]``.
 """
 
 from __future__ import annotations
@@ -195,12 +205,12 @@ def child_copy(folder: Path, out: Path) -> dict:
 
 
 def child_dmo(folder: Path, out: Path, scale: float = 1.0) -> dict:
-    from dmo.merge.stream import merge_checkpoints
+    from dmo.merge.stream import MergeOptions, merge_checkpoints
 
     t0 = time.perf_counter()
     params = {} if scale == 1.0 else {"scale": scale}
     experts = {e: folder / e for e in WEIGHTS}
-    stats = merge_checkpoints(folder / "base", experts, WEIGHTS, out, params=params, kind="full")
+    stats = merge_checkpoints(folder / "base", experts, WEIGHTS, out, MergeOptions(params=params, kind="full"))
     return {"work_s": time.perf_counter() - t0, "read": stats.bytes_read, "written": stats.bytes_written}
 
 
@@ -300,10 +310,45 @@ def child_layer(spec: str) -> dict:
     return out
 
 
+def child_dmo_cli(folder: Path, out: Path) -> dict:
+    """``dmo merge`` as a user runs it (task arithmetic, scale 0.9, of the 4 full experts): its imports count."""
+    t0 = time.perf_counter()
+    manifest = folder / "experts.yaml"
+    if not manifest.exists():
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(
+            f"name: bench-{folder.name}\nbase: ./base\nexperts: {{{', '.join(f'{e}: ./{e}' for e in WEIGHTS)}}}\n"
+        )
+        tmp.replace(manifest)
+    from dmo.cli import main as dmo_main
+
+    weights = ",".join(f"{e}={w}" for e, w in WEIGHTS.items())
+    sys.argv = [
+        "dmo",
+        "merge",
+        "--experts",
+        str(manifest),
+        "--weights",
+        weights,
+        "--out",
+        str(out),
+        "--param",
+        "scale=0.9",
+    ]
+    try:
+        dmo_main()
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return {"work_s": time.perf_counter() - t0, "read": 0, "written": written}
+
+
 CHILDREN = {
     "copy": child_copy,
     "dmo": child_dmo,
     "dmo-base": lambda f, o: child_dmo(f, o, scale=0.9),
+    "dmo-cli": child_dmo_cli,
     "mergekit": child_mergekit,
     "naive": child_naive,
 }
@@ -388,6 +433,11 @@ def main() -> None:
     parser.add_argument("--layer-methods", default="svd,iso,wudi,wudi2,ties", help="--layer: methods to time")
     parser.add_argument("--layer-iterations", type=int, default=300, help="--layer: WUDI steps to run (paper: 300)")
     parser.add_argument("--device", default="cpu", help="--layer: cpu or cuda")
+    parser.add_argument("--check", action="store_true", help="compare `dmo merge` against the saved baseline")
+    parser.add_argument(
+        "--save-baseline", action="store_true", help="--check, then save what it measured as the baseline"
+    )
+    parser.add_argument("--baseline", type=Path, default=BASELINE, help="--check: the baseline file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -401,6 +451,8 @@ def main() -> None:
     if args.layer:
         layer_costs(args)
         return
+    if args.check or args.save_baseline:
+        sys.exit(check(args))
 
     root = args.root or Path(tempfile.mkdtemp(prefix="dmo-merge-bench-"))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -431,6 +483,77 @@ def main() -> None:
         if not args.keep and args.root is None:
             shutil.rmtree(root, ignore_errors=True)
     print_table(rows)
+
+
+# ------------------------------------------------------------------------------------------- the slip check
+
+#: what --save-baseline wrote last; --check compares against it
+BASELINE = Path(__file__).resolve().parent / "results" / "merge_check_baseline.json"
+#: how much worse than the baseline a measure may come out before --check fails. Peak memory varies by well under
+#: 1 % between runs. The CPU-time ratios do not: ``command_vs_merge`` (the command against the same merge called as
+#: a library, two runs that a busy machine slows alike) moved by a few percent between runs on the shared 2-core
+#: machine, ``merge_vs_copy`` (compute against a plain read) by up to ~25 % as the load changed
+TOLERANCE = {"command_vs_merge": 0.06, "merge_vs_copy": 0.25, "anon_per_model": 0.03, "rss_per_model": 0.03}
+#: the contenders of --check, run in a rotating order in every round
+CHECKED = ("copy", "dmo-base", "dmo-cli")
+
+
+def check(args: argparse.Namespace) -> int:
+    """``dmo merge`` (the command, imports included), the same merge called as a library (``dmo-base``) and ``copy``
+    in the same script, in rounds of the three in a rotating order on the 0.5B-shaped set: the median per-round
+    ratios of CPU time (user + sys, which a busy shared machine inflates far less than wall time) of the command to
+    the library merge (what the command adds: imports, parsing) and of the merge to the copy, and the command's peak
+    anonymous memory and peak RSS per byte of one model. Each is compared with the saved baseline
+    (``--baseline``); a value more than :data:`TOLERANCE` above it is a slip: exit status 1."""
+    import statistics
+
+    root = args.root or Path(tempfile.mkdtemp(prefix="dmo-merge-bench-"))
+    try:
+        folder = generate(root, "0.5b")
+        rounds = []
+        for i in range(max(args.repeats, 3)):
+            order = CHECKED[i % 3 :] + CHECKED[: i % 3]
+            runs = {name: _once(name, "0.5b", folder, root, "warm") for name in order}
+            if any("error" in r for r in runs.values()):
+                print(f"a run failed: {runs}", file=sys.stderr)
+                return 2
+            rounds.append(runs)
+    finally:
+        if not args.keep and args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+    model = statistics.median(r["copy"]["written"] for r in rounds)
+    measured = {
+        "command_vs_merge": statistics.median(r["dmo-cli"]["cpu_s"] / r["dmo-base"]["cpu_s"] for r in rounds),
+        "merge_vs_copy": statistics.median(r["dmo-base"]["cpu_s"] / r["copy"]["cpu_s"] for r in rounds),
+        "anon_per_model": statistics.median(r["dmo-cli"]["peak_anon"] for r in rounds) / model,
+        "rss_per_model": statistics.median(r["dmo-cli"]["peak_rss"] for r in rounds) / model,
+    }
+    wall = statistics.median(r["dmo-cli"]["wall_s"] / r["copy"]["wall_s"] for r in rounds)
+    print(f"{len(rounds)} rounds; median wall ratio to the copy {wall:.3f} (not checked: the load moves it most)")
+    if args.save_baseline:
+        import torch
+
+        doc = {
+            "measured": measured,
+            "rounds": len(rounds),
+            "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()[0]:.1f} at the end",
+            "command": "python benchmarks/merge_throughput.py --save-baseline",
+        }
+        args.baseline.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"baseline saved to {args.baseline}: {json.dumps(measured)}")
+        return 0
+    base = json.loads(args.baseline.read_text())["measured"]
+    slips = []
+    for key, value in measured.items():
+        limit = base[key] * (1 + TOLERANCE[key])
+        verdict = "SLIP" if value > limit else "ok"
+        print(f"{key}: {value:.4f} against the baseline's {base[key]:.4f} (limit {limit:.4f}): {verdict}")
+        if value > limit:
+            slips.append(key)
+    if slips:
+        print(f"dmo merge slipped on {', '.join(slips)} (see above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def layer_costs(args: argparse.Namespace) -> None:

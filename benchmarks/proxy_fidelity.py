@@ -46,7 +46,7 @@ from dmo.results import ResultsTable
 
 try:  # the package is being reorganised; both layouts work
     from dmo.analysis.correlate import MEAN_RHO, MEAN_SCORE, correlate
-    from dmo.scoring.base import Target, make_scorer, score_targets
+    from dmo.scoring.base import ScoringContext, Target, make_scorer, score_targets
 except ImportError:  # pragma: no cover
     from dmo.correlate import MEAN_RHO, MEAN_SCORE, correlate  # type: ignore[no-redef]
     from dmo.scorer import Target, make_scorer, score_targets  # type: ignore[no-redef]
@@ -208,7 +208,7 @@ def manifest_for(world: Any, spaces: Sequence[Space], fisher: dict[str, Path] | 
 
 def fisher_files(world: Any, out: Path) -> dict[str, Path]:
     """Each expert's Fisher weights, computed once into ``out`` (never into the world's cache)."""
-    from dmo.groundtruth.fisher import compute_fisher
+    from dmo.groundtruth.fisher_weights import compute_fisher
 
     files = {d: (out / f"{d}.safetensors").resolve() for d in world.config.domains}
     if all(p.exists() for p in files.values()):
@@ -556,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(o.method in ("fisher", "fisher_nn") for o in opts):
         fisher = fisher_files(world, out_dir / "fisher")
     manifest = manifest_for(world, spaces, fisher)
-    scorer = make_scorer("hf", manifest=manifest, include_path=world.root / "tasks", device="cpu")
+    scorer = make_scorer("hf", ScoringContext(manifest, include_path=world.root / "tasks", device="cpu"))
     family = [o.name for o in opts if o.family == "linear"]
     doc: dict[str, Any] = {
         "issue": 15,

@@ -67,7 +67,7 @@ def load(name: str) -> dict[str, Any]:
 
     from dmo.paths import results_dir
     from dmo.results import ResultsTable
-    from dmo.scoring.base import make_scorer
+    from dmo.scoring.base import ScoringContext, make_scorer
     from dmo.tinyworld.build import World, default_root
     from dmo.tinyworld.config import WorldConfig
 
@@ -76,8 +76,8 @@ def load(name: str) -> dict[str, Any]:
     if not (world.base_dir / "config.json").exists():
         raise DmoError(f"no tiny world in {world.root}: run 'dmo world build --ground-truth 3d,4d' first")
     space = pf.load_space_def(name, world)
-    scorer = make_scorer("hf", manifest=pf.manifest_for(world, [space], None), include_path=world.root / "tasks",
-                         device="cpu")  # fmt: skip
+    manifest = pf.manifest_for(world, [space], None)
+    scorer = make_scorer("hf", ScoringContext(manifest, include_path=world.root / "tasks", device="cpu"))
     table = ResultsTable(results_dir() / "proxy-fidelity" / space.group / "scores.jsonl")
     sc = pf.score_space(space, scorer, table, [pf.Option("linear", "linear", family="linear")])
     return {

@@ -6,7 +6,19 @@ mixtures), ``cli`` (the ``dmo`` command); at the top the shared pieces (``mixtur
 ``errors``, ``paths``, ``atomic``, ``session``). The names below are imported on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from dmo._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names for a type checker; at run time each is imported on first use
+    from dmo.config import SearchSpace as SearchSpace
+    from dmo.config import load_space as load_space
+    from dmo.errors import DmoError as DmoError
+    from dmo.manifest import ExpertManifest as ExpertManifest
+    from dmo.manifest import load_manifest as load_manifest
+    from dmo.mixture import Mixture as Mixture
+    from dmo.results import ResultsTable as ResultsTable
+    from dmo.session import Session as Session
 
 _EXPORTS = {
     "DmoError": "dmo.errors",

@@ -29,6 +29,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -358,3 +360,167 @@ def loo_predict(
             proxy[i : i + 1],
         )[0]
     return out
+
+
+# ------------------------------------------------------------------------------------- the points of every fit
+
+
+@dataclass(frozen=True)
+class CalibrationPoints:
+    """What every calibration of one simplex is fitted on, read from a results table by :func:`calibration_points`.
+
+    The first ``n_vertices`` points are the experts at the vertices, in domain order; then the trained mixtures
+    (mean over seeds), sorted by id. Rows of ``proxy`` and ``truth`` are per point, columns per benchmark.
+    """
+
+    domains: tuple[str, ...]
+    benchmarks: tuple[str, ...]
+    names: tuple[str, ...]  # an expert's domain, or a trained mixture's id
+    weights: np.ndarray  # (m, K)
+    proxy: np.ndarray  # (m, B)
+    truth: np.ndarray  # (m, B)
+    n_vertices: int
+    n_trained: int  # trained points strictly inside the simplex (what :func:`check_trained` counts)
+    #: every trained mixture over the domains with a score on every benchmark, a point or not: id -> weights
+    trained: dict[str, np.ndarray] = field(default_factory=dict)
+    #: trained mixtures (in ``trained``) left out for want of a proxy score: id -> weights
+    without_proxy: dict[str, np.ndarray] = field(default_factory=dict)
+    #: ids of trained mixtures over other domains, left out
+    foreign: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+#: how the note on trained mixtures over other domains starts
+FOREIGN_NOTE = "left out"
+
+
+def calibration_points(
+    frame: Any, domains: Sequence[str], benchmarks: Sequence[str], method: str, group: str | None = None
+) -> CalibrationPoints:
+    """The calibration points of the simplex over ``domains`` in a results table (``ResultsTable.frame()``).
+
+    The one rule that a study's calibrated objective, ``dmo correlate``'s calibrated rho and ``dmo suggest`` share:
+
+    - **vertices**: each expert (``kind == "expert"``, ``mixture`` a domain) with an ok score on every benchmark is
+      a point at its vertex, truth = its scores; its proxy is the ``method`` proxy scored at the pure mixture when
+      the table has one on every benchmark, else the expert's own scores (a one-expert linear merge *is* the
+      expert). An expert missing a benchmark is left out, with a note;
+    - **seeds**: a trained mixture's score on a benchmark is the mean over its seeds of each seed's newest row;
+    - **trained mixtures** over ``domains`` (weights matched to 6 decimals, missing domains 0) with a score on every
+      benchmark are points, with the ``method`` proxy scored at the same weights (newest row; ``group``: only
+      proxies of that group) or, at a vertex, the vertex's proxy. Those **without a proxy** on every benchmark are
+      left out, with a note that says how to score them (``without_proxy`` lists them);
+    - trained mixtures **over other domains** (a positive weight elsewhere) are left out, with a note.
+    """
+    import pandas as pd
+
+    domains, benchmarks = tuple(domains), tuple(benchmarks)
+    k, notes = len(domains), []
+    ok = frame[(frame["status"] == "ok") & pd.to_numeric(frame["score"], errors="coerce").notna()].copy()
+    ok["score"] = ok["score"].astype(float)
+    ok = ok[np.isfinite(ok["score"]) & ok["benchmark"].isin(benchmarks)]
+
+    def newest(part: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+        # the table's row order is its file order: the last row of each key is the newest
+        return part.drop_duplicates(subset=keys, keep="last")
+
+    def complete(scores: pd.DataFrame) -> pd.DataFrame:
+        return scores.reindex(columns=list(benchmarks)).dropna()
+
+    # where a row sits on this simplex: weights over `domains` (None: a positive weight on another domain)
+    wcols = [c for c in ok.columns if c.startswith("w_")]
+    weights = ok[wcols].apply(pd.to_numeric, errors="coerce").fillna(0.0) if wcols else pd.DataFrame(index=ok.index)
+    inside = ~(weights[[c for c in wcols if c.removeprefix("w_") not in domains]] > ZERO_WEIGHT).any(axis=1)
+    on = np.column_stack([weights[f"w_{d}"] if f"w_{d}" in weights else np.zeros(len(ok)) for d in domains])
+    on = on.reshape(len(ok), k)
+    ok["_at"] = [_place(w) for w in on]
+
+    experts = complete(newest(ok[ok["kind"] == "expert"], ["mixture", "benchmark"]).pivot(
+        index="mixture", columns="benchmark", values="score"))  # fmt: skip
+    proxies = ok[(ok["kind"] == "proxy") & (ok["method"] == method) & inside]
+    if group is not None:
+        proxies = proxies[proxies["group"] == group]
+    proxy_at = complete(newest(proxies, ["_at", "benchmark"]).pivot(index="_at", columns="benchmark", values="score"))
+
+    names, w_rows, p_rows, t_rows = [], [], [], []
+    vertex_proxy: dict[str, np.ndarray] = {}
+    missing = [d for d in domains if d not in experts.index]
+    for i, d in enumerate(domains):
+        if d in missing:
+            continue
+        at = _place(np.eye(k)[i])
+        truth = experts.loc[d, list(benchmarks)].to_numpy(float)
+        vertex_proxy[at] = proxy_at.loc[[at], list(benchmarks)].to_numpy(float)[0] if at in proxy_at.index else truth
+        names.append(d)
+        w_rows.append(np.eye(k)[i])
+        p_rows.append(vertex_proxy[at])
+        t_rows.append(truth)
+    if missing:
+        notes.append(
+            f"expert(s) {', '.join(missing)} without a score on every one of {', '.join(benchmarks)}: their vertices "
+            "are left out of the fit"
+        )
+    n_vertices = len(names)
+
+    trained_rows = ok[ok["kind"] == "trained"]
+    foreign = sorted(set(trained_rows.loc[~inside.reindex(trained_rows.index, fill_value=True), "mixture"].astype(str)))
+    if foreign:
+        notes.append(
+            f"{FOREIGN_NOTE} {len(foreign)} trained mixture(s) over other domains than {', '.join(domains)}: "
+            + ", ".join(foreign[:3])
+            + (", ..." if len(foreign) > 3 else "")
+        )
+    trained_rows = trained_rows[inside.reindex(trained_rows.index, fill_value=False)]
+    seeds = newest(trained_rows.assign(_seed=trained_rows["seed"].astype(str)), ["_at", "_seed", "benchmark"])
+    truth_at = complete(seeds.pivot_table(index="_at", columns="benchmark", values="score", aggfunc="mean"))
+    trained: dict[str, np.ndarray] = {}
+    without: dict[str, np.ndarray] = {}
+    points = []
+    for at in truth_at.index:
+        w = np.array([float(x) for x in at.split(",")])
+        if abs(w.sum() - 1.0) > 1e-4:
+            continue  # not a mixture of these domains (rows of another simplex without weights here)
+        mid = _mixture_id(domains, w)
+        trained[mid] = w
+        p = proxy_at.loc[[at], list(benchmarks)].to_numpy(float)[0] if at in proxy_at.index else vertex_proxy.get(at)
+        if p is None:
+            without[mid] = w
+            continue
+        points.append((mid, w, p, truth_at.loc[[at], list(benchmarks)].to_numpy(float)[0]))
+    if without:
+        ids = sorted(without)
+        notes.append(
+            f"{len(ids)} trained mixture(s) without a {method!r} proxy score on every benchmark left out of the fit: "
+            + ", ".join(ids[:3])
+            + (", ..." if len(ids) > 3 else "")
+            + " (score their proxies, e.g. a grid study over them, to use them)"
+        )
+    points.sort(key=lambda p: p[0])
+    for mid, w, p, t in points:
+        names.append(mid)
+        w_rows.append(w)
+        p_rows.append(p)
+        t_rows.append(t)
+    n_inside = sum(1 for _, w, _, _ in points if np.count_nonzero(w > ZERO_WEIGHT) > 1)
+    b = len(benchmarks)
+    return CalibrationPoints(
+        domains, benchmarks, tuple(names),
+        weights=np.array(w_rows, float).reshape(-1, k), proxy=np.array(p_rows, float).reshape(-1, b),
+        truth=np.array(t_rows, float).reshape(-1, b), n_vertices=n_vertices, n_trained=n_inside,
+        trained=trained, without_proxy=without, foreign=tuple(foreign), notes=tuple(notes),
+    )  # fmt: skip
+
+
+def _place(weights: np.ndarray) -> str:
+    """Where a row sits on the simplex, as a key: its weights to 6 decimals (as mixture ids round them)."""
+    return ",".join(f"{x:.6f}" for x in np.asarray(weights, float) + 0.0)
+
+
+#: a weight counts as zero below this (mixture ids round weights to 6 digits)
+ZERO_WEIGHT = 1e-9
+
+
+def _mixture_id(domains: Sequence[str], weights: np.ndarray) -> str:
+    from dmo.mixture import Mixture
+
+    return Mixture(tuple(domains), tuple(float(x) for x in weights), tolerance=1e-4).id

@@ -8,9 +8,9 @@ are :mod:`dmo.manifest`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from dmo.configfile import Strict, read_yaml, validate
 from dmo.errors import DmoError
@@ -18,6 +18,9 @@ from dmo.mixture import Mixture, check_domain_name, dedupe, dirichlet, lattice, 
 from dmo.paths import safe_name
 from dmo.presets import preset
 from dmo.sources import is_source_name
+
+if TYPE_CHECKING:
+    from dmo.scoring.base import BackendOptions
 
 
 class LatticeSpec(Strict):
@@ -147,11 +150,13 @@ class SamplerSpec(Strict):
         return {"name": value} if isinstance(value, str) else value
 
 
-#: Keys of the scoring section that belong to one backend or another (see ScoringSpec._backend_only).
-_BACKEND_KEYS = {"table", "nearest", "vllm"}
-
-
 class ScoringSpec(Strict):
+    """The options common to every backend (what :class:`dmo.scoring.base.ScoringContext` carries), and, under the
+    chosen backend's name, that backend's own options, checked by the model of its registry entry
+    (``scoring: {backend: vllm, vllm: {max_loras: 2}}``): a backend from another package brings its own."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     backend: str = "hf"
 
     @field_validator("backend")
@@ -167,13 +172,6 @@ class ScoringSpec(Strict):
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=64, gt=0)
     device: str = "auto"
-    #: Backend-specific keys; each backend's options model in its registry entry (dmo/scoring/backends.py) says which
-    #: are its own, and :meth:`backend_options` validates them with it. ``replay``: the recorded results table to
-    #: answer from, and whether the nearest recorded mixture may answer for one that was not recorded.
-    table: str | None = None
-    nearest: bool = False
-    #: ``vllm``: its engine options (``dmo.scoring.backends.VLLMOptions``).
-    vllm: dict[str, Any] | None = None
     #: Folders of one's own lmms-eval task YAMLs, put on lmms-eval's include path (relative paths start from the space
     #: file's folder); earlier folders win over later ones and over lmms-eval's built-in tasks of the same name.
     tasks: list[Path] = []
@@ -201,40 +199,43 @@ class ScoringSpec(Strict):
         return {**load_metric_map(), **parse_metric_map(self.metrics, "scoring.metrics")}
 
     @model_validator(mode="after")
-    def _backend_only(self) -> ScoringSpec:
-        from dmo.scoring.base import backend, scorer_names
+    def _own_options(self) -> ScoringSpec:
+        from dmo.scoring.base import scorer_names
 
-        if self.backend not in scorer_names():
-            return self  # an unknown backend was refused above; a stale install is said when the backend is made
-        own = set(backend(self.backend).options.model_fields)
-        for key in sorted(self._given() - own):
-            owners = [n for n in scorer_names() if key in backend(n).options.model_fields]
-            raise ValueError(f"'{key}' is an option of the {' or '.join(owners)} backend only (backend: {owners[0]})")
-        try:
-            self.backend_options()
-        except DmoError as exc:
-            raise ValueError(str(exc)) from None
+        names = scorer_names()
+        for key in self.model_extra or {}:
+            if names and key not in names:
+                raise ValueError(
+                    f"unknown key {key!r}: neither a scoring option nor a backend's name ({', '.join(names)})"
+                )
+            if key != self.backend:
+                raise ValueError(
+                    f"{key!r} holds options of the {key} backend, but the backend is {self.backend}: "
+                    f"set 'backend: {key}', or remove them"
+                )
+        if self.backend in names:  # an unknown backend was refused above; a stale install is said when it is made
+            try:
+                own = self.backend_options().model_dump(mode="json", exclude_defaults=True)
+            except DmoError as exc:
+                raise ValueError(str(exc)) from None
+            # one spelling per meaning, so that the space's hash does not tell `vllm: {}` from no `vllm` key
+            extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+            extra.pop(self.backend, None)
+            if own:
+                extra[self.backend] = own
         return self
 
-    def _given(self) -> set[str]:
-        """The backend-specific keys this section sets (a value other than the default: a dumped and re-read
-        section writes every key out)."""
-        return {k for k in _BACKEND_KEYS if getattr(self, k) != type(self).model_fields[k].default}
-
-    def backend_options(self) -> dict[str, Any]:
-        """Keyword arguments for the backend's factory besides the common ones, checked by its options model."""
-        from pydantic import ValidationError
-
+    def backend_options(self) -> BackendOptions:
+        """The chosen backend's own options, validated by the model of its registry entry (its defaults when the
+        section gives none)."""
         from dmo.scoring.base import backend
 
-        model = backend(self.backend).options
-        given = {k: getattr(self, k) for k in model.model_fields if k in self._given()}
-        try:
-            return model.model_validate(given).to_kwargs()
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise DmoError(f"{where}: {err['msg']}") from None
+        return backend(self.backend).validate(self.backend, (self.model_extra or {}).get(self.backend))
+
+    def with_backend_options(self, options: BackendOptions) -> ScoringSpec:
+        """This section with the backend's options replaced."""
+        data = {k: v for k, v in self.model_dump().items() if k not in (self.model_extra or {})}
+        return type(self).model_validate({**data, self.backend: options.model_dump(mode="json")})
 
 
 class SearchSpace(Strict):
@@ -285,17 +286,17 @@ class SearchSpace(Strict):
                     raise DmoError(f"mixtures.{i}: {exc}") from None
             return dedupe(out)
         if src.lattice is not None:
-            s = src.lattice
+            lat = src.lattice
             return lattice(
                 self.domains,
-                s.resolution,
-                min_weight=s.min_weight,
-                max_weight=s.max_weight,
-                drop_vertices=s.drop_vertices,
+                lat.resolution,
+                min_weight=lat.min_weight,
+                max_weight=lat.max_weight,
+                drop_vertices=lat.drop_vertices,
             )
         if src.dirichlet is not None:
-            s = src.dirichlet
-            return dirichlet(self.domains, s.n, alpha=s.alpha, seed=s.seed, decimals=s.decimals)
+            dir_ = src.dirichlet
+            return dirichlet(self.domains, dir_.n, alpha=dir_.alpha, seed=dir_.seed, decimals=dir_.decimals)
         assert src.preset is not None
         mixtures = preset(src.preset.name, src.preset.with_uniform)
         if mixtures and list(mixtures[0].domains) != list(self.domains):
@@ -318,13 +319,15 @@ def load_space(path: str | Path) -> SearchSpace:
         updates["name"] = safe_name(path.stem, "space name")
     if space.experts and not is_source_name(space.experts):
         updates["experts"] = str((path.parent / Path(space.experts).expanduser()).resolve())
-    scoring: dict[str, Any] = {}
-    if space.scoring.table:
-        scoring["table"] = str((path.parent / Path(space.scoring.table).expanduser()).resolve())
-    if space.scoring.tasks:  # task folders of one's own, relative to the space file
-        scoring["tasks"] = [(path.parent / t.expanduser()).resolve() for t in space.scoring.tasks]
-    if scoring:
-        updates["scoring"] = space.scoring.model_copy(update=scoring)
+    scoring = space.scoring
+    if scoring.tasks:  # task folders of one's own, relative to the space file
+        scoring = scoring.model_copy(
+            update={"tasks": [(path.parent / t.expanduser()).resolve() for t in scoring.tasks]}
+        )
+    if (model_extra := scoring.model_extra) and scoring.backend in model_extra:  # the backend's own paths likewise
+        scoring = scoring.with_backend_options(scoring.backend_options().resolve_paths(path.parent))
+    if scoring is not space.scoring:
+        updates["scoring"] = scoring
     return space.model_copy(update=updates) if updates else space
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -18,6 +18,10 @@ from dmo.configfile import Strict, read_yaml, validate
 from dmo.errors import DmoError
 from dmo.mixture import Mixture, check_domain_name
 from dmo.paths import safe_name
+
+# resolved() keeps the subclass: an ExpertRef stays one
+_Ref = TypeVar("_Ref", bound="ModelRef")
+_Expert = TypeVar("_Expert", bound="ExpertRef")
 
 
 class ModelRef(Strict):
@@ -43,7 +47,7 @@ class ModelRef(Strict):
             raise ValueError("give exactly one of 'path' or 'hub'")
         return self
 
-    def resolved(self, root: Path) -> ModelRef:
+    def resolved(self: _Ref, root: Path) -> _Ref:
         if self.path is None:
             return self
         return self.model_copy(update={"path": (root / self.path.expanduser()).resolve()})
@@ -60,7 +64,7 @@ class ExpertRef(ModelRef):
 
     fisher: Path | None = None
 
-    def resolved(self, root: Path) -> ExpertRef:
+    def resolved(self: _Expert, root: Path) -> _Expert:
         out = super().resolved(root)
         if self.fisher is None:
             return out
@@ -158,7 +162,7 @@ def set_expert_field(path: str | Path, field: str, values: dict[str, str]) -> st
     through the positions PyYAML reports. A string entry ``ocr: ./ocr`` becomes ``ocr: {path: ./ocr, fisher: x}``;
     a mapping gets the key added (or its value replaced). The result is validated as a manifest; a layout this
     cannot edit safely (an anchor shared by two experts, ...) raises :class:`DmoError`. Nothing is written here
-    (:func:`dmo.groundtruth.fisher.record_in_manifest` writes it atomically).
+    (:func:`dmo.groundtruth.fisher_weights.record_in_manifest` writes it atomically).
     """
     path = Path(path)
     before = validate(ExpertManifest, read_yaml(path), str(path))

@@ -20,12 +20,13 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Literal
 
 from dmo.atomic import explain_os_error
 from dmo.errors import DmoError
+
+if TYPE_CHECKING:  # pandas is imported when a table is read (~0.3 s that 'dmo --help' need not pay)
+    import pandas as pd
 
 Kind = Literal["proxy", "trained", "expert", "base"]
 KINDS: tuple[str, ...] = ("proxy", "trained", "expert", "base")
@@ -154,6 +155,8 @@ class ResultsTable:
 
 
 def to_frame(records: list[dict[str, Any]], latest: bool = True) -> pd.DataFrame:
+    import pandas as pd
+
     if not records:
         return pd.DataFrame(columns=BASE_COLUMNS)
     flat = []

@@ -8,11 +8,10 @@ A :class:`Session` holds one space, its expert manifest, the scorer and the resu
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,10 +22,13 @@ from dmo.mixture import Mixture
 from dmo.paths import SpaceFolder
 from dmo.progress import progress_bar
 from dmo.results import ResultsTable
-from dmo.scoring.base import Scorer, Target, make_scorer, score_targets
+from dmo.scoring.base import Scorer, ScoringContext, Target, TargetRefused, make_scorer, score_targets
 from dmo.search.study import StudyResult, study_paths
 from dmo.search.trials import ScoreObjective, proxy_target, run_study
 from dmo.sources import is_source_name, resolve_source
+
+if TYPE_CHECKING:
+    from dmo.calibration import CalibrationPoints
 
 
 @dataclass
@@ -67,28 +69,17 @@ class Session:
                 raise DmoError(f"domain {d!r} of space {space.name!r} has no expert in manifest {manifest.name!r}")
         folders = [*space.scoring.tasks, *([world_tasks] if world_tasks is not None else [])]
         include_path = folders[0] if len(folders) == 1 else (folders or None)
-        own = {"metric_map": metric_map} if metric_map is not None else {}
-        try:
-            scorer = make_scorer(
-                space.scoring.backend,
-                manifest=manifest,
-                include_path=include_path,
-                limit=space.scoring.limit,
-                batch_size=space.scoring.batch_size,
-                device=space.scoring.device,
-                **space.scoring.backend_options(),
-                **own,
-            )
-        except TypeError as exc:
-            if "metric_map" not in str(exc):
-                raise
-            raise DmoError(
-                f"the {space.scoring.backend} backend does not take a space's own metric entries (scoring.metrics) "
-                "yet: score with backend hf, or add them to dmo/scoring/metrics.yaml"
-            ) from None
+        context = ScoringContext(
+            manifest,
+            include_path=include_path,
+            limit=space.scoring.limit,
+            batch_size=space.scoring.batch_size,
+            device=space.scoring.device,
+            metric_map=metric_map,
+        )
+        scorer = make_scorer(space.scoring.backend, context, space.scoring.backend_options())
         if space.benchmarks:
-            scorer.check(space.benchmarks)
-        check_metrics(space, metric_map)
+            scorer.check(space.benchmarks)  # metrics, task names, validation data: each backend knows what it needs
         assert space.name is not None
         table = ResultsTable(SpaceFolder.for_space(space.name).scores)
         return cls(space, manifest, scorer, table, include_path)
@@ -151,8 +142,8 @@ def trained_targets(space: SearchSpace, manifest: ExpertManifest) -> tuple[list[
 @dataclass
 class CalibratedObjective:
     """A trial's objective under ``objective: {calibrate: ...}``: the space's aggregate of the trained scores that the
-    calibration predicts from the mixture and its proxy's scores, fitted on the points below (the experts at the
-    vertices, where the proxy is the expert, then every trained mixture of the space, mean over seeds)."""
+    calibration predicts from the mixture and its proxy's scores, fitted on the points below (the results table's
+    :func:`dmo.calibration.calibration_points`: the experts at the vertices, then the trained mixtures)."""
 
     space: SearchSpace
     method: str
@@ -190,11 +181,13 @@ def calibrated_objective(
     """The calibrated objective of ``space`` (``objective.calibrate``), fitted on its ground truth.
 
     Scores, through the cache, the experts, the manifest's trained models of mixtures in the space and the proxies
-    (the space's merge method) of the trained mixtures; then reads every trained score of the space's results table
-    (also those ingested from lmms-eval output). Deterministic in the table, so every worker of a study rebuilds the
-    same one. Refuses, in one line, a space with no trained mixture, or fewer than the method needs.
+    (the space's merge method) of every trained mixture of the space in the results table (also those ingested from
+    lmms-eval output) that has none yet; then fits on the table's calibration points
+    (:func:`dmo.calibration.calibration_points`, the rule ``dmo correlate`` and ``dmo suggest`` use too).
+    Deterministic in the table, so every worker of a study rebuilds the same one. Refuses, in one line, a space with
+    no trained mixture, or fewer than the method needs.
     """
-    from dmo.calibration import check_trained
+    from dmo.calibration import FOREIGN_NOTE, calibration_points, check_trained
 
     assert space.objective.calibrate is not None
     method = space.objective.calibrate.method
@@ -206,116 +199,66 @@ def calibrated_objective(
     experts = [Target("expert", domain=d) for d in domains]
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("ground truth for the calibration", total=len(experts) + len(kept))
-        found = score_targets(scorer, table, experts, benches, group=group)
+        _score_each(scorer, table, experts, benches, group)  # an expert that fails: its vertex is left out (a note)
         bar.advance(task, len(experts))
-        for t, (_, errors) in zip(experts, found):
-            if errors:
-                b, e = next(iter(errors.items()))
-                raise DmoError(f"{where}: expert {t.domain!r} has no score on {b!r} ({e}); the calibration needs it")
-        trained_errors = _score_trained(scorer, table, kept, benches, group)
+        trained_errors = _score_each(scorer, table, kept, benches, group)
         bar.advance(task, len(kept))
-    expert_scores = np.array([[s[b] for b in benches] for s, _ in found])
 
-    truth, foreign = _trained_scores(table, domains, benches)
-    notes = []
+    def points() -> CalibrationPoints:
+        return calibration_points(table.frame(), domains, benches, space.merge.method, group=group)
+
+    found = points()
+    if found.without_proxy:  # the proxies of trained mixtures not scored yet (a failure leaves its mixture out)
+        make = proxy_target(space)
+        targets = [make(Mixture(tuple(domains), tuple(w))) for w in found.without_proxy.values()]
+        _score_each(scorer, table, targets, benches, group)
+        found = points()
+    # the table's mixtures over other domains are noted below, together with the manifest's
+    notes = [f"{where}: {n}" for n in found.notes if not n.startswith(FOREIGN_NOTE)]
     if trained_errors:  # like any reference that fails: the others still count
         notes.append(
             f"{where}: {len(trained_errors)} trained model(s) of the manifest could not be scored and are left out; "
             f"first: {trained_errors[0]}"
         )
-    foreign_ids = sorted({*other, *foreign})
-    if foreign_ids:
+    foreign = sorted({*other, *found.foreign})
+    if foreign:
         notes.append(
-            f"{where}: ignored {len(foreign_ids)} trained mixture(s) over other domains than {domains}: "
-            + ", ".join(foreign_ids[:5])
-            + (", ..." if len(foreign_ids) > 5 else "")
+            f"{where}: ignored {len(foreign)} trained mixture(s) over other domains than {domains}: "
+            + ", ".join(foreign[:5])
+            + (", ..." if len(foreign) > 5 else "")
         )
-    if not truth:
-        why = f" (the {len(foreign_ids)} found are over other domains)" if foreign_ids else ""
+    if len(found.names) == found.n_vertices:
+        why = f" (the {len(foreign)} found are over other domains)" if foreign and not found.trained else ""
         raise DmoError(
             f"space {space.name!r} has no trained mixtures{why}: train some (dmo train mixtures, or dmo ingest their "
             "scores) or drop objective.calibrate"
         )
-    vertex = {tuple(np.eye(len(domains))[i]): i for i in range(len(domains))}
-    inside = [m for m in truth if tuple(m.weights) not in vertex]
     try:
-        check_trained(method, len(inside))
+        check_trained(method, found.n_trained)
     except DmoError as exc:
         raise DmoError(f"space {space.name!r}: objective.calibrate: {exc}") from None
-    make = proxy_target(space)
-    proxies = score_targets(scorer, table, [make(m) for m in inside], benches, group=group)
-    for m, (_, errors) in zip(inside, proxies):
-        if errors:
-            b, e = next(iter(errors.items()))
-            raise DmoError(f"{where}: the proxy of trained mixture {m.id} has no score on {b!r} ({e})")
-    # a trained model at a vertex is one more point there, whose proxy is the expert
-    at_vertex = [m for m in truth if tuple(m.weights) in vertex]
-    points = [*inside, *at_vertex]
-    proxy = [[s[b] for b in benches] for s, _ in proxies] + [
-        list(expert_scores[vertex[tuple(m.weights)]]) for m in at_vertex
-    ]
     return CalibratedObjective(
-        space,
-        method,
-        weights=np.vstack([np.eye(len(domains)), np.array([m.weights for m in points]).reshape(-1, len(domains))]),
-        proxy=np.vstack([expert_scores, np.array(proxy).reshape(-1, len(benches))]),
-        truth=np.vstack([expert_scores, np.array([truth[m] for m in points]).reshape(-1, len(benches))]),
-        n_trained=len(inside),
+        space, method, weights=found.weights, proxy=found.proxy, truth=found.truth, n_trained=found.n_trained,
         notes=notes,
-    )
+    )  # fmt: skip
 
 
-def _score_trained(
+def _score_each(
     scorer: Scorer, table: ResultsTable, targets: list[Target], benches: list[str], group: str
 ) -> list[str]:
-    """Score the manifest's trained models through the cache; what went wrong with each one that failed."""
+    """Score targets through the cache, each failure kept apart from the others; what went wrong with each one."""
     try:
         results = score_targets(scorer, table, targets, benches, group=group)
-    except DmoError:  # a backend that refuses a target (replay: not recorded): one by one, to keep the others
+    except TargetRefused:  # a backend that refuses a target (replay: not recorded): one by one, to keep the others
         results = []
         for t in targets:
             try:
                 results.append(score_targets(scorer, table, [t], benches, group=group)[0])
-            except DmoError as exc:
+            except TargetRefused as exc:
                 results.append(({}, {"": str(exc)}))
     return [
         f"{t.label} seed {t.seed}: {next(iter(errors.values()))}" for t, (_, errors) in zip(targets, results) if errors
     ]
-
-
-def _trained_scores(
-    table: ResultsTable, domains: list[str], benches: list[str]
-) -> tuple[dict[Mixture, list[float]], list[str]]:
-    """Trained score per benchmark of every mixture over ``domains`` in the table with all of ``benches`` (the
-    newest row per seed, then the mean over seeds), and the ids of trained mixtures over other domains."""
-    mixtures: dict[str, Mixture] = {}
-    newest: dict[tuple[str, Any], dict[str, float]] = {}
-    foreign: set[str] = set()
-    for rec in table.records():
-        score = rec.get("score")
-        if rec.get("kind") != "trained" or rec.get("status", "ok") != "ok" or rec.get("benchmark") not in benches:
-            continue
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
-            continue
-        weights = {d: float(w) for d, w in (rec.get("weights") or {}).items()}
-        try:
-            if any(w > 0 and d not in domains for d, w in weights.items()):
-                raise DmoError("other domains")
-            m = mixtures.get(str(rec.get("mixture"))) or Mixture.from_mapping(
-                {d: weights.get(d, 0.0) for d in domains}, domains
-            )
-        except DmoError:
-            foreign.add(str(rec.get("mixture")))
-            continue
-        mixtures[m.id] = m
-        newest.setdefault((m.id, rec.get("seed")), {})[str(rec["benchmark"])] = float(score)  # file order: newest wins
-    per_mixture: dict[str, list[list[float]]] = {}
-    for (mid, _), scores in newest.items():
-        if all(b in scores for b in benches):
-            per_mixture.setdefault(mid, []).append([scores[b] for b in benches])
-    # sorted, so that the fit (and so every worker's objective) does not depend on the table's row order
-    mean = {mixtures[mid]: list(np.mean(v, axis=0)) for mid, v in sorted(per_mixture.items())}
-    return mean, sorted(foreign)
 
 
 def objective_for(space: SearchSpace, scorer: Scorer) -> ScoreObjective | None:
@@ -350,24 +293,6 @@ def own_task_folders(space: SearchSpace) -> dict[str, Any] | None:
     return space.scoring.metric_map()
 
 
-def check_metrics(space: SearchSpace, metric_map: dict[str, Any] | None) -> None:
-    """Before a study opens: every benchmark has a score metric in the shipped map or the space's own entries."""
-    if space.scoring.backend == "replay":  # recorded scores: no metric is read
-        return
-    from dmo.scoring.loss import split_benchmarks
-    from dmo.scoring.metrics import metric_spec
-
-    for b in split_benchmarks(space.benchmarks)[0]:  # a loss:<domain> has no lmms-eval metric
-        try:
-            metric_spec(b, metric_map)
-        except DmoError:
-            raise DmoError(
-                f"no score metric known for benchmark {b!r} of space {space.name!r}: add it to the space's scoring "
-                f"section, e.g. 'scoring: {{metrics: {{{b}: {{metric: <lmms-eval metric name>}}}}}}' "
-                "(or to dmo/scoring/metrics.yaml)"
-            ) from None
-
-
 def _dump(value: Any) -> Any:
     return value.model_dump() if hasattr(value, "model_dump") else value
 
@@ -390,10 +315,12 @@ def scorer_for(space: SearchSpace) -> Scorer:
 def write_results_report(results: Path, output: Path | None = None, storage: str | None = None, **kwargs: Any) -> Path:
     """``dmo report``: the HTML report of a results folder, with the studies of ``storage`` (default: its study.db)."""
     from dmo.analysis.html_report import write_report
+    from dmo.merge.registry import expert_at_vertex_methods
     from dmo.paths import scores_path
     from dmo.search.history import study_history
 
     folder = SpaceFolder.of(scores_path(Path(results)))
     url = storage or (folder.study_url if folder.study_db.exists() else None)
     studies, note = study_history(url) if url else (None, None)
-    return write_report(results, output, studies=studies, studies_note=note, **kwargs)
+    vertex = expert_at_vertex_methods()
+    return write_report(results, output, studies=studies, studies_note=note, expert_at_vertex=vertex, **kwargs)

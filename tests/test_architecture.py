@@ -239,7 +239,7 @@ def spy(owner, name):
 spy(warnings, 'filterwarnings'); spy(warnings, 'simplefilter')
 spy(logging.Logger, 'addFilter'); spy(logging.Logger, 'setLevel'); spy(logging, 'disable')
 import dmo
-skip = ('dmo.cli.__main__', 'dmo.scoring.vllm_worker', 'dmo.scoring.vllm_lmms', 'dmo.scoring.plugin',
+skip = ('dmo.cli.__main__', 'dmo.scoring.vllm.worker', 'dmo.scoring.vllm.lmms', 'dmo.scoring.plugin',
         'dmo.scoring.paper_tasks')
 for m in pkgutil.walk_packages(dmo.__path__, 'dmo.'):
     if not m.name.startswith(skip):
@@ -258,6 +258,107 @@ def test_the_graph_sees_real_dependencies() -> None:
     """The rules above would pass on an empty graph: check it holds edges that exist."""
     assert "dmo.search.trials" in _deps("dmo.session")
     assert "dmo.search.study" in _deps("dmo.search.trials")
-    assert "dmo.scoring.vllm_engine" in _deps("dmo.scoring.vllm_lmms")  # a function-level import
+    assert "dmo.scoring.vllm.engine" in _deps("dmo.scoring.vllm.lmms")  # a function-level import
     assert "optuna" in _external("dmo.search.storage")
     assert not _deps("dmo.errors")
+
+
+def _lazy_table(tree: ast.Module) -> dict[str, str] | None:
+    """A package's ``_EXPORTS`` (name -> module it is imported from on first use), or None without one."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
+
+
+def _type_checking_imports(tree: ast.Module) -> dict[str, str]:
+    """``name -> module`` for every ``from module import name as name`` under a top-level ``if TYPE_CHECKING:``."""
+    out: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.body:
+                if isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                    for alias in child.names:
+                        # `as name` marks it re-exported, for mypy and ruff alike
+                        assert alias.asname == alias.name, f"{child.module}.{alias.name} not imported `as` itself"
+                        out[alias.name] = child.module
+    return out
+
+
+LAZY_PACKAGES = sorted(
+    path for path in PACKAGE.rglob("__init__.py") if _lazy_table(ast.parse(path.read_text())) is not None
+)
+
+
+def test_lazy_packages_are_found() -> None:
+    found = {_module_name(p) for p in LAZY_PACKAGES}
+    assert {"dmo", "dmo.search", "dmo.merge", "dmo.scoring", "dmo.analysis", "dmo.groundtruth"} <= found
+
+
+@pytest.mark.parametrize("path", LAZY_PACKAGES, ids=lambda p: _module_name(p))
+def test_lazy_exports_are_visible_to_a_type_checker(path: Path) -> None:
+    """Each lazily exported name is also imported under ``TYPE_CHECKING`` from the same module, and every name in
+    ``__all__`` is one of them: a type checker sees what ``__getattr__`` returns at run time."""
+    tree = ast.parse(path.read_text())
+    table = _lazy_table(tree)
+    assert table is not None
+    typed = _type_checking_imports(tree)
+    assert typed == table, f"{path.relative_to(ROOT)}: TYPE_CHECKING imports and _EXPORTS disagree"
+    exported = _all_names(tree, table)
+    assert exported <= set(typed), f"{path.relative_to(ROOT)}: {sorted(exported - set(typed))} not typed"
+
+
+def _all_names(tree: ast.Module, table: dict[str, str] | None) -> set[str]:
+    """The names of ``__all__``: a literal list, or ``sorted(_EXPORTS)``."""
+    value = next(
+        node.value
+        for node in tree.body
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets))
+        or (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "__all__")
+    )
+    assert value is not None
+    if ast.unparse(value) == "sorted(_EXPORTS)":
+        assert table is not None, "__all__ = sorted(_EXPORTS) without _EXPORTS"
+        return set(table)
+    return set(ast.literal_eval(value))
+
+
+def _bound_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level, ``if TYPE_CHECKING:`` imports included."""
+    out: set[str] = set()
+    for node in tree.body:
+        body = node.body if isinstance(node, ast.If) and _is_type_checking(node) else [node]
+        for child in body:
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                out |= {(a.asname or a.name).split(".")[0] for a in child.names}
+            elif isinstance(child, ast.Assign):
+                out |= {t.id for t in child.targets if isinstance(t, ast.Name)}
+            elif isinstance(child, ast.AnnAssign) and isinstance(child.target, ast.Name):
+                out.add(child.target.id)
+            elif isinstance(child, ast.FunctionDef | ast.ClassDef):
+                out.add(child.name)
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("__init__.py")), ids=lambda p: _module_name(p))
+def test_every_public_name_of_a_package_is_visible_to_a_type_checker(path: Path) -> None:
+    """Each name in ``__all__`` is bound where a type checker reads it: imported (under ``TYPE_CHECKING`` for a lazy
+    export) or defined in the package itself, never only reachable through ``__getattr__``."""
+    tree = ast.parse(path.read_text())
+    missing = _all_names(tree, _lazy_table(tree)) - _bound_names(tree)
+    assert not missing, f"{path.relative_to(ROOT)}: {sorted(missing)} in __all__ but not bound for a type checker"
+
+
+def test_lazy_exports_name_real_objects() -> None:
+    """The table agrees with the modules: each name exists where the table says (checked by importing)."""
+    code = (
+        "import ast, importlib, pathlib, sys\n"
+        "for p in sys.argv[1:]:\n"
+        "    tree = ast.parse(pathlib.Path(p).read_text())\n"
+        "    table = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)"
+        " and any(getattr(t, 'id', '') == '_EXPORTS' for t in n.targets))\n"
+        "    for name, module in table.items():\n"
+        "        getattr(importlib.import_module(module), name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *map(str, LAZY_PACKAGES)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -51,7 +51,7 @@ experts: experts.yaml
 mixtures: {lattice: {resolution: 2}}
 benchmarks: [b1, b2]
 sampler: {name: grid, n_trials: 4, seed: 0}
-scoring: {backend: replay, table: recorded.jsonl, nearest: true}
+scoring: {backend: replay, replay: {table: recorded.jsonl, nearest: true}}
 """
 
 HF_SPACE = """\
@@ -95,7 +95,7 @@ def _tiny_hf_models(root: Path) -> None:
         peft = get_peft_model(model, config)
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(seed))
         peft.save_pretrained(folder)
         peft.unload()
         cfg_path = folder / "adapter_config.json"
@@ -253,7 +253,7 @@ CASES = [
     Case("storage-that-is-not-a-url", [*STUDY, "--storage", "results.db"],
          r"cannot use study storage results\.db.*sqlite:///PATH"),
     Case("replay-of-an-unrecorded-mixture", [*STUDY, "--sampler", "random", "--n-trials", "2"],
-         r"no linear proxy score of mixture .*set 'nearest: true'",
+         r"no linear proxy score of mixture .*set 'replay: \{nearest: true\}'",
          _space("space.yaml", "nearest: true", "nearest: false"), touches_study=True),
     Case("results-folder-is-a-file", STUDY, r"cannot write .*blocker", _results_is_a_file, results="blocker"),
     Case("disk-full-under-the-study-database", [*STUDY, "--sampler", "random"], r"no space left on device",

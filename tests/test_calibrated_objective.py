@@ -98,7 +98,7 @@ def write_space(
     path.write_text(
         f"name: {name}\ndomains: [{', '.join(domains)}]\nexperts: experts.yaml\n"
         "mixtures: {lattice: {resolution: 4}}\nbenchmarks: [b1, b2]\nsampler: {name: grid}\n"
-        f"scoring: {{backend: replay, table: {recorded}, nearest: true}}\n{objective}"
+        f"scoring: {{backend: replay, replay: {{table: {recorded}, nearest: true}}}}\n{objective}"
     )
     return path
 

@@ -116,22 +116,42 @@ def test_invalid_yaml_is_reported_with_line(tmp_path):
 
 
 def test_backend_options_come_from_the_registered_backend() -> None:
-    """Each backend's own keys are checked by the options model of its registry entry, not by a list in config."""
+    """Each backend's own keys sit under its name and are checked by the options model of its registry entry, not
+    by a list in config."""
+    from dmo.scoring.backends import ReplayOptions, VLLMOptions
     from dmo.scoring.base import backend, scorer_names
 
     assert {"hf", "replay", "vllm"} <= set(scorer_names())
     base = {"name": "s", "domains": ["a", "b"], "mixtures": [{"a": 0.5, "b": 0.5}]}
-    replay = parse_space({**base, "scoring": {"backend": "replay", "table": "t.jsonl", "nearest": True}})
-    assert replay.scoring.backend_options() == {"table": "t.jsonl", "nearest": True}
+    replay = parse_space({**base, "scoring": {"backend": "replay", "replay": {"table": "t.jsonl", "nearest": True}}})
+    assert replay.scoring.backend_options() == ReplayOptions(table=Path("t.jsonl"), nearest=True)
     vllm = parse_space({**base, "scoring": {"backend": "vllm", "vllm": {"max_loras": 2}}})
     opts = vllm.scoring.backend_options()
-    assert opts["max_loras"] == 2 and set(opts) == set(
-        backend("vllm").options.model_fields["vllm"].annotation.__args__[0].model_fields
-    )
+    assert isinstance(opts, VLLMOptions) and opts.max_loras == 2 and backend("vllm").options is VLLMOptions
     assert parse_space(vllm.model_dump()).scoring.backend_options() == opts  # a dumped space reads back the same
-    with pytest.raises(DmoError, match=r"'table' is an option of the replay backend only"):
-        parse_space({**base, "scoring": {"backend": "hf", "table": "t.jsonl"}})
-    with pytest.raises(DmoError, match=r"vllm\.max_loras: Input should be greater than 0"):
+    # one spelling per meaning: defaults given or left out make the same space (and so the same study)
+    same = [parse_space({**base, "scoring": {"backend": "vllm", **extra}}) for extra in ({}, {"vllm": {}})]
+    same.append(parse_space({**base, "scoring": {"backend": "vllm", "vllm": {"max_loras": 4, "dtype": "auto"}}}))
+    assert all(s.model_dump() == same[0].model_dump() for s in same)
+    assert parse_space({**base, "scoring": {"backend": "hf"}}).scoring.backend_options() == backend("hf").options()
+    with pytest.raises(DmoError, match=r"scoring: 'replay' holds options of the replay backend, but the backend is hf"):
+        parse_space({**base, "scoring": {"backend": "hf", "replay": {"table": "t.jsonl"}}})
+    with pytest.raises(DmoError, match=r"vllm\.max_loras: Input should be greater than 0 \(an option of the vllm"):
         parse_space({**base, "scoring": {"backend": "vllm", "vllm": {"max_loras": 0}}})
+    with pytest.raises(DmoError, match=r"replay\.tabel: not an option of the replay backend \(its options: table, "):
+        parse_space({**base, "scoring": {"backend": "replay", "replay": {"tabel": "t.jsonl"}}})
+    with pytest.raises(DmoError, match=r"scoring: unknown key 'table': neither a scoring option nor a backend's name"):
+        parse_space({**base, "scoring": {"backend": "replay", "table": "t.jsonl"}})  # the layout before issue 23
     with pytest.raises(DmoError, match=r"unknown scoring backend 'nope': choose one of hf, replay, vllm"):
         parse_space({**base, "scoring": {"backend": "nope"}})
+
+
+def test_a_backend_s_relative_paths_resolve_against_the_space_file(tmp_path) -> None:
+    from dmo.scoring.backends import ReplayOptions
+
+    (tmp_path / "spaces").mkdir()
+    text = "domains: [a, b]\nmixtures: [{a: 1}]\nscoring: {backend: replay, replay: {table: ../rec/scores.jsonl}}\n"
+    (tmp_path / "spaces" / "s.yaml").write_text(text)
+    space = load_space(tmp_path / "spaces" / "s.yaml")
+    assert space.scoring.backend_options() == ReplayOptions(table=(tmp_path / "rec" / "scores.jsonl").resolve())
+    assert load_space(tmp_path / "spaces" / "s.yaml").model_dump() == space.model_dump()

@@ -97,13 +97,20 @@ def test_no_trained_rows_gives_empty_table(tmp_path):
 from dmo.analysis.correlate import (  # noqa: E402
     RIDGE_ALPHAS,
     permutation_indices,
+    permutation_pvalue,
     regression_features,
     regression_loo,
     ridge_loo_mse,
     ridge_predict,
-    spearman_permutation_test,
+    spearman,
     topk_overlap,
 )
+
+
+def spearman_permutation_test(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0) -> float:
+    """The proxy rho's p-value as correlate computes it for a row (its permutations, null and p-value)."""
+    perms, exact = permutation_indices(len(x), n_perm, seed)
+    return permutation_pvalue(_rowwise_spearman(x[perms], np.broadcast_to(y, perms.shape)), spearman(x, y), exact)
 
 
 def _scipy_perm_p(x, y, n_perm, seed):

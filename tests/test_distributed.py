@@ -155,7 +155,8 @@ WORKER = textwrap.dedent("""\
     space = load_space(space_file)
     if len(sys.argv) > 6:
         space = space.model_copy(update={"sampler": space.sampler.model_copy(update={"name": sys.argv[6]})})
-    scorer = SlowReplay(space.scoring.table, nearest=space.scoring.nearest)
+    own = space.scoring.backend_options()
+    scorer = SlowReplay(own.table, nearest=own.nearest)
     res = run_study(space, scorer, study_paths(space, storage, name), n_trials=int(n_trials), progress=False,
                     worker_index=int(index))
     print("evaluated", res.evaluated)
@@ -509,8 +510,9 @@ def test_creator_dying_mid_enqueue_is_taken_over_and_nothing_is_enqueued_twice(w
         study.enqueue_trial(dict(zip(param_names(DOMAINS), to_box(m))), user_attrs={MIXTURE_ATTR: m.id})
     from dmo.scoring.replay_backend import ReplayScorer
 
+    table = space.scoring.backend_options().table
     t0 = time.monotonic()
-    res = run_study(space, ReplayScorer(space.scoring.table, nearest=True), paths, progress=False,
+    res = run_study(space, ReplayScorer(table, nearest=True), paths, progress=False,
                     heartbeat=Heartbeat(0.2, 1.0))  # fmt: skip
     assert time.monotonic() - t0 < 30
     a = audit(paths.storage, "orphan", world, len(space.candidates()))
@@ -532,9 +534,10 @@ def test_a_trial_whose_worker_died_before_claiming_it_is_retried(world, monkeypa
     orphan = study.ask()  # what the dead worker left: RUNNING, never claimed
     assert study.get_trials(deepcopy=False)[0].state == optuna.trial.TrialState.RUNNING
     time.sleep(1.2)
+    table = space.scoring.backend_options().table
     t0 = time.monotonic()
     with caplog.at_level("WARNING", logger="dmo.study"):
-        run_study(space, ReplayScorer(space.scoring.table, nearest=True), paths, n_trials=4, progress=False,
+        run_study(space, ReplayScorer(table, nearest=True), paths, n_trials=4, progress=False,
                   heartbeat=hb)  # fmt: skip
     assert time.monotonic() - t0 < 30
     trials = optuna.load_study(study_name="unclaimed", storage=make_storage(paths.storage)).get_trials()

@@ -2,9 +2,9 @@
 
 A tiny real Qwen2-VL base (``dmo.tinyworld``) with two PEFT LoRA experts that adapt different modules: the Fisher
 files must hold every parameter either expert changes, and equal a naive per-sample autograd loop on the
-PEFT-merged dense expert, fed by the tiny world's own training encoder (not dmo.groundtruth.fisher's). The merge of
-those files
-must equal the pure ``fisher`` function on the PEFT-merged deltas; the hf backend must merge the same proxy.
+PEFT-merged dense expert, fed by the tiny world's own training encoder (not dmo.groundtruth.fisher_weights's). The
+merge of those files must equal the pure ``fisher`` function on the PEFT-merged deltas; the hf backend must merge the
+same proxy.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from dmo.cli import app
 from dmo.groundtruth.data_mix import domain_order
 from dmo.manifest import load_manifest
-from dmo.merge.fisher import fisher, fisher_norms
+from dmo.merge.fisher_merge import fisher, fisher_norms
 from dmo.merge.registry import method_names
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.data import read_split, write_domain
@@ -268,8 +268,8 @@ def test_vllm_backend_passes_the_fisher_files_to_the_worker_bank(world: SimpleNa
     pytest.importorskip("lmms_eval")
     from dmo.mixture import Mixture
     from dmo.scoring.base import Target
-    from dmo.scoring.vllm_backend import VLLMScorer
-    from dmo.scoring.vllm_worker import DmoWorkerExtension
+    from dmo.scoring.vllm.backend import VLLMScorer
+    from dmo.scoring.vllm.worker import DmoWorkerExtension
 
     worker = type("Worker", (_Worker, DmoWorkerExtension), {})(copy.deepcopy(world.model))
     engine = _Engine(worker)
@@ -280,7 +280,8 @@ def test_vllm_backend_passes_the_fisher_files_to_the_worker_bank(world: SimpleNa
     assert scorer.route(target) == "write"
     scorer._switch(target)
     (opened,) = [args for method, args in engine.calls if method == "dmo_open_bank"]
-    assert opened[-1] == {"fisher": {d: str(fisher_file(world, d)) for d in DOMAINS}}
+    assert opened[5] == {"fisher": {d: str(fisher_file(world, d)) for d in DOMAINS}}
+    assert opened[6] is None  # the paper's parameter filter, as dmo merge's
     state = worker.model.state_dict()
     want = reference_fisher_merge(world, weights, "fisher")
     for p in world.adapted:
@@ -380,7 +381,7 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("text", LAYOUTS)
 def test_fisher_paths_go_into_any_manifest_layout(tmp_path: Path, text: str) -> None:
-    from dmo.groundtruth.fisher import record_in_manifest
+    from dmo.groundtruth.fisher_weights import record_in_manifest
 
     path = tmp_path / "m.yaml"
     path.write_text(text)
@@ -397,7 +398,7 @@ def test_fisher_paths_go_into_any_manifest_layout(tmp_path: Path, text: str) -> 
 
 
 def test_a_manifest_layout_that_cannot_be_edited_safely_is_left_alone(tmp_path: Path) -> None:
-    from dmo.groundtruth.fisher import record_in_manifest
+    from dmo.groundtruth.fisher_weights import record_in_manifest
 
     path = tmp_path / "m.yaml"
     text = "name: m\nbase: ./base\nexperts:\n  general: &shared {path: ./a}\n  ocr: *shared\n"

@@ -29,7 +29,7 @@ from dmo.errors import DmoError
 from dmo.manifest import ExpertManifest, load_manifest
 from dmo.merge.experts import ParamFilter
 from dmo.merge.families import FAMILIES, family_of
-from dmo.merge.stream import merge_checkpoints
+from dmo.merge.stream import MergeOptions, merge_checkpoints
 from dmo.mixture import Mixture
 from dmo.scoring.base import Target
 from dmo.scoring.hf_backend import HFScorer
@@ -297,7 +297,7 @@ def custom_internvl(folder: Path) -> Path:
 
 
 def test_custom_internvl_checkpoints_are_refused_with_how_to_convert_them(tmp_path: Path) -> None:
-    from dmo.scoring.vllm_backend import VLLMScorer
+    from dmo.scoring.vllm.backend import VLLMScorer
 
     base = custom_internvl(tmp_path / "InternVL3_5-2B")
     expert = tmp_path / "e"
@@ -307,7 +307,9 @@ def test_custom_internvl_checkpoints_are_refused_with_how_to_convert_them(tmp_pa
         lambda: family_of(base),
         lambda: load_pretrained(base),
         lambda: merge_checkpoints(base, {"general": expert}, {"general": 1.0}, tmp_path / "out"),
-        lambda: merge_checkpoints(base, {"general": expert}, {"general": 1.0}, tmp_path / "out", exclude=[]),
+        lambda: merge_checkpoints(
+            base, {"general": expert}, {"general": 1.0}, tmp_path / "out", MergeOptions(exclude=[])
+        ),
         lambda: VLLMScorer(load_manifest(tmp_path / "m.yaml")),
     ):
         with pytest.raises(DmoError) as exc:
@@ -324,7 +326,7 @@ def test_custom_internvl_checkpoints_are_refused_with_how_to_convert_them(tmp_pa
 def test_a_multimodal_family_dmo_does_not_know_is_refused_in_one_line(world: SimpleNamespace, tmp_path: Path) -> None:
     import shutil
 
-    from dmo.scoring.vllm_backend import VLLMScorer
+    from dmo.scoring.vllm.backend import VLLMScorer
 
     base = tmp_path / "llava"
     shutil.copytree(world.base, base)
@@ -341,7 +343,7 @@ def test_a_multimodal_family_dmo_does_not_know_is_refused_in_one_line(world: Sim
     with pytest.raises(DmoError, match="does not know the layout"):
         VLLMScorer(manifest)
     # with the parameters to keep named explicitly, the merge does not depend on the family's names
-    merge_checkpoints(base, experts, {"general": 1.0}, tmp_path / "out", exclude=["vision_tower"])
+    merge_checkpoints(base, experts, {"general": 1.0}, tmp_path / "out", MergeOptions(exclude=["vision_tower"]))
     assert (tmp_path / "out" / "model.safetensors").is_file()
     # text-only models have no vision parts to name
     text = tmp_path / "text"
@@ -357,14 +359,15 @@ def test_a_multimodal_family_dmo_does_not_know_is_refused_in_one_line(world: Sim
 @pytest.mark.slow
 def test_vllm_serves_internvl_proxies_like_transformers(world: SimpleNamespace, tasks: Any) -> None:
     """vLLM's CPU engine on the tiny InternVL: a linear proxy as an adapter and written into the weights, a
-    full-expert proxy written (vision tower included), the base; every answer equals transformers' on the same
-    merged checkpoint, and the adapter-served proxy scores 1.0 on items whose answers are the reference's."""
+    full-expert proxy written (its vision tower at the base, as dmo merge keeps it), the base; every answer equals
+    transformers' on the same merged checkpoint, and the adapter-served proxy scores 1.0 on items whose answers are
+    the reference's."""
     try:
         import vllm  # noqa: F401
     except ImportError as exc:
         pytest.fail(f"this test starts a real vLLM engine: run it from .venv-vllm ({exc})")
-    from dmo.scoring.vllm_backend import VLLMScorer
-    from dmo.scoring.vllm_lmms import answers
+    from dmo.scoring.vllm.backend import VLLMScorer
+    from dmo.scoring.vllm.lmms import answers
 
     lora = load_manifest(world.w.lora_manifest)
     engine = VLLMScorer(lora, include_path=tasks.folder, adapter_dir=world.root / "adapters", lora=True,
@@ -394,11 +397,15 @@ def test_vllm_serves_internvl_proxies_like_transformers(world: SimpleNamespace, 
                 model = load_live(world.base)
             else:
                 experts = {d: Path(manifest.experts[d].path) for d in DOMAINS}
-                # vLLM's write route writes every tensor a full expert changes, the vision tower included (the
-                # paper's full-merge filter is dmo merge's default only: a known difference), so the reference
-                # merges every tensor too; LoRA experts touch nothing the filters keep
-                merge_checkpoints(world.base, experts, WEIGHTS, folder, method=target.method or "linear",
-                                  params=dict(target.params), exclude=[])  # fmt: skip
+                # every route keeps what dmo merge's default (the paper's) filter keeps: the full experts' vision
+                # tower stays at the base on the vllm write route too
+                merge_checkpoints(
+                    world.base,
+                    experts,
+                    WEIGHTS,
+                    folder,
+                    MergeOptions(method=target.method or "linear", params=dict(target.params)),
+                )
                 model = load_live(folder)
             mine = answers(scorer.lmm)
             want = {}

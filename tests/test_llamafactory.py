@@ -432,6 +432,17 @@ def test_cli_plan_only_and_missing_lf(tmp_path):
     assert "sbatch" in slurm.stdout and (tmp_path / "s.sbatch").is_file()
 
 
+@pytest.mark.parametrize("option", [("--strategy", "uniform"), ("--method", "qlora")])
+def test_cli_refuses_an_unknown_strategy_or_method(tmp_path, option):
+    src = make_sources(tmp_path, n_general=16)
+    cmd = [sys.executable, "-m", "dmo.cli", "train", "mixtures", "--base", "org/m", "--data", str(src), "--out", "runs",
+           "--mixture", "general=0.5,ocr=0.5", "--budget", "16", "--batch", "8", "--per-device-batch", "8",
+           "--plan-only", *option]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "unknown" in out.stderr and repr(option[1]) in out.stderr and not (tmp_path / "runs").exists()
+
+
 def test_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "dmo.cli", "--help"], capture_output=True, text=True).stdout
     assert all(c in out for c in ("data", "train", "ingest"))

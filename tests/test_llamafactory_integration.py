@@ -13,6 +13,7 @@ $DMO_LF_BIN. Without it the test is skipped, except under CI (CI set), where it 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -136,6 +137,16 @@ def test_train_register_and_merge(tmp_path):
     assert sum("eval_ocr-val_loss" in h for h in history) >= 5  # every step of 5 (ceil(0.125 x 5) = 1)
     mixed_history = json.loads((inter_ref.path / "trainer_state.json").read_text())["log_history"]
     assert {"eval_general-val_loss", "eval_ocr-val_loss"} <= {key for h in mixed_history for key in h}
+    # dmo ingest reads those losses (the final model's, from LLaMA-Factory's all_results.json) as loss:<domain> rows
+    ingested = dmo("ingest", str(runs), "--results", str(tmp_path / "res"), cwd=tmp_path)
+    assert ingested.returncode == 0, ingested.stdout + ingested.stderr
+    rows = {(r["kind"], r["mixture"], r["benchmark"], r["seed"]): r["score"]
+            for r in map(json.loads, (tmp_path / "res" / "scores.jsonl").read_text().splitlines())}  # fmt: skip
+    final = json.loads((exact.experts["ocr"].path / "all_results.json").read_text())
+    assert rows[("expert", "ocr", "loss:ocr", None)] == pytest.approx(math.exp(-final["eval_ocr-val_loss"]))
+    final = json.loads((exact_ref.path / "all_results.json").read_text())
+    for d in DOMAINS:
+        assert rows[("trained", m1.id, f"loss:{d}", 0)] == pytest.approx(math.exp(-final[f"eval_{d}-val_loss"]))
     trained = [load_lora(exact_ref.path), load_lora(inter_ref.path)]
     assert set(trained[0].modules) == set(adapters["ocr"].modules)
 

@@ -26,7 +26,7 @@ from dmo.errors import DmoError
 from dmo.manifest import load_manifest
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
-from dmo.scoring.base import Target, make_scorer, score_targets
+from dmo.scoring.base import ScoringContext, Target, make_scorer, score_targets
 from dmo.scoring.loss import loss_of, score_of
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.data import write_domain, write_val_split
@@ -101,7 +101,7 @@ def reference_loss(world: SimpleNamespace, model: torch.nn.Module, domain: str) 
 
 def test_a_proxys_loss_is_the_plain_forward_loss_of_the_merged_model(world: SimpleNamespace) -> None:
     manifest = load_manifest(world.root / "experts.yaml")
-    scorer = make_scorer("hf", manifest=manifest, device="cpu", batch_size=4)
+    scorer = make_scorer("hf", ScoringContext(manifest, device="cpu", batch_size=4))
     scorer.check(["loss:general", "loss:ocr"])
     weights = {"general": 0.3, "ocr": 0.7}
     target = Target("proxy", mixture=Mixture.from_mapping(weights, DOMAINS))
@@ -122,7 +122,7 @@ def test_a_proxys_loss_is_the_plain_forward_loss_of_the_merged_model(world: Simp
 
 def test_loss_scores_are_cached_by_their_validation_data(world: SimpleNamespace, tmp_path: Path) -> None:
     manifest = load_manifest(world.root / "experts.yaml")
-    scorer = make_scorer("hf", manifest=manifest, device="cpu", batch_size=4, limit=2)
+    scorer = make_scorer("hf", ScoringContext(manifest, device="cpu", batch_size=4, limit=2))
     table = ResultsTable(tmp_path / "scores.jsonl")
     target = Target("proxy", mixture=Mixture.from_mapping({"general": 0.5, "ocr": 0.5}, DOMAINS))
     ((scores, errors),) = score_targets(scorer, table, [target], ["loss:ocr"])
@@ -133,7 +133,7 @@ def test_loss_scores_are_cached_by_their_validation_data(world: SimpleNamespace,
     assert len(table.records()) == 1  # known: read from the table
     assert scorer.benchmark_settings("dmo_tiny_ocr") == {}  # other benchmarks keep their cache keys
     before = scorer.benchmark_settings("loss:ocr")
-    other = make_scorer("hf", manifest=manifest.model_copy(update={"data": tmp_path / "data"}), device="cpu")
+    other = make_scorer("hf", ScoringContext(manifest.model_copy(update={"data": tmp_path / "data"}), device="cpu"))
     val = tmp_path / "data" / "ocr" / "val.jsonl"
     val.parent.mkdir(parents=True)
     val.write_text((world.root / "data" / "ocr" / "val.jsonl").read_text().splitlines()[0] + "\n")
@@ -144,7 +144,7 @@ def test_a_missing_validation_split_is_one_line_before_the_study_opens(world: Si
     from dmo.session import Session
 
     manifest = load_manifest(world.root / "experts.yaml")
-    no_data = make_scorer("hf", manifest=manifest.model_copy(update={"data": None}), device="cpu")
+    no_data = make_scorer("hf", ScoringContext(manifest.model_copy(update={"data": None}), device="cpu"))
     with pytest.raises(DmoError, match="names no data folder: add 'data: <folder>'") as exc:
         no_data.check(["loss:ocr"])
     assert "\n" not in str(exc.value)
@@ -203,11 +203,12 @@ def test_the_vllm_engine_gives_the_hf_loss(tmp_path: Path) -> None:
     """The same targets' losses from the real CPU engine's prompt log-probabilities and from transformers, on the
     small tiny world's trained experts (built into the cache on first use)."""
     pytest.importorskip("vllm", reason="run from .venv-vllm: .venv-vllm/bin/python -m pytest -m vllm")
+    from dmo.scoring.vllm.backend import VLLMScorer
     from dmo.tinyworld.build import build_world
 
     manifest = load_manifest(build_world(WorldConfig.small(), ground_truth=(), progress=False).manifest_path)
-    hf = make_scorer("hf", manifest=manifest, device="cpu")
-    engine = make_scorer("vllm", manifest=manifest, adapter_dir=tmp_path / "adapters")
+    hf = make_scorer("hf", ScoringContext(manifest, device="cpu"))
+    engine = VLLMScorer(manifest, adapter_dir=tmp_path / "adapters")
     benchmarks = ["loss:ocr", "loss:general"]
     try:
         engine.check(benchmarks)
@@ -219,6 +220,37 @@ def test_the_vllm_engine_gives_the_hf_loss(tmp_path: Path) -> None:
         for target in targets:
             got, want = engine.evaluate(target, benchmarks), hf.evaluate(target, benchmarks)
             assert got.errors == {} and got.metrics == want.metrics
+            for b, score in want.scores.items():
+                assert loss_of(got.scores[b]) == pytest.approx(loss_of(score), rel=1e-5), (target, b)
+    finally:
+        engine.close()
+
+
+@pytest.mark.vllm
+def test_random_lora_experts_on_part_of_a_packed_layer_written_into_the_engine_give_the_hf_loss(
+    world: SimpleNamespace, tmp_path: Path
+) -> None:
+    """The NaN reproduction (issue 23): random LoRA experts on q_proj, v_proj and down_proj (not k_proj, which vLLM
+    packs with them into qkv_proj) written into the real CPU engine. Before the fix, dmo read vLLM's packing from the
+    multimodal model, which declares none, so k_proj was not fed with the write and vLLM processed qkv_proj with
+    uninitialised memory there: losses off by up to 0.7 or NaN, differently from one write to the next. Every target
+    is written twice, with the base in between, and must give hf's loss each time."""
+    pytest.importorskip("vllm", reason="run from .venv-vllm: .venv-vllm/bin/python -m pytest -m vllm")
+    manifest = load_manifest(world.root / "experts.yaml")
+    hf = make_scorer("hf", manifest=manifest, device="cpu")
+    engine = make_scorer("vllm", manifest=manifest, adapter_dir=tmp_path / "adapters", lora=False)
+    benchmarks = ["loss:ocr", "loss:general"]
+    targets: list[Any] = [
+        Target("expert", domain="general"),
+        Target("base"),
+        Target("proxy", mixture=Mixture.from_mapping({"general": 0.4, "ocr": 0.6}, DOMAINS)),
+        Target("expert", domain="ocr"),
+    ]
+    try:
+        for target in targets + targets:
+            assert engine.route(target) in ("base", "write")
+            got, want = engine.evaluate(target, benchmarks), hf.evaluate(target, benchmarks)
+            assert got.errors == {}, (target, got.errors)
             for b, score in want.scores.items():
                 assert loss_of(got.scores[b]) == pytest.approx(loss_of(score), rel=1e-5), (target, b)
     finally:

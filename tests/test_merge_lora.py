@@ -489,14 +489,19 @@ def _adapter(modules: dict[str, LoraModule], content_hash: str = "0" * 64) -> Lo
 
 
 def test_bf16_experts_are_scaled_in_float32() -> None:
-    a = torch.randn(3, 4).to(torch.bfloat16)
-    b = torch.randn(5, 3).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(492)
+    a = torch.randn(3, 4, generator=g).to(torch.bfloat16)
+    b = torch.randn(5, 3, generator=g).to(torch.bfloat16)
     adapters = {"x": _adapter({"m.weight": LoraModule("m", a, b, 0.37)})}
     _, tensors = concat_adapter(adapters, {"x": 0.3})
     assert tensors["base_model.model.m.lora_B.weight"].dtype == torch.float32
     assert torch.equal(tensors["base_model.model.m.lora_B.weight"], b.float() * (0.3 * 0.37))
     assert torch.equal(tensors["base_model.model.m.lora_A.weight"], a)  # copied, so kept exactly in bf16
-    mixed = adapters | {"y": _adapter({"m.weight": LoraModule("m", torch.randn(2, 4), torch.randn(5, 2), 1.0)})}
+    mixed = adapters | {
+        "y": _adapter(
+            {"m.weight": LoraModule("m", torch.randn(2, 4, generator=g), torch.randn(5, 2, generator=g), 1.0)}
+        )
+    }
     _, tensors = concat_adapter(mixed, {"x": 0.3, "y": 0.7})
     assert tensors["base_model.model.m.lora_A.weight"].dtype == torch.float32
     _, small = concat_adapter(mixed, {"x": 0.3, "y": 0.7}, dtype=torch.bfloat16)
@@ -701,7 +706,7 @@ def test_registry_linear_and_errors() -> None:
     assert "linear" in registry.method_names()
     method = registry.get_method("linear")
     assert method.lora_exact and method.description.startswith("Task arithmetic")
-    deltas = torch.randn(3, 4, 5)
+    deltas = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(704))
     w = torch.tensor([0.2, -0.5, 1.0])
     torch.testing.assert_close(method.fn(deltas, w), 0.2 * deltas[0] - 0.5 * deltas[1] + deltas[2])
     with pytest.raises(DmoError, match="unknown merge method 'nope'; available: .*linear"):

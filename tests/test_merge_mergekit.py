@@ -28,6 +28,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 
 from dmo.merge.dare import keep_mask
+from dmo.merge.stream import MergeOptions as DmoOptions
 from dmo.merge.stream import merge_checkpoints
 
 WEIGHTS = {"e0": 0.5, "e1": 0.3, "e2": 0.2}
@@ -77,7 +78,7 @@ def test_linear_and_task_arithmetic_match_mergekit(tmp_path: Path, dtype: torch.
     theirs = _mergekit(
         {"merge_method": "linear", "models": _models(experts), "dtype": "float32", "out_dtype": name}, tmp_path / "mk"
     )
-    merge_checkpoints(base, experts, WEIGHTS, tmp_path / "dmo", exclude=[])
+    merge_checkpoints(base, experts, WEIGHTS, tmp_path / "dmo", DmoOptions(exclude=[]))
     assert_same_model(load_model(tmp_path / "dmo"), theirs)
     theirs = _mergekit(
         {
@@ -86,7 +87,7 @@ def test_linear_and_task_arithmetic_match_mergekit(tmp_path: Path, dtype: torch.
         },
         tmp_path / "mk-ta",
     )  # fmt: skip
-    merge_checkpoints(base, experts, WEIGHTS, tmp_path / "dmo-ta", exclude=[], params={"scale": 0.8})
+    merge_checkpoints(base, experts, WEIGHTS, tmp_path / "dmo-ta", DmoOptions(exclude=[], params={"scale": 0.8}))
     assert_same_model(load_model(tmp_path / "dmo-ta"), theirs)
 
 
@@ -122,7 +123,7 @@ def test_ties_matches_mergekit(
     }  # fmt: skip
     theirs = _mergekit_with_consensus(config, tmp_path / "mk", consensus)
     params = {"density": density, "consensus": consensus, "normalize": normalize, "scale": 0.9}
-    merge_checkpoints(base, experts, WEIGHTS, tmp_path / "dmo", method="ties", params=params, exclude=[])
+    merge_checkpoints(base, experts, WEIGHTS, tmp_path / "dmo", DmoOptions(method="ties", params=params, exclude=[]))
     assert_same_model(load_model(tmp_path / "dmo"), theirs)
 
 
@@ -171,5 +172,5 @@ def test_dare_with_a_fixed_mask_matches_mergekit(
     theirs = _mergekit(config, tmp_path / "mk")
     ours = "dare" if method == "dare_linear" else "dare_ties"
     params = {"drop_rate": drop, "seed": seed, "rescale": rescale, "normalize": method == "dare_ties"}
-    merge_checkpoints(base, experts, WEIGHTS, tmp_path / "dmo", method=ours, params=params, exclude=[])
+    merge_checkpoints(base, experts, WEIGHTS, tmp_path / "dmo", DmoOptions(method=ours, params=params, exclude=[]))
     assert_same_model(load_model(tmp_path / "dmo"), theirs)

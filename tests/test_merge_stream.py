@@ -33,7 +33,7 @@ from dmo.errors import DmoError
 from dmo.merge import checkpoint as ckpt_mod
 from dmo.merge import registry
 from dmo.merge.experts import PAPER_EXCLUDE, ParamFilter
-from dmo.merge.stream import merge_checkpoints
+from dmo.merge.stream import MergeOptions, merge_checkpoints
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -41,7 +41,7 @@ from dmo.merge.stream import merge_checkpoints
 def test_linear_matches_the_naive_reference(tmp_path: Path, dtype: torch.dtype, shards: int) -> None:
     base, experts = make_set(tmp_path, dtype, shards=shards)
     weights = {"e0": 0.5, "e1": 0.3, "e2": 0.2}
-    stats = merge_checkpoints(base, experts, weights, tmp_path / "out", exclude=[], max_shard_size=3000)
+    stats = merge_checkpoints(base, experts, weights, tmp_path / "out", MergeOptions(exclude=[], max_shard_size=3000))
     assert_same_model(load_model(tmp_path / "out"), linear_reference(base, experts, weights))
     assert stats.merged == stats.tensors and stats.copied == 0
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
@@ -54,14 +54,20 @@ def test_scaled_task_arithmetic_reads_the_base_and_unit_sums_do_not(tmp_path: Pa
     base, experts = make_set(tmp_path, torch.float32)
     weights = {"e0": 0.6, "e1": 0.4}
     expert_bytes = sum(p.stat().st_size for e in ("e0", "e1") for p in experts[e].glob("*.safetensors"))
-    unit = merge_checkpoints(base, experts, weights, tmp_path / "unit", exclude=[])
+    unit = merge_checkpoints(base, experts, weights, tmp_path / "unit", MergeOptions(exclude=[]))
     assert unit.bytes_read < expert_bytes  # headers are not counted; the base is not read at all
     assert unit.bytes_read > 0.85 * expert_bytes
-    scaled = merge_checkpoints(base, experts, weights, tmp_path / "scaled", exclude=[], params={"scale": 0.7})
+    scaled = merge_checkpoints(
+        base, experts, weights, tmp_path / "scaled", MergeOptions(exclude=[], params={"scale": 0.7})
+    )
     assert scaled.bytes_read > 1.4 * unit.bytes_read  # base + 2 experts against 2 experts
     assert_same_model(load_model(tmp_path / "scaled"), linear_reference(base, experts, weights, scale=0.7))
     alias = merge_checkpoints(
-        base, experts, weights, tmp_path / "alias", exclude=[], method="task_arithmetic", params={"scale": 0.7}
+        base,
+        experts,
+        weights,
+        tmp_path / "alias",
+        MergeOptions(exclude=[], method="task_arithmetic", params={"scale": 0.7}),
     )
     assert alias.merged == scaled.merged
     a, b = load_model(tmp_path / "alias"), load_model(tmp_path / "scaled")
@@ -71,7 +77,7 @@ def test_scaled_task_arithmetic_reads_the_base_and_unit_sums_do_not(tmp_path: Pa
 def test_paper_defaults_keep_the_base_value_of_excluded_tensors(tmp_path: Path) -> None:
     base, experts = make_set(tmp_path, torch.bfloat16, visual=True)
     weights = {"e0": 0.25, "e1": 0.75}
-    merge_checkpoints(base, experts, weights, tmp_path / "full", kind="full")
+    merge_checkpoints(base, experts, weights, tmp_path / "full", MergeOptions(kind="full"))
     keep = ParamFilter("full")
     out, b = load_model(tmp_path / "full"), load_model(base)
     assert_same_model(out, linear_reference(base, experts, weights, keep=keep))
@@ -79,7 +85,7 @@ def test_paper_defaults_keep_the_base_value_of_excluded_tensors(tmp_path: Path) 
         assert torch.equal(out[name], b[name])
     assert not torch.equal(out["visual.merger.mlp.0.weight"], b["visual.merger.mlp.0.weight"])
     # the LoRA-trained defaults also keep embeddings, head, norms, biases and the whole vision side
-    merge_checkpoints(base, experts, weights, tmp_path / "lora", kind="lora")
+    merge_checkpoints(base, experts, weights, tmp_path / "lora", MergeOptions(kind="lora"))
     out = load_model(tmp_path / "lora")
     lora_keep = ParamFilter("lora")
     for name in out:
@@ -88,7 +94,7 @@ def test_paper_defaults_keep_the_base_value_of_excluded_tensors(tmp_path: Path) 
         assert torch.equal(out[name], b[name]) is kept, name
     assert PAPER_EXCLUDE["lora"][:2] == ("visual", "vision_tower")
     # include narrows, exclude=[] merges everything
-    merge_checkpoints(base, experts, weights, tmp_path / "inc", include=[r"mlp\.down_proj"], exclude=[])
+    merge_checkpoints(base, experts, weights, tmp_path / "inc", MergeOptions(include=[r"mlp\.down_proj"], exclude=[]))
     out = load_model(tmp_path / "inc")
     assert [n for n in out if not torch.equal(out[n], b[n])] == [
         f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)
@@ -98,7 +104,7 @@ def test_paper_defaults_keep_the_base_value_of_excluded_tensors(tmp_path: Path) 
 def test_output_dtype_side_files_and_record(tmp_path: Path) -> None:
     base, experts = make_set(tmp_path, torch.bfloat16, shards=1)
     weights = {"e0": 0.5, "e1": 0.5}
-    stats = merge_checkpoints(base, experts, weights, tmp_path / "out", dtype="float32", exclude=[])
+    stats = merge_checkpoints(base, experts, weights, tmp_path / "out", MergeOptions(dtype="float32", exclude=[]))
     out = load_model(tmp_path / "out")
     assert all(t.dtype == torch.float32 for t in out.values())
     ref = linear_reference(base, experts, weights)
@@ -116,8 +122,12 @@ def test_output_dtype_side_files_and_record(tmp_path: Path) -> None:
 def test_threads_and_chunking_do_not_change_a_byte(tmp_path: Path) -> None:
     base, experts = make_set(tmp_path, torch.bfloat16)
     weights = {"e0": 0.2, "e1": 0.3, "e2": 0.5}
-    merge_checkpoints(base, experts, weights, tmp_path / "a", threads=1, exclude=[], params={"scale": 0.9})
-    merge_checkpoints(base, experts, weights, tmp_path / "b", threads=4, chunk=64, exclude=[], params={"scale": 0.9})
+    merge_checkpoints(
+        base, experts, weights, tmp_path / "a", MergeOptions(threads=1, exclude=[], params={"scale": 0.9})
+    )
+    merge_checkpoints(
+        base, experts, weights, tmp_path / "b", MergeOptions(threads=4, chunk=64, exclude=[], params={"scale": 0.9})
+    )
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -125,7 +135,9 @@ def test_threads_and_chunking_do_not_change_a_byte(tmp_path: Path) -> None:
 def test_output_loads_with_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     base, experts = make_set(tmp_path, torch.float32, shards=2)
-    merge_checkpoints(base, experts, {"e0": 0.5, "e1": 0.5}, tmp_path / "out", exclude=[], max_shard_size=5000)
+    merge_checkpoints(
+        base, experts, {"e0": 0.5, "e1": 0.5}, tmp_path / "out", MergeOptions(exclude=[], max_shard_size=5000)
+    )
     model = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "out"))
     state = model.state_dict()
     for k, v in load_model(tmp_path / "out").items():
@@ -153,10 +165,15 @@ def _stacked_deltas(base: Path, experts: Mapping[str, Path], names: list[str]) -
 def test_delta_methods_stream_like_the_registered_function(tmp_path: Path, method: str, params: dict) -> None:
     base, experts = make_set(tmp_path, torch.float32)
     weights = {"e0": 0.5, "e1": 0.3, "e2": 0.2}
-    merge_checkpoints(base, experts, weights, tmp_path / "out", method=method, params=params, exclude=[])
+    merge_checkpoints(base, experts, weights, tmp_path / "out", MergeOptions(method=method, params=params, exclude=[]))
     # statistics, trim thresholds and masks do not depend on how the tensors are cut into chunks
-    merge_checkpoints(base, experts, weights, tmp_path / "small", method=method, params=params, exclude=[],
-                      chunk=48, threads=3)  # fmt: skip
+    merge_checkpoints(
+        base,
+        experts,
+        weights,
+        tmp_path / "small",
+        MergeOptions(method=method, params=params, exclude=[], chunk=48, threads=3),
+    )
     a, b = load_model(tmp_path / "out"), load_model(tmp_path / "small")
     assert all(torch.equal(a[k], b[k]) for k in a)
     b, deltas = _stacked_deltas(base, experts, list(weights))
@@ -183,7 +200,9 @@ def _lora_reference(
 
 def test_lora_experts_merge_to_base_plus_weighted_deltas(lora_world: dict, tmp_path: Path) -> None:
     weights = {"a": 0.5, "b": 0.3, "c": 0.2}
-    stats = merge_checkpoints(lora_world["base"], lora_world["experts"], weights, tmp_path / "all", exclude=[])
+    stats = merge_checkpoints(
+        lora_world["base"], lora_world["experts"], weights, tmp_path / "all", MergeOptions(exclude=[])
+    )
     assert_same_model(load_model(tmp_path / "all"), _lora_reference(lora_world, weights))
     assert stats.excluded_adapted == ()
     # the paper's LoRA defaults keep lm_head (and norms, embeddings, biases) at the base value
@@ -205,7 +224,9 @@ def test_adapter_form_loads_in_peft_and_equals_the_dense_merge(lora_world: dict,
     )
     assert stats.rank == 10 and stats.excluded_adapted == ("lm_head.weight",)
     assert "max-lora-rank >= 10" in stats.summary()
-    merge_checkpoints(lora_world["base"], lora_world["experts"], weights, tmp_path / "dense", params={"scale": 0.9})
+    merge_checkpoints(
+        lora_world["base"], lora_world["experts"], weights, tmp_path / "dense", MergeOptions(params={"scale": 0.9})
+    )
     transformers, peft = lora_world["transformers"], lora_world["peft"]
     model = transformers.Qwen2ForCausalLM.from_pretrained(str(lora_world["base"]), dtype=torch.float32)
     merged = peft.PeftModel.from_pretrained(model, str(tmp_path / "adapter")).merge_and_unload().state_dict()
@@ -243,7 +264,7 @@ def test_modules_to_save_are_merged_as_full_values(lora_world: dict, tmp_path: P
             pm.save_pretrained(str(tmp_path / name))
         folders[name] = tmp_path / name
     weights = {"s1": 0.25, "s2": 0.75}
-    merge_checkpoints(lora_world["base"], folders, weights, tmp_path / "out", exclude=[])
+    merge_checkpoints(lora_world["base"], folders, weights, tmp_path / "out", MergeOptions(exclude=[]))
     out, b = load_model(tmp_path / "out"), load_model(lora_world["base"])
     heads = [
         load_file(str(folders[n] / "adapter_model.safetensors"))["base_model.model.lm_head.weight"] for n in folders
@@ -264,8 +285,10 @@ def test_modules_to_save_are_merged_as_full_values(lora_world: dict, tmp_path: P
     keys = load_file(str(tmp_path / "with-base-layer" / "adapter_model.safetensors"))
     assert "base_model.model.lm_head.base_layer.weight" in keys
     both = {"a": lora_world["experts"]["a"], "x": tmp_path / "with-base-layer"}
-    merge_checkpoints(lora_world["base"], both, {"a": 0.5, "x": 0.5}, tmp_path / "bl", exclude=[])
-    merge_checkpoints(lora_world["base"], {"a": lora_world["experts"]["a"]}, {"a": 1.0}, tmp_path / "a1", exclude=[])
+    merge_checkpoints(lora_world["base"], both, {"a": 0.5, "x": 0.5}, tmp_path / "bl", MergeOptions(exclude=[]))
+    merge_checkpoints(
+        lora_world["base"], {"a": lora_world["experts"]["a"]}, {"a": 1.0}, tmp_path / "a1", MergeOptions(exclude=[])
+    )
     bl, a1 = load_model(tmp_path / "bl"), load_model(tmp_path / "a1")
     for k in bl:
         torch.testing.assert_close(bl[k].float(), a1[k].float(), rtol=2**-7, atol=1e-6, msg=k)
@@ -283,7 +306,7 @@ def test_full_and_lora_experts_mix(lora_world: dict, tmp_path: Path) -> None:
     write_model(tmp_path / "full", full)
     experts = {"a": lora_world["experts"]["a"], "f": tmp_path / "full"}
     weights = {"a": 0.4, "f": 0.6}
-    merge_checkpoints(lora_world["base"], experts, weights, tmp_path / "out", exclude=[])
+    merge_checkpoints(lora_world["base"], experts, weights, tmp_path / "out", MergeOptions(exclude=[]))
     expected = _lora_reference(lora_world, {"a": 0.4}, rounded=False)
     expected = {k: (expected[k] + 0.6 * (full[k].float() - b[k].float())).to(b[k].dtype) for k in b}
     assert_same_model(load_model(tmp_path / "out"), expected)
@@ -294,8 +317,13 @@ def test_delta_methods_on_lora_experts(lora_world: dict, tmp_path: Path, method:
     from dmo.merge.lora import load_lora
 
     weights = {"a": 0.5, "b": 0.3, "c": 0.2}
-    merge_checkpoints(lora_world["base"], lora_world["experts"], weights, tmp_path / "out", method=method,
-                      params=params, exclude=[], chunk=40)  # fmt: skip
+    merge_checkpoints(
+        lora_world["base"],
+        lora_world["experts"],
+        weights,
+        tmp_path / "out",
+        MergeOptions(method=method, params=params, exclude=[], chunk=40),
+    )
     b = load_model(lora_world["base"])
     adapters = [load_lora(lora_world["experts"][e]) for e in weights]
     spec = registry.get_method(method)
@@ -319,7 +347,9 @@ def test_robustmerge_dense_equals_its_adapter(lora_world: dict, tmp_path: Path) 
 
     experts = {k: lora_world["experts"][k] for k in ("a", "b")}
     weights = {"a": 0.5, "b": 0.5}
-    merge_checkpoints(lora_world["base"], experts, weights, tmp_path / "dense", method="robustmerge", exclude=[])
+    merge_checkpoints(
+        lora_world["base"], experts, weights, tmp_path / "dense", MergeOptions(method="robustmerge", exclude=[])
+    )
     stats = write_lora_proxy(
         experts, weights, tmp_path / "ad", method="robustmerge", base=lora_world["base"], exclude=[]
     )
@@ -340,7 +370,7 @@ def test_robustmerge_dense_equals_its_adapter(lora_world: dict, tmp_path: Path) 
         torch.testing.assert_close(out[param].float(), expected.float(), rtol=2**-7, atol=1e-6)
     with pytest.raises(DmoError, match="same rank|different ranks"):
         merge_checkpoints(lora_world["base"], lora_world["experts"], {"a": 0.5, "c": 0.5}, tmp_path / "x",
-                          method="robustmerge", exclude=[])  # fmt: skip
+                          MergeOptions(method="robustmerge", exclude=[]))  # fmt: skip
     assert_nothing_left(tmp_path, tmp_path / "x")
 
 
@@ -424,7 +454,9 @@ def test_bad_checkpoints_give_one_line_naming_file_and_tensor(tmp_path: Path, ki
     needles = _corrupt(kind, base, experts)
     out = tmp_path / "out"
     with pytest.raises(DmoError) as exc:
-        merge_checkpoints(base, experts, {"e0": 0.3, "e1": 0.5, "e2": 0.2}, out, exclude=[], params={"scale": 0.9})
+        merge_checkpoints(
+            base, experts, {"e0": 0.3, "e1": 0.5, "e2": 0.2}, out, MergeOptions(exclude=[], params={"scale": 0.9})
+        )
     message = one_line(exc)
     for needle in needles:
         assert needle in message, (needle, message)
@@ -437,7 +469,7 @@ def test_bin_checkpoints_only_behind_the_flag(tmp_path: Path) -> None:
     shutil.rmtree(experts["e0"])
     experts["e0"].mkdir()
     torch.save(state, str(experts["e0"] / "pytorch_model.bin"))
-    merge_checkpoints(base, experts, {"e0": 0.5}, tmp_path / "out", exclude=[], allow_bin=True)
+    merge_checkpoints(base, experts, {"e0": 0.5}, tmp_path / "out", MergeOptions(exclude=[], allow_bin=True))
     b = load_model(base)
     assert_same_model(load_model(tmp_path / "out"), {k: v + 0.5 * (state[k] - v) for k, v in b.items()})
 
@@ -451,7 +483,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
         merge_checkpoints(base, experts, {"e0": 1.0}, out)
     one_line(exc)
     assert (out / "keep.txt").read_text() == "mine"
-    merge_checkpoints(base, experts, {"e0": 1.0}, out, overwrite=True)
+    merge_checkpoints(base, experts, {"e0": 1.0}, out, MergeOptions(overwrite=True))
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
@@ -469,7 +501,7 @@ def test_full_disk_mid_write_names_the_tensor_and_leaves_nothing(tmp_path: Path,
     monkeypatch.setattr(ckpt_mod, "pwrite", full)
     out = tmp_path / "out"
     with pytest.raises(DmoError) as exc:
-        merge_checkpoints(base, experts, {"e0": 0.5, "e1": 0.5}, out, exclude=[], threads=2)
+        merge_checkpoints(base, experts, {"e0": 0.5, "e1": 0.5}, out, MergeOptions(exclude=[], threads=2))
     message = one_line(exc)
     assert "no space left on device while writing tensor model." in message and ".safetensors" in message
     assert_nothing_left(tmp_path, out)
@@ -484,7 +516,7 @@ def test_really_full_disk_fails_before_merging(tmp_path: Path) -> None:
         pytest.skip("cannot mount a tmpfs here")
     try:
         with pytest.raises(DmoError, match="disk space|no space left") as exc:
-            merge_checkpoints(base, experts, {"e0": 0.5, "e1": 0.5}, small / "out", exclude=[])
+            merge_checkpoints(base, experts, {"e0": 0.5, "e1": 0.5}, small / "out", MergeOptions(exclude=[]))
         one_line(exc)
         assert list(small.iterdir()) == []
     finally:
@@ -509,7 +541,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, pattern: str) -> None:
     base, experts = make_set(tmp_path, torch.float32, n=1)
     args = {"weights": {"e0": 1.0}} | kwargs
     with pytest.raises((DmoError, RuntimeError)) as exc:
-        merge_checkpoints(base, experts, args.pop("weights"), tmp_path / "out", **args)
+        merge_checkpoints(base, experts, args.pop("weights"), tmp_path / "out", MergeOptions(**args))
     assert exc.type is DmoError or "cuda:99" in str(kwargs)
     assert __import__("re").search(pattern, one_line(exc))
     assert_nothing_left(tmp_path, tmp_path / "out")

@@ -213,3 +213,67 @@ def test_compare_counts_a_seedless_trained_model_as_one_seed(tmp_path):
     )
     out = compare(t.frame())
     assert list(out["seeds"]) == [1, 1] and list(out["mixture"]) == ["a-1", "b-1"]
+
+
+def _ten_mixture_table(tmp_path) -> pd.DataFrame:
+    """Three tiny-world benchmarks over 10 trained mixtures (n = 10, a two-digit count), with the experts."""
+    rng = np.random.default_rng(1)
+    benches = ("dmo_tiny_counting", "dmo_tiny_general", "dmo_tiny_ocr")
+    rows = [ScoreRow("expert", d, b, float(rng.random())) for d in ("general", "ocr") for b in benches]
+    for m in lattice(["general", "ocr"], 11)[1:-1][:10]:
+        for b in benches:
+            v = m["general"] * (1 + benches.index(b))
+            rows.append(ScoreRow("proxy", m.id, b, v + float(rng.normal(0, 0.2)), weights=m.as_dict(), group="tiny-2d",
+                                 method="linear"))  # fmt: skip
+            rows += [ScoreRow("trained", m.id, b, v + float(rng.normal(0, 0.1)), weights=m.as_dict(), seed=s)
+                     for s in (0, 1)]  # fmt: skip
+    ResultsTable(tmp_path / "ten.jsonl").append(rows)
+    return correlate(ResultsTable(tmp_path / "ten.jsonl").frame(), n_boot=100, n_perm=100)
+
+
+def _token(text: str, token: str) -> bool:
+    import re
+
+    return re.search(rf"(?<!\S){re.escape(token)}(?!\S)", text) is not None
+
+
+@pytest.mark.parametrize("width", [80, 60, 40])
+def test_no_cell_or_header_is_cut_in_a_narrow_terminal(tmp_path, width):
+    from dmo.analysis.tables import _SHORT, _SHORTER, correlation_rows
+
+    corr = _ten_mixture_table(tmp_path)
+    assert (corr["n"] == 10).any()
+    head, rows = correlation_rows(corr)
+    out = _render(render_correlation, corr, "table", width=width)
+    body = out.split("p = two-sided")[0]
+    lines = body.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= width
+    # each row's cells, in the part of the output from its name to the next row's
+    starts = []
+    for r in rows:
+        at = next(
+            i for i, line in enumerate(lines) if i > (starts[-1] if starts else -1) and line.strip().startswith(r[2])
+        )
+        starts.append(at)
+    compact = "left out to fit this terminal" in out
+    stacked = not compact and "(n 10)" in out
+    for j, r in enumerate(rows):
+        block = lines[starts[j] : starts[j + 1] if j + 1 < len(rows) else len(lines)]
+        assert all(line.count("[") == line.count("]") for line in block)  # no CI cut across or off a line
+        region = " ".join(block)
+        cells = [r[3], *(c for i, c in enumerate(r[4:], 4) if not (compact and head[i] in ("tau", "r")))]
+        for c in cells:
+            value = c.split(" [")[0]
+            assert _token(region, value) or _token(region, f"({value})") or _token(region, f"{value})"), (c, region)
+            if stacked and " [" in c:
+                assert c in region  # the CI too, whole
+    if compact:
+        shown = [_SHORTER.get(h, h) for h in head[3:] if h not in ("tau", "r")]
+    elif stacked:
+        shown = [_SHORT.get(h, h) for h in head[4:]]
+    else:
+        shown = [_SHORT.get(h, h) for h in head[3:]]
+    header_text = " ".join(lines)
+    for h in shown:
+        assert all(_token(header_text, part) for part in h.split()), h
+    assert compact if width == 80 else stacked  # 80 columns: the table without CIs; narrower: stacked

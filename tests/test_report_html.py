@@ -228,3 +228,34 @@ def test_no_edges_section_without_trained_mixtures_on_an_edge(tmp_path):
     text = build_report(_edge_table(tmp_path, set()), n_boot=10, n_perm=10)  # only an interior trained mixture
     assert "along the simplex edges" not in text
     assert not any(t.startswith("Along the simplex edges") for t in re.findall(r'alt="([^"]+)"', text))
+
+
+def test_edges_end_at_the_experts_only_for_methods_whose_vertex_is_the_expert(tmp_path, monkeypatch):
+    """Without proxy scores at the pure mixtures, an edge's proxy curve ends at the experts' scores exactly for the
+    methods the merge registry says merge one expert into itself (linear yes, ties no)."""
+    import dmo.analysis.plots
+    from dmo.merge.registry import expert_at_vertex_methods
+
+    vertex = expert_at_vertex_methods()
+    assert "linear" in vertex and "weight_average" in vertex and "ties" not in vertex
+    doms = ["a", "b", "c"]
+    for method in ("linear", "ties"):
+        rows = [ScoreRow("expert", d, "x", 0.5 + 0.1 * i) for i, d in enumerate(doms)]
+        for m in lattice(doms, 4):
+            if max(m.as_dict().values()) < 1:  # no proxy at the pure mixtures
+                rows.append(ScoreRow("proxy", m.id, "x", m["a"], weights=m.as_dict(), group="g3", method=method))
+            if m["c"] == 0 and 0 < m["a"] < 1:
+                rows.append(ScoreRow("trained", m.id, "x", m["a"], weights=m.as_dict(), seed=0))
+        folder = tmp_path / method
+        ResultsTable(folder / "scores.jsonl").append(rows)
+        seen = []
+        real = dmo.analysis.plots.edges_png
+
+        def spy(panels, cols, suptitle="", seen=seen, real=real):
+            seen.append([sorted(p.proxy_x.tolist()) for p in panels])
+            return real(panels, cols, suptitle)
+
+        monkeypatch.setattr(dmo.analysis.plots, "edges_png", spy)
+        build_report(folder, n_boot=10, n_perm=10, expert_at_vertex=vertex)
+        ((px,),) = seen
+        assert px == ([0.0, 0.25, 0.5, 0.75, 1.0] if method == "linear" else [0.25, 0.5, 0.75])

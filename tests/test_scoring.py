@@ -169,10 +169,10 @@ def test_evaluate_returns_one_score_per_benchmark(world: World, lmm: DmoLMM) -> 
 def test_evaluate_leaves_the_model_and_the_callers_random_state_alone(world: World, lmm: DmoLMM) -> None:
     before = {k: v.clone() for k, v in world.model.state_dict().items()}
     torch.manual_seed(123)
-    expected_draw = torch.rand(1)
+    expected_draw = torch.rand(1)  # global-rng: evaluate must leave the caller's global state alone
     torch.manual_seed(123)
     evaluate(lmm, ["dmo_tiny_ocr"], world.tasks, limit=2)
-    assert torch.equal(torch.rand(1), expected_draw)
+    assert torch.equal(torch.rand(1), expected_draw)  # global-rng: the same draw as before evaluate
     # lmms-eval's default clean() deletes the model after each run; dmo's must keep it for the next proxy
     assert lmm.model is world.model
     assert all(torch.equal(before[k], v) for k, v in world.model.state_dict().items())

@@ -24,16 +24,16 @@ import torch
 from PIL import Image
 
 from dmo.manifest import ExpertManifest, load_manifest
-from dmo.merge.stream import merge_checkpoints
+from dmo.merge.stream import MergeOptions, merge_checkpoints
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
-from dmo.scoring.base import Target, make_scorer, score_targets
+from dmo.scoring.base import ScoringContext, Target, make_scorer, score_targets
 from dmo.scoring.lmms_model import load_pretrained
 from dmo.scoring.manifest_refs import trained_path
 from dmo.scoring.tasks import write_tiny_tasks
-from dmo.scoring.vllm_backend import VLLMScorer
-from dmo.scoring.vllm_engine import VLLM_LORA_RANKS, engine_kwargs
-from dmo.scoring.vllm_lmms import answers
+from dmo.scoring.vllm.backend import VLLMScorer
+from dmo.scoring.vllm.engine import VLLM_LORA_RANKS, engine_kwargs
+from dmo.scoring.vllm.lmms import answers
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.generate import _as_chw_uint8, generate_encoded
 
@@ -84,7 +84,7 @@ def engine(world: SimpleNamespace) -> VLLMScorer:
 
 @pytest.fixture(scope="module")
 def hf(world: SimpleNamespace) -> Any:
-    return make_scorer("hf", manifest=world.manifest, include_path=world.tasks, device="cpu")
+    return make_scorer("hf", ScoringContext(world.manifest, include_path=world.tasks, device="cpu"))
 
 
 def reference_model(world: SimpleNamespace, manifest: ExpertManifest, target: Target, folder: Path) -> Any:
@@ -100,7 +100,9 @@ def reference_model(world: SimpleNamespace, manifest: ExpertManifest, target: Ta
     else:
         weights = {d: w for d, w in target.weights.items() if w}
         experts = {d: Path(manifest.experts[d].path) for d in weights}
-    merge_checkpoints(base, experts, weights, folder, method=target.method or "linear", params=dict(target.params))
+    merge_checkpoints(
+        base, experts, weights, folder, MergeOptions(method=target.method or "linear", params=dict(target.params))
+    )
     return load_pretrained(folder)[0]
 
 
@@ -166,12 +168,14 @@ def test_every_route_in_one_engine_answers_like_dmo_merge_and_scores_like_hf(
     assert len(set(seen[:7])) >= 5 and seen[7] == seen[0]
 
 
-def test_full_experts_written_into_the_engine_get_fresh_image_embeddings(
-    world: SimpleNamespace, engine: VLLMScorer
-) -> None:
-    """Full fine-tunes change the vision merger: after a write, no image embedding of the earlier weights may
-    answer (vLLM caches them per image); the engine must also survive its encoder-cache bookkeeping."""
+def test_full_experts_answer_alike_through_dmo_merge_hf_and_vllm(world: SimpleNamespace, engine: VLLMScorer) -> None:
+    """Full fine-tunes that change the vision blocks and the merger: ``dmo merge`` + transformers, the hf backend
+    and the vllm write route serve the same proxy (the paper's full-merge filter keeps the vision blocks at the base
+    on every route) and answer alike, sample by sample. The engine must also drop the image embeddings of the
+    earlier weights (vLLM caches them per image) and survive its encoder-cache bookkeeping."""
     from safetensors.torch import load_file, save_file
+
+    from dmo.merge.dense import applied_delta
 
     base = Path(world.manifest.base.path)
     experts = {}
@@ -180,8 +184,8 @@ def test_full_experts_written_into_the_engine_get_fresh_image_embeddings(
         merge_checkpoints(base, {d: Path(world.manifest.experts[d].path)}, {d: 1.0}, folder)
         tensors = load_file(folder / "model.safetensors")
         g = torch.Generator().manual_seed(i)
-        for name, t in tensors.items():  # the merger (projector), which the paper's full-merge filter keeps
-            if "visual.merger" in name and t.is_floating_point():
+        for name, t in tensors.items():  # the merger (merged by the filter) and the vision blocks (kept at the base)
+            if ("visual.merger" in name or "visual.blocks" in name) and t.is_floating_point():
                 t += 3 * t.std() * torch.randn(t.shape, generator=g)
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
         experts[d] = {"path": folder}
@@ -189,15 +193,27 @@ def test_full_experts_written_into_the_engine_get_fresh_image_embeddings(
     engine.evaluate(Target("base"), BENCHMARKS)  # the engine at the base, its image embeddings cached
     base_answers = answers(engine.lmm)
     writer = VLLMScorer(full, include_path=world.tasks, llm_factory=lambda **_: engine.lmm.llm)  # the same engine
-    for i, target in enumerate([proxy({"general": 0.5, "ocr": 0.5}), Target("expert", domain="ocr"), Target("base")]):
+    hf_full = make_scorer("hf", manifest=full, include_path=world.tasks, device="cpu")
+    targets = [proxy({"general": 0.5, "ocr": 0.5}), Target("expert", domain="ocr"), Target("base")]
+    for i, target in enumerate(targets):
         assert writer.route(target) == ("base" if target.kind == "base" else "write")
         got = writer.evaluate(target, BENCHMARKS)
         assert not got.errors, got.errors
         model = reference_model(world, full, target, world.tmp / f"full-ref{i}")
         mine = answers(writer.lmm)
         assert mine == reference_answers(world, model, writer.lmm), target.label
+        hf_lmm = hf_full.lmm
+        with applied_delta(hf_lmm.model, hf_full._delta(target) or {}):
+            assert mine == reference_answers(world, hf_lmm.model, writer.lmm), f"hf: {target.label}"
+        assert got.scores == hf_full.evaluate(target, BENCHMARKS).scores, target.label
         if target.kind != "base":
             assert mine != base_answers
+        if target.kind == "proxy":  # the vision blocks matter: merged too, the proxy would answer otherwise
+            weights = {d: w for d, w in target.weights.items() if w}
+            unfiltered = world.tmp / "full-unfiltered"
+            paths = {d: Path(full.experts[d].path) for d in weights}
+            merge_checkpoints(base, paths, weights, unfiltered, MergeOptions(exclude=[]))
+            assert mine != reference_answers(world, load_pretrained(unfiltered)[0], writer.lmm)
     assert answers(writer.lmm) == base_answers  # and back to the base exactly
 
 

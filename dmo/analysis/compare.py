@@ -6,6 +6,7 @@ proxy is wrong: which mixtures it over- or under-rates, and by how many places.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from dmo.analysis.correlate import MEAN_SCORE, expert_mix_scores, pivot_scores
@@ -102,7 +103,8 @@ def _mix_baseline(weights: pd.DataFrame, experts: pd.DataFrame, mixtures: pd.Ind
     if not present:
         return [None] * len(mixtures)
     vals = [expert_mix_scores(weights.loc[present], experts, b) for b in benches]
-    if any(v is None for v in vals):
+    known = [v for v in vals if v is not None]
+    if len(known) < len(vals):
         return [None] * len(mixtures)
-    mean = dict(zip(present, sum(vals) / len(vals)))
+    mean = dict(zip(present, np.mean(known, axis=0)))
     return [float(mean[m]) if m in mean else None for m in mixtures]

@@ -17,9 +17,11 @@ score and a trained score (the mean over training seeds):
 - top-k overlap: the share of the trained top k found in the proxy's top k, in expectation over random
   tie-breaking (NaN when there are no more than k mixtures, where it is trivially 1);
 - the **calibrated rho** (``mean score`` row only): the proxy's scores mapped to trained scores by a calibration
-  (:mod:`dmo.calibration`, ``DEFAULT_CALIBRATION`` unless told), fitted on the experts (exact points at the
-  vertices) plus the *other* trained mixtures and predicting each held-out one (leave-one-out), per benchmark and
-  then averaged; what a study with ``objective: {calibrate: ...}`` maximises, next to the raw proxy's rho.
+  (:mod:`dmo.calibration`, ``DEFAULT_CALIBRATION`` unless told), fitted on the group's calibration points
+  (:func:`dmo.calibration.calibration_points`, the rule a study's calibrated objective and ``dmo suggest`` use: the
+  experts at the vertices plus the *other* trained mixtures) and predicting each held-out one (leave-one-out), per
+  benchmark and then averaged; what a study with ``objective: {calibrate: ...}`` maximises, next to the raw
+  proxy's rho.
 Two summary rows per group: ``mean score`` (rho of the benchmark-averaged scores) and ``mean rho`` (the
 average of the per-benchmark rhos, its CI and p-value from the same joint bootstrap and permutations).
 """
@@ -39,6 +41,8 @@ from scipy import stats
 from dmo.calibration import (  # noqa: F401
     DEFAULT_CALIBRATION,
     RIDGE_ALPHAS,
+    CalibrationPoints,
+    calibration_points,
     loo_predict,
     regression_features,
     ridge_loo_mse,
@@ -143,16 +147,6 @@ def permutation_pvalue(null: np.ndarray, observed: float, exact: bool) -> float:
     return float(min(1.0, max(0.0, 2 * min(less, greater))))
 
 
-def spearman_permutation_test(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0) -> float:
-    """Two-sided permutation p-value of Spearman's rho (NaN when rho is undefined)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    rho = spearman(x, y)
-    if math.isnan(rho):
-        return math.nan
-    perms, exact = permutation_indices(len(x), n_perm, seed)
-    return permutation_pvalue(_rowwise_spearman(x[perms], np.broadcast_to(y, perms.shape)), rho, exact)
-
-
 def _top_share(v: np.ndarray, k: int) -> np.ndarray:
     """Probability of each item to be among the k largest when ties are broken uniformly at random."""
     kth = np.sort(v)[::-1][k - 1]
@@ -208,7 +202,8 @@ def correlate(
     """
     ok = df[(df["status"] == "ok") & df["score"].notna()].copy()
     ok["score"] = ok["score"].astype(float)
-    trained = ok[ok["kind"] == "trained"]
+    # a seed's newest row per benchmark (as dmo.calibration reads them), then the mean over seeds
+    trained = ok[ok["kind"] == "trained"].drop_duplicates(["mixture", "seed", "benchmark"], keep="last")
     if trained.empty:
         return pd.DataFrame(columns=list(CorrelationRow.__dataclass_fields__))
     t_mean = pivot_scores(trained, "mixture")
@@ -248,37 +243,31 @@ def correlate(
             base = None
             if not experts.empty and all(b in experts.columns for b in benches):
                 parts = [expert_mix_scores(weights.loc[full], experts, b) for b in benches]
-                base = None if any(q is None for q in parts) else np.mean(parts, axis=0)
+                known = [q for q in parts if q is not None]
+                base = np.mean(known, axis=0) if len(known) == len(parts) else None
             reg = regression_loo(weights.loc[full].to_numpy(), y)
             seeds = _seed_rho(t_seeds, full, benches)
             row, _, _ = _row(str(group), str(method), MEAN_SCORE, full, x, y, base, reg, seeds, opts)
-            calibrated = calibrated_loo(calibration, weights.loc[full], p.loc[full, benches], t_mean.loc[full, benches],
-                                        experts)  # fmt: skip
+            points = calibration_points(df, [c.removeprefix("w_") for c in weights.columns], benches, str(method),
+                                        group=str(group))  # fmt: skip
+            calibrated = calibrated_loo(calibration, points)
             if calibrated is not None:
-                _add_calibrated(row, calibration, calibrated, y, opts)
+                _add_calibrated(row, calibration, *calibrated, opts)
             rows.append(row)
         if bench_rows:
             rows.append(_mean_rho_row(str(group), str(method), bench_rows, per_bench_boot, per_bench_null, opts))
     return pd.DataFrame([asdict(r) for r in rows])
 
 
-def calibrated_loo(
-    method: str, weights: pd.DataFrame, proxy: pd.DataFrame, truth: pd.DataFrame, experts: pd.DataFrame
-) -> np.ndarray | None:
-    """Leave-one-out calibrated mean scores of the trained mixtures (rows of ``proxy`` and ``truth``, columns the
-    benchmarks): each fitted on the other mixtures plus, where every expert has every score, the experts as exact
-    points at the vertices (a vertex's proxy is its expert). The mean over benchmarks of the per-benchmark
-    predictions, as the study's mean objective; None when there are too few mixtures for ``method``."""
-    benches = list(proxy.columns)
-    domains = [c.removeprefix("w_") for c in weights.columns]
-    w = np.nan_to_num(weights.to_numpy(dtype=float))
-    anchors: tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[None, None, None] = (None, None, None)
-    if all(d in experts.index for d in domains) and all(b in experts.columns for b in benches):
-        ex = experts.loc[domains, benches].to_numpy(dtype=float)
-        if np.isfinite(ex).all():
-            anchors = (np.eye(len(domains)), ex, ex)
-    pred = loo_predict(method, w, proxy.to_numpy(dtype=float), truth.to_numpy(dtype=float), *anchors)
-    return None if pred is None else pred.mean(axis=1)
+def calibrated_loo(method: str, points: CalibrationPoints) -> tuple[np.ndarray, np.ndarray] | None:
+    """Leave-one-out calibrated mean scores of the trained mixtures among the calibration points, and their trained
+    mean scores: each predicted by ``method`` fitted on the experts at the vertices plus the other trained mixtures.
+    The mean over benchmarks of the per-benchmark predictions, as the study's mean objective; None when there are
+    too few trained mixtures for ``method``."""
+    nv = points.n_vertices
+    pred = loo_predict(method, points.weights[nv:], points.proxy[nv:], points.truth[nv:],
+                       points.weights[:nv], points.proxy[:nv], points.truth[:nv])  # fmt: skip
+    return None if pred is None else (pred.mean(axis=1), points.truth[nv:].mean(axis=1))
 
 
 def _add_calibrated(row: CorrelationRow, method: str, pred: np.ndarray, y: np.ndarray, opts: _Options) -> None:

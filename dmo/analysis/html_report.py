@@ -14,6 +14,7 @@ import datetime as _dt
 import html
 import itertools
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def _vertex_rows(frame: pd.DataFrame, d: str) -> pd.DataFrame:
     return frame[(w[f"w_{d}"] - 1).abs().le(1e-6) & (w.sum(axis=1) - 1).abs().le(1e-6)]
 
 
-def _edges_section(ok: pd.DataFrame) -> list[Figure]:
+def _edges_section(ok: pd.DataFrame, expert_at_vertex: Collection[str]) -> list[Figure]:
     """Per proxy group, each edge of the simplex with trained mixtures on it: per benchmark the proxy and the
     trained score against the weight, the experts at the ends. Forgetting shows here: a proxy that falls towards
     one end faster than the trained models do is an expert that forgets the other domain when merged."""
@@ -233,8 +234,8 @@ def _edges_section(ok: pd.DataFrame) -> list[Figure]:
                     v = _vertex_rows(part[part["benchmark"] == bench], d)
                     if not v.empty:
                         px, py = [*px, x], [*py, float(v["score"].mean())]
-                    elif e is not None and method in ("linear", "task_arithmetic", "weight_average"):
-                        # a linear merge of one expert with weight 1 is that expert: its proxy score is the expert's
+                    elif e is not None and method in expert_at_vertex:
+                        # this method's one-expert merge is that expert: its proxy score is the expert's
                         px, py = [*px, x], [*py, e]
                 panels.append(
                     EdgePanel(
@@ -337,9 +338,13 @@ def build_report(
     seed: int = 0,
     n_perm: int = 1000,
     k: int = 3,
+    expert_at_vertex: Collection[str] = (),
 ) -> str:
     """The report's HTML text for a results folder (or its ``scores.jsonl``).
 
+    ``expert_at_vertex``: the merge methods whose merge of one expert with weight 1 is the expert itself (the merge
+    registry's :attr:`~dmo.merge.registry.MergeMethod.expert_at_vertex`): their edge curves end at the experts' scores
+    where the pure mixture has no proxy score of its own.
     ``studies``: the completed trials of the studies to show (:func:`dmo.search.history.study_history`'s table);
     ``studies_note``: why they could not be read.
     """
@@ -387,7 +392,7 @@ def build_report(
     ternary = _ternary_section(ok)
     if ternary:
         sections.append(Section("Three-domain spaces on the simplex", list(ternary)))
-    edges = _edges_section(ok)
+    edges = _edges_section(ok, expert_at_vertex)
     if edges:
         sections.append(Section("Proxy and trained score along the simplex edges", list(edges)))
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,9 @@ from scipy import stats
 from dmo import calibration as cal
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: bootstrap resamples of the trained mixtures behind sigma
 N_BOOT = 100
@@ -163,6 +167,7 @@ class Suggestion:
     n_candidates: int
     best_known: str  # the incumbent mixture (or expert)
     best_value: float
+    notes: list[str] = field(default_factory=list)  # what the calibration points left out (dmo.calibration)
 
 
 def _objective_of(
@@ -218,10 +223,9 @@ def suggest(
     doms = list(domains) if domains is not None else [c.removeprefix("w_") for c in wcols]
     if len(doms) < 2:
         raise DmoError(f"a suggestion needs at least 2 domains, the proxies have {doms}")
-    trained = ok[ok["kind"] == "trained"]
-    experts = ok[(ok["kind"] == "expert") & ok["mixture"].isin(doms)]
     if benchmarks is None:
-        have = set(trained["benchmark"]) | set(experts["benchmark"])
+        have = set(ok.loc[ok["kind"] == "trained", "benchmark"])
+        have |= set(ok.loc[(ok["kind"] == "expert") & ok["mixture"].isin(doms), "benchmark"])
         benchmarks = sorted(set(proxy["benchmark"]) & have)
     benchmarks = list(benchmarks)
     if not benchmarks:
@@ -234,54 +238,30 @@ def suggest(
         for c in cols:
             if c not in first:
                 first[c] = 0.0
-        return {m: first.loc[m, cols].to_numpy(float) for m in first.index}
+        return {m: first.loc[m, cols].fillna(0.0).to_numpy(float) for m in first.index}
 
     def pivot(part: pd.DataFrame) -> pd.DataFrame:
         return part.pivot_table(index="mixture", columns="benchmark", values="score", aggfunc="mean")
 
     p_obj = _objective_of(pivot(proxy), benchmarks, objective)
     p_w = weights_of(proxy)
-    # trained: mean over seeds per benchmark, then the objective
-    t_obj = _objective_of(pivot(trained), benchmarks, objective) if not trained.empty else pd.Series(dtype=float)
-    t_w = weights_of(trained) if not trained.empty else {}
-    # a trained mixture of other domains (a different space in the same table) is not a point of this simplex
-    t_obj = t_obj[[m for m in t_obj.index if m in t_w and abs(t_w[m].sum() - 1) < 1e-6]]
-    e_obj = _objective_of(pivot(experts), benchmarks, objective) if not experts.empty else pd.Series(dtype=float)
-
-    # the vertices: each expert, with its proxy score at the pure mixture when scored, else its own score (a
-    # one-expert linear merge is the expert itself)
-    vert_w, vert_y, vert_p, vert_names = [], [], [], []
-    for i, d in enumerate(doms):
-        if d not in e_obj.index:
-            continue
-        w = np.eye(len(doms))[i]
-        at = [m for m, pw in p_w.items() if m in p_obj.index and np.allclose(pw, w)]
-        vert_w.append(w)
-        vert_y.append(e_obj[d])
-        vert_p.append(p_obj[at[0]] if at else e_obj[d])
-        vert_names.append(d)
-    tr_names = [m for m in t_obj.index if m in p_obj.index]
-    missing_proxy = [m for m in t_obj.index if m not in p_obj.index]
-    if missing_proxy:  # the calibration needs the proxy where the trained score is known
-        raise DmoError(
-            f"trained mixture {missing_proxy[0]} has no {method!r} proxy score on {', '.join(benchmarks)}: score its "
-            "proxy (e.g. a grid study over the trained mixtures) before asking for suggestions"
-        )
-    known_w = np.array(vert_w + [t_w[m] for m in tr_names]).reshape(-1, len(doms))
-    known_y = np.array(vert_y + [t_obj[m] for m in tr_names], float)
-    known_p = np.array(vert_p + [p_obj[m] for m in tr_names], float)
+    # the known points: the one rule of dmo.calibration (experts at the vertices, trained mixtures with a proxy)
+    points = cal.calibration_points(df, doms, benchmarks, method)
+    bench_scores = lambda a: np.array([objective(dict(zip(benchmarks, row))) for row in a], float)  # noqa: E731
+    known_w, known_y, known_p = points.weights, bench_scores(points.truth), bench_scores(points.proxy)
+    n_vert = points.n_vertices
+    vert_names, tr_names = list(points.names[:n_vert]), list(points.names[n_vert:])
     if len(known_w) == 0:
         raise DmoError("no expert and no trained mixture has scores on these benchmarks: score the experts first")
 
-    trained_ids = set(t_obj.index)
+    trained_ids = set(points.trained)
     if candidates is not None:
-        pool = [(m.id, np.array([m.as_dict().get(d, 0.0) for d in doms])) for m in candidates]
         by_w = {tuple(np.round(w, 4)): m for m, w in p_w.items() if m in p_obj.index}
-        pool = [(by_w.get(tuple(np.round(w, 4))), w) for _, w in pool]
-        pool = [(m, w) for m, w in pool if m is not None]
+        asked = [np.array([m.as_dict().get(d, 0.0) for d in doms]) for m in candidates]
+        pool = [(by_w[key], w) for w in asked if (key := tuple(np.round(w, 4))) in by_w]
     else:
         pool = [(m, p_w[m]) for m in p_obj.index]
-    trained_w = [t_w[m] for m in trained_ids if m in t_w]
+    trained_w = list(points.trained.values())
     pool = [
         (m, w)
         for m, w in pool
@@ -294,12 +274,10 @@ def suggest(
         )
     cand_w = np.array([w for _, w in pool])
     cand_p = np.array([p_obj[m] for m, _ in pool])
-    post = posterior(known_w, known_y, known_p, cand_w, cand_p, n_fixed=len(vert_w), n_boot=n_boot, seed=seed)
-    best = incumbent(known_y, len(vert_w))
+    post = posterior(known_w, known_y, known_p, cand_w, cand_p, n_fixed=n_vert, n_boot=n_boot, seed=seed)
+    best = incumbent(known_y, n_vert)
     names = vert_names + tr_names
-    best_name = (
-        names[int(np.argmax(known_y[len(vert_w) :])) + len(vert_w)] if tr_names else names[int(np.argmax(known_y))]
-    )
+    best_name = names[int(np.argmax(known_y[n_vert:])) + n_vert] if tr_names else names[int(np.argmax(known_y))]
     chosen, acq = pick(post, cand_w, best, k, radius)
     rows = []
     for r, (i, a) in enumerate(zip(chosen, acq)):
@@ -321,10 +299,11 @@ def suggest(
         method=method,
         benchmarks=benchmarks,
         n_trained=len(tr_names),
-        n_experts=len(vert_w),
+        n_experts=n_vert,
         n_candidates=len(pool),
         best_known=best_name,
         best_value=best if math.isfinite(best) else math.nan,
+        notes=list(points.notes),
     )
 
 
@@ -347,11 +326,12 @@ def suggestion_json(s: Suggestion) -> str:
         f"sigma from {N_BOOT} bootstraps of the trained mixtures and their disagreement; batch diversity radius "
         f"{DIVERSITY_RADIUS} (total variation)",
         "suggestions": json.loads(s.table.to_json(orient="records")),
+        "notes": s.notes,
     }
     return json.dumps(doc, indent=2)
 
 
-def render_suggestion(console, s: Suggestion, fmt: str = "table") -> None:  # type: ignore[no-untyped-def]
+def render_suggestion(console: Console, s: Suggestion, fmt: str = "table") -> None:
     """Print a suggestion on a rich console: a table with a one-line summary, or JSON."""
     from rich import box
     from rich.markup import escape
@@ -383,3 +363,5 @@ def render_suggestion(console, s: Suggestion, fmt: str = "table") -> None:  # ty
         highlight=False,
         soft_wrap=True,
     )
+    for note in s.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from dmo.analysis.compare import COLUMNS
 from dmo.calibration import DEFAULT_CALIBRATION
@@ -68,22 +69,13 @@ def correlation_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                 r.benchmark,
                 str(r.n),
                 _ci(r.spearman, r.spearman_lo, r.spearman_hi),
-                # older tables (CSV/JSON read back) have no calibrated columns
-                _ci(
-                    getattr(r, "calibrated_spearman", math.nan),
-                    getattr(r, "calibrated_lo", math.nan),
-                    getattr(r, "calibrated_hi", math.nan),
-                ),
-                _p(getattr(r, "spearman_p", math.nan)),
+                _ci(r.calibrated_spearman, r.calibrated_lo, r.calibrated_hi),
+                _p(r.spearman_p),
                 _f(r.kendall),
                 _f(r.pearson),
-                _share(getattr(r, "topk_overlap", math.nan)),
+                _share(r.topk_overlap),
                 _ci(r.baseline_spearman, r.baseline_lo, r.baseline_hi),
-                _ci(
-                    getattr(r, "regression_spearman", math.nan),
-                    getattr(r, "regression_lo", math.nan),
-                    getattr(r, "regression_hi", math.nan),
-                ),
+                _ci(r.regression_spearman, r.regression_lo, r.regression_hi),
                 _f(r.seed_spearman),
                 "-" if math.isnan(r.regret_at_1) else f"{r.regret_at_1:.3f}",
             ]
@@ -135,17 +127,47 @@ def render_correlation(console: Console, table: pd.DataFrame, fmt: str = "table"
     drop = [i for i, h in enumerate(head[:2]) if len({r[i] for r in rows}) == 1]
     if drop:
         title += " - " + ", ".join(f"{head[i]} {escape(rows[0][i])}" for i in drop)
-    table_ = _correlation_rich(title, head, rows, drop, compact=False)
-    compact = Measurement.get(console, console.options.update_width(10_000), table_).maximum > console.width
-    if compact:  # too wide for this terminal: the CIs, tau and r stay in the other formats
-        table_ = _correlation_rich(title, head, rows, [*drop, head.index("tau"), head.index("r")], compact=True)
-    console.print(table_)
-    console.print(LEGEND, highlight=False)
-    if compact:
+    # the widest layout that fits the terminal without cutting a cell: CIs on a second line of their cell; then
+    # without CIs, tau and r; then one block per row (its cells as "name value", packed into the width)
+    wide = _correlation_rich(title, head, rows, drop, compact=False)
+    narrow = _correlation_rich(title, head, rows, [*drop, head.index("tau"), head.index("r")], compact=True)
+    if _fits(console, wide):
+        console.print(wide)
+        console.print(LEGEND, highlight=False)
+    elif _fits(console, narrow):
+        console.print(narrow)
+        console.print(LEGEND, highlight=False)
         console.print(
             "(CIs, tau and r left out to fit this terminal: widen it, or use --format markdown, csv or json)",
             highlight=False,
         )
+    else:
+        _print_stacked(console, title, head, rows, drop)
+        console.print(LEGEND, highlight=False)
+
+
+def _fits(console: Console, table: Table) -> bool:
+    """Whether ``table`` fits the console at its natural width, so that rich need not squeeze (and cut) a column."""
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum <= console.width
+
+
+def _print_stacked(console: Console, title: str, head: list[str], rows: list[list[str]], drop: list[int]) -> None:
+    """One block per row: its name, then every cell as ``name value``, packed into lines of the console's width
+    (a cell wider than the console wraps onto the next line; nothing is cut)."""
+    console.print(title)
+    width = console.width - 2
+    for r in rows:
+        name = " / ".join(r[i] for i in range(3) if i not in drop)
+        console.print(Text(f"{name}  (n {r[3]})", style="bold" if r[2] in ("mean score", "mean rho") else ""))
+        line = ""
+        for h, cell in zip(head[4:], r[4:]):
+            item = f"{_SHORT.get(h, h)} {cell}"
+            if line and len(line) + 3 + len(item) > width:
+                console.print(Text("  " + line), overflow="fold")
+                line = ""
+            line = f"{line}   {item}" if line else item
+        if line:
+            console.print(Text("  " + line), overflow="fold")
 
 
 #: Shorter headers for the terminal, where width is scarce.
@@ -168,7 +190,9 @@ _SHORTER = {
 def _correlation_rich(title: str, head: list[str], rows: list[list[str]], drop: list[int], compact: bool) -> Table:
     keep = [i for i in range(len(head)) if i not in drop]
     names = _SHORTER if compact else _SHORT
-    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    # compact: columns apart by the box's one-space divider only, no edges (what lets 10 columns fit 80 characters)
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=not compact,
+              padding=0 if compact else (0, 1))  # fmt: skip
     for i in keep:
         h = head[i]
         left = h in ("group", "method", "benchmark")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
 import typer
 from rich.console import Console
@@ -18,6 +18,11 @@ from rich.table import Table
 
 from dmo.errors import DmoError
 from dmo.presets import PAPER_BUDGET
+
+if TYPE_CHECKING:
+    from dmo.groundtruth.data_mix import Strategy
+    from dmo.groundtruth.llamafactory import Planned
+    from dmo.groundtruth.recipe import Method, Recipe
 
 data_app = typer.Typer(help="Training sets of data mixtures, in LLaMA-Factory's dataset format.", no_args_is_help=True)
 train_app = typer.Typer(
@@ -93,7 +98,7 @@ def data_mix(
         mixtures,
         budget,
         seed=seed,
-        strategy=strategy,  # type: ignore[arg-type]
+        strategy=_strategy(strategy),
         allow_repeats=allow_repeats,
         overwrite=overwrite,
         media_dir=media_dir,
@@ -252,16 +257,16 @@ class _Training:
     account: _ACCOUNT = None
     sbatch: _SBATCH = field(default_factory=list)
 
-    def recipe(self):
+    def recipe(self) -> Recipe:
         from dmo.groundtruth.recipe import Recipe, parse_overrides
 
         return Recipe(
-            base=_base(self.base), template=self.template, method=self.method, budget=self.budget,
+            base=_base(self.base), template=self.template, method=_method(self.method), budget=self.budget,
             global_batch=self.batch, per_device_batch=self.per_device_batch, gpus=self.gpus,
             overrides=parse_overrides(self.set_),
         )  # fmt: skip
 
-    def plan(self, what: str, **kwargs: Any):
+    def plan(self, what: Literal["experts", "mixtures"], **kwargs: Any) -> Planned:
         """Check LLaMA-Factory (unless only planning), then plan the runs."""
         from dmo.groundtruth.llamafactory import check_lf_bin, plan_runs
 
@@ -274,15 +279,40 @@ class _Training:
         )  # fmt: skip
 
 
+def _default(f: Field[Any]) -> Any:
+    """A dataclass field's default as a signature default (``inspect.Parameter.empty`` when it is required)."""
+    if f.default is not MISSING:
+        return f.default
+    if callable(f.default_factory):  # not MISSING
+        return f.default_factory()
+    return inspect.Parameter.empty
+
+
+def _strategy(text: str) -> Strategy:
+    """A --strategy value, checked."""
+    if text == "exact":
+        return "exact"
+    if text == "interleave":
+        return "interleave"
+    raise DmoError(f"unknown mixing strategy {text!r}: choose exact or interleave")
+
+
+def _method(text: str) -> Method:
+    """A --method value, checked."""
+    if text == "lora":
+        return "lora"
+    if text == "full":
+        return "full"
+    raise DmoError(f"unknown training method {text!r}: choose lora or full")
+
+
 def _training(command: Callable[..., None]) -> Callable[..., None]:
     """Give a command the shared :class:`_Training` options (after its own) and pass them to it as ``training``."""
     shared = [
         inspect.Parameter(
             f.name,
             inspect.Parameter.KEYWORD_ONLY,
-            default=inspect.Parameter.empty
-            if f.default is MISSING and f.default_factory is MISSING
-            else (f.default if f.default is not MISSING else f.default_factory()),  # type: ignore[misc]
+            default=_default(f),
             annotation=f.type,
         )
         for f in fields(_Training)
@@ -301,6 +331,7 @@ def _training(command: Callable[..., None]) -> Callable[..., None]:
         training = _Training(**{f.name: kwargs.pop(f.name) for f in fields(_Training)})
         command(training=training, **kwargs)
 
+    # typeshed's function type declares no __signature__, which inspect.signature reads when it is set
     wrapper.__signature__ = inspect.Signature([*required, *own, *optional])  # type: ignore[attr-defined]
     del wrapper.__wrapped__  # typer must read the signature above, not the command's own
     return wrapper
@@ -343,15 +374,14 @@ def train_mixtures(
     ] = "exact",
 ) -> None:
     """Train one model per mixture and seed (the ground truth) and register them in the manifest's trained list."""
-    if strategy not in ("exact", "interleave"):
-        raise DmoError(f"unknown mixing strategy {strategy!r}: choose exact or interleave")
+    checked = _strategy(strategy)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise DmoError(f"cannot read --seeds {seeds!r}: give whole numbers such as 0,1") from None
     training.recipe()  # a bad recipe fails before the mixtures are read
     mixtures, _ = _mixtures(mixture, space)
-    planned = training.plan("mixtures", mixtures=mixtures, seeds=seed_list, strategy=strategy)
+    planned = training.plan("mixtures", mixtures=mixtures, seeds=seed_list, strategy=checked)
     _launch(planned, "mixtures", training)
 
 
@@ -399,7 +429,8 @@ def ingest_command(
         Path,
         typer.Argument(
             help="lmms-eval outputs: ROOT/<model>/<benchmark>/**/*_results.json, or the DMO paper's eval_bench/ "
-            "(or one experiment folder of it)."
+            "(or one experiment folder of it); or a dmo run folder (dmo train --out): LLaMA-Factory's validation "
+            "losses of its finished runs as loss:<domain> rows."
         ),
     ],
     results: Annotated[
@@ -425,7 +456,8 @@ def ingest_command(
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Read and check everything, write nothing.")] = False,
 ) -> None:
-    """Read lmms-eval results of the base, experts, trained mixtures and merged proxies into a results table."""
+    """Read lmms-eval results of the base, experts, trained mixtures and merged proxies into a results table (or the
+    validation losses of a dmo run folder's trainings)."""
     from dmo.groundtruth.ingest import ingest
     from dmo.paths import SpaceFolder, scores_path
     from dmo.results import ResultsTable

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperOption
 
 from dmo.errors import DmoError
 from dmo.scoring.base import scorer_names
@@ -212,15 +212,16 @@ def suggest(
     from dmo.analysis.suggest import render_suggestion
     from dmo.analysis.suggest import suggest as run
 
-    kwargs = {}
-    if space_file is not None:
+    if space_file is None:
+        s = run(_results_frame(results), k, method=method, n_boot=n_boot, seed=seed)
+    else:
         from dmo.config import load_space
 
         sp = load_space(space_file)
-        kwargs = {"domains": sp.domains, "candidates": sp.candidates(), "objective": sp.objective}
-        if sp.benchmarks:
-            kwargs["benchmarks"] = sp.benchmarks
-    s = run(_results_frame(results), k, method=method, n_boot=n_boot, seed=seed, **kwargs)
+        s = run(
+            _results_frame(results), k, method=method, n_boot=n_boot, seed=seed, domains=sp.domains,
+            candidates=sp.candidates(), objective=sp.objective, benchmarks=sp.benchmarks or None,
+        )  # fmt: skip
     render_suggestion(console, s, fmt)
 
 
@@ -259,15 +260,15 @@ def demo(
 
 
 class _MergeCommand(TyperCommand):
-    """``dmo merge``: its ``--method`` help lists the registry's methods, looked up only when help is shown (the
-    registry imports torch, which every other command would pay for)."""
+    """``dmo merge``: its ``--method`` help lists the built-in methods, read from their source only when help is
+    shown (importing the registry imports torch: ~2 s for a help text)."""
 
-    def format_help(self, ctx, formatter) -> None:  # type: ignore[no-untyped-def]
-        from dmo.merge.registry import method_names
+    def format_help(self, ctx: Any, formatter: Any) -> None:  # typer's own click types
+        from dmo.merge.catalog import builtin_method_names
 
         for param in self.params:
-            if param.name == "method":
-                param.help = f"Merge method: {', '.join(method_names())}."
+            if param.name == "method" and isinstance(param, TyperOption):
+                param.help = f"Merge method: {', '.join(builtin_method_names())}."
         super().format_help(ctx, formatter)
 
 
@@ -348,11 +349,13 @@ def fisher_command(
     ] = True,
 ) -> None:
     """Diagonal Fisher weights of each expert on its domain's data, for 'dmo merge --method fisher / fisher_nn'."""
-    from dmo.groundtruth.fisher import compute_fisher, record_in_manifest
+    from rich.progress import TaskID
+
+    from dmo.groundtruth.fisher_weights import compute_fisher, record_in_manifest
     from dmo.progress import progress_bar
 
     with progress_bar("samples", description="fisher {task.description}", console=err, transient=True) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(name: str, done: int, total: int) -> None:
             if name not in tasks:

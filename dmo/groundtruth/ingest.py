@@ -94,6 +94,12 @@ _BASE_NAMES = {name: key for key, name in PAPER_BASES.items()}
 DMO_TASK_OF = {stock: ours for ours, stock in PAPER_TASKS.items()}
 #: Recorded in every ingested row's cache key, so ingested rows never collide with scored ones.
 INGEST_VERSION = "lmms-eval-ingest-v1"
+
+
+class UnknownModelName(DmoError):
+    """A model folder whose name follows none of the naming rules (the help says them once, for all such folders)."""
+
+
 _NAMING_HELP = (
     "name a model's folder base, expert-<domain>, a mixture id such as general-0.25+ocr-0.75 or a paper name such "
     "as general-25600++ocr-76800 (optionally .seed<N>), or use the paper's qwen2_2b_lora_mixed_general-25600++ocr-76800"
@@ -149,7 +155,7 @@ def parse_model_name(
         else:
             mixture = Mixture.parse(name)
     except DmoError:
-        raise DmoError(f"cannot tell which model {name!r} is: {_NAMING_HELP}") from None
+        raise UnknownModelName(f"cannot tell which model {name!r} is: {_NAMING_HELP}") from None
     used = [d for d, w in mixture.as_dict().items() if w > 0]
     if len(used) == 1:
         return _expert(used[0], seed, domains, name)
@@ -337,7 +343,7 @@ def scan(
         try:
             first[folder] = parse_model_name(folder.name)
         except DmoError as exc:
-            why = "" if _NAMING_HELP in str(exc) else f" ({exc})"  # the naming help is said once, at the end
+            why = "" if isinstance(exc, UnknownModelName) else f" ({exc})"  # the naming help is said once, at the end
             out.unknown.append(f"model folder {_rel(folder, root)}{why}")
     tags = sorted({p.tag for p in first.values() if p.tag is not None and p.kind != "base"})
     if len(tags) > 1:
@@ -454,9 +460,16 @@ def ingest_rows(
 ) -> list[ScoreRow]:
     """The results table rows of every (model, benchmark) under ``root``; raises before returning any if one is bad.
 
+    ``root`` a dmo run folder (``dmo train``'s ``--out``): the ``loss:<domain>`` rows of its finished runs instead
+    (:mod:`dmo.groundtruth.trainer_losses`).
+
     Unknown folders raise (listing them all) unless ``skip_unknown``; ``report`` receives what was skipped.
     """
+    from dmo.groundtruth.trainer_losses import is_run_folder, loss_rows
+
     root = Path(root)
+    if is_run_folder(root):  # a dmo run folder: LLaMA-Factory's validation losses of its runs
+        return loss_rows(root, domains=domains, group=group, report=report)
     found = scan(root, domains, budget=budget, candidates=candidates, metric_map=metric_map)
     if found.unknown and not skip_unknown:
         raise unknown_error(root, found.unknown)

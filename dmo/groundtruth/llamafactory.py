@@ -42,6 +42,7 @@ from dmo.groundtruth.data_mix import (
     SHAREGPT_ENTRY,
     DataFolder,
     MixRecord,
+    Strategy,
     prepare,
     source_pools,
     source_val_pools,
@@ -186,7 +187,7 @@ def plan_runs(
     domains: Sequence[str] = (),
     mixtures: Sequence[Mixture] = (),
     seeds: Sequence[int] = (0,),
-    strategy: str = "exact",
+    strategy: Strategy = "exact",
     data_seed: int = 0,
     allow_repeats: bool = False,
     manifest: Path | None = None,
@@ -304,7 +305,7 @@ class RunResult:
 
 def train_runs(
     folder: RunFolder,
-    lf_bin: Path,
+    lf_bin: Path | None,
     *,
     only: Sequence[str] | None = None,
     overwrite: bool = False,
@@ -313,8 +314,9 @@ def train_runs(
 ) -> list[RunResult]:
     """Train the planned runs (``only`` these names) one after another with ``llamafactory-cli train``.
 
-    A finished run is skipped unless ``overwrite``; a run killed half-way resumes from its last checkpoint. Each
-    finished run is moved from ``.partial/`` into place and registered at once, so a later failure loses nothing.
+    ``lf_bin`` None is the default LLaMA-Factory venv's. A finished run is skipped unless ``overwrite``; a run killed
+    half-way resumes from its last checkpoint. Each finished run is moved from ``.partial/`` into place and registered
+    at once, so a later failure loses nothing.
     """
     lf_bin = check_lf_bin(lf_bin)
     runs = folder.runs()

@@ -177,7 +177,7 @@ def _convert(rec: Any, where: str) -> dict[str, Any]:
             question = IMAGE_PLACEHOLDER * len(images) + question
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": str(rec["answer"])}]
     elif isinstance(rec.get("messages"), list) or isinstance(rec.get("conversations"), list):
-        turns = rec.get("messages") if isinstance(rec.get("messages"), list) else rec["conversations"]
+        turns = rec["messages"] if isinstance(rec.get("messages"), list) else rec["conversations"]
         messages = []
         for t in turns:
             if not isinstance(t, dict):

@@ -97,8 +97,6 @@ DMO_ONLY_KEYS: dict[str, str] = {
     "seed": "the run's training seed (--seeds), LLaMA-Factory's default 42 in the paper",
     "eval_on_each_dataset": "one validation loss per domain instead of one over the pooled domains",
 }
-#: Templates dmo knows to fit a model family (LLaMA-Factory has many more; any of its names is accepted).
-KNOWN_TEMPLATES = {"qwen2_vl": "Qwen2-VL and Qwen2.5-VL", "intern_vl": "InternVL3/3.5 (the -HF checkpoints)"}
 #: Keys dmo sets from its own options; ``--set`` may not override them.
 _OWNED_KEYS = frozenset(
     {

@@ -110,11 +110,11 @@ def _update_manifest(
                 "seed": r.seed,
                 "path": _rel(folder.root / r.output, root),
             }
-            key = (_weights_key(r.weights), r.seed)
-            if key in index:
-                listed[index[key]] = entry
+            slot = (_weights_key(r.weights), r.seed)
+            if slot in index:
+                listed[index[slot]] = entry
             else:
-                index[key] = len(listed)
+                index[slot] = len(listed)
                 listed.append(entry)
         new = {
             "name": data.get("name") or name,

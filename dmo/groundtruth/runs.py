@@ -129,7 +129,9 @@ class RunFolder:
         """Write the runs' configs, then merge them into plan.json (the plan last: it is what marks them planned)."""
         for run in runs:
             write_text(self.root / run.config, yaml.safe_dump(configs[run.name], sort_keys=False))
-        plan = self.plan() if (self.root / PLAN).is_file() else {"version": 1, "recipe": recipe.header(), "runs": {}}
+        plan: dict[str, Any] = (
+            self.plan() if (self.root / PLAN).is_file() else {"version": 1, "recipe": recipe.header(), "runs": {}}
+        )
         plan["name"] = name
         for run in runs:
             plan["runs"][run.name] = asdict(run)

@@ -3,7 +3,7 @@
 ``lora`` reads LoRA experts and builds the exact linear proxy in memory (as one LoRA adapter or as dense deltas),
 ``dense`` applies deltas to weights, ``names`` reconciles checkpoint and live parameter names, ``registry`` holds the
 merge methods by name (``linear``/``task_arithmetic`` and ``weight_average`` there, ``ties``, ``dare``/``dare_ties``,
-``robustmerge``, ``spectral`` (``svd``, ``iso``), ``wudi`` (``wudi``, ``wudi2``) and ``fisher`` (``fisher``,
+``robustmerge``, ``spectral`` (``svd``, ``iso``), ``wudi`` (``wudi``, ``wudi2``) and ``fisher_merge`` (``fisher``,
 ``fisher_nn``) in their own modules). At checkpoint scale, ``checkpoint`` reads and writes safetensors tensor by
 tensor, ``stream`` merges whole checkpoints (full fine-tunes and/or LoRA adapters) into a dense model with bounded
 memory, ``live`` merges experts held on a device for any mixture, and ``proxy`` writes a proxy as a dense model or one
@@ -11,7 +11,17 @@ PEFT adapter from an expert manifest (``dmo merge``). ``families`` knows model l
 files (Fisher weights). The names below are imported on first use, so importing this package stays cheap.
 """
 
+from typing import TYPE_CHECKING
+
 from dmo._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names for a type checker; at run time each is imported on first use
+    from dmo.merge.proxy import merge_manifest as merge_manifest
+    from dmo.merge.registry import MergeMethod as MergeMethod
+    from dmo.merge.registry import get_method as get_method
+    from dmo.merge.registry import merge_method as merge_method
+    from dmo.merge.registry import method_names as method_names
+    from dmo.merge.stream import merge_checkpoints as merge_checkpoints
 
 _EXPORTS = {
     "MergeMethod": "dmo.merge.registry",

@@ -18,7 +18,7 @@ import os
 import shutil
 import struct
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-#: madvise(MADV_SEQUENTIAL) on the maps: larger read-ahead, but the kernel may then drop the pages right after use,
-#: which makes the next merge of the same experts cold; off (the files get POSIX_FADV_SEQUENTIAL instead).
-SEQUENTIAL_MAPS = False
-#: Reserve the output shards' space with posix_fallocate before writing (a full disk then fails up front).
-PREALLOCATE = True
 #: Largest safetensors header dmo accepts (the format's own limit is 100 MB).
 MAX_HEADER = 100_000_000
 
@@ -209,14 +204,13 @@ class Checkpoint:
             try:
                 fd = os.open(path, os.O_RDONLY)
                 try:
+                    # larger read-ahead on the file, not MADV_SEQUENTIAL on the map: with that the kernel may drop
+                    # the pages right after use, which makes the next merge of the same experts cold
                     with contextlib.suppress(OSError, AttributeError):
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 finally:
                     os.close(fd)
-                if SEQUENTIAL_MAPS:
-                    with contextlib.suppress(OSError, ValueError, AttributeError):
-                        m.madvise(mmap.MADV_SEQUENTIAL)  # larger read-ahead on faults
             except (OSError, ValueError) as exc:
                 raise DmoError(f"cannot map {path}: {exc}") from exc
             self._maps[path] = m
@@ -482,9 +476,6 @@ def pwrite(fd: int, data: memoryview, offset: int) -> int:
 
 def _reserve(fd: int, size: int) -> None:
     """Allocate ``size`` bytes now, so that a full disk fails before the merge starts (best effort)."""
-    if not PREALLOCATE:
-        os.ftruncate(fd, size)
-        return
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
@@ -503,7 +494,3 @@ def write_error(exc: OSError, path: Path, tensor: str | None) -> DmoError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DmoError(f"cannot write {what}: permission denied; choose another output folder")
     return DmoError(f"cannot write {what}: {exc.strerror or exc}")
-
-
-def tensor_bytes(infos: Iterable[TensorInfo]) -> int:
-    return sum(i.nbytes for i in infos)

@@ -25,6 +25,7 @@ dmo's from the seeded draw above (the same distribution, not the same draw).
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,7 +75,7 @@ def _check(drop_rate: float, rescale: str) -> None:
 
 
 class DareChunks(Chunked):
-    """DARE (``ties=False``) or DARE-TIES in chunks. The statistics pass is needed for ``rescale="l1"`` (each
+    """DARE in chunks (DARE-TIES: :class:`DareTiesChunks`). The statistics pass is needed for ``rescale="l1"`` (each
     delta's L1 norms) and for a DARE-TIES trim (each sparsified delta's threshold); unweighted DARE-TIES also needs
     the joint pass (the paper's majority sign)."""
 
@@ -85,26 +86,24 @@ class DareChunks(Chunked):
         weights: Tensor,
         numel: int,
         name: str = "",
-        drop_rate: float = 0.9,
-        rescale: str = "inverse",
-        seed: int = 0,
-        normalize: bool = False,
-        scale: float = 1.0,
-        consensus: str = "sum",
-        density: float = 1.0,
-        weighted: bool = True,
+        *,
+        drop_rate: float,
+        rescale: str,
+        seed: int,
+        normalize: bool,
+        scale: float,
+        weighted: bool,
     ):
         super().__init__(weights, numel, name)
         _check(drop_rate, rescale)
-        if consensus not in ("sum", "count"):
-            raise DmoError(f"consensus must be 'sum' or 'count', got {consensus!r}")
         self.drop_rate, self.rescale, self.seed = drop_rate, rescale, seed
-        self.normalize, self.scale, self.consensus = normalize, scale, consensus
+        self.normalize, self.scale = normalize, scale
         self.weighted = weighted
         self.coef = coefficients(weights, weighted)
-        self.trimmer = Trimmer(numel, weights.numel(), density, weighted) if self.ties and density < 1 else None
-        self.stats = rescale == "l1" or self.trimmer is not None
-        self.joint = self.ties and not weighted
+        self.consensus = "sum"
+        self.trimmer: Trimmer | None = None
+        self.stats = rescale == "l1"
+        self.joint = False
         self._norms: dict[int, list[float]] = {}
         self.factors: dict[int, float] = {}
         self._votes = 0.0
@@ -174,6 +173,15 @@ class DareChunks(Chunked):
 
 class DareTiesChunks(DareChunks):
     ties = True
+
+    def __init__(self, weights: Tensor, numel: int, name: str = "", *, consensus: str, density: float, **dare: Any):
+        super().__init__(weights, numel, name, **dare)
+        if consensus not in ("sum", "count"):
+            raise DmoError(f"consensus must be 'sum' or 'count', got {consensus!r}")
+        self.consensus = consensus
+        self.trimmer = Trimmer(numel, weights.numel(), density, self.weighted) if density < 1 else None
+        self.stats = self.rescale == "l1" or self.trimmer is not None
+        self.joint = not self.weighted
 
 
 @merge_method("dare", chunked=DareChunks)

@@ -8,7 +8,7 @@ to each base tensor's dtype, like PEFT's ``merge_and_unload``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -69,19 +69,20 @@ def applied_delta(
 
 
 def resolve_names(
-    delta: Mapping[str, Tensor],
+    delta_keys: Collection[str],
     available: Iterable[str],
     names: Rename | None,
     *,
     what: str,
     model: torch.nn.Module | None = None,
 ) -> dict[str, str]:
-    """Delta key -> name in ``available``; exact names first, then both sides renamed to the live layout."""
+    """Delta key (a delta mapping's keys will do) -> name in ``available``; exact names first, then both sides renamed
+    to the live layout."""
     available = list(available)
     present = set(available)
     out: dict[str, str] = {}
-    missing = [k for k in delta if k not in present]
-    for k in delta:
+    missing = [k for k in delta_keys if k not in present]
+    for k in delta_keys:
         if k in present:
             out[k] = k
     if not missing:
@@ -103,9 +104,10 @@ def resolve_names(
                 f"delta names parameter {k} but {what} has no such parameter (its names look like {example}); "
                 "check the experts were trained on this base model, or pass names=KeyMap.for_config(<base folder>)"
             )
-        if canonical[c] is None:
+        match = canonical[c]
+        if match is None:
             raise DmoError(f"delta parameter {k} matches several parameters of {what} after renaming; cannot merge")
-        out[k] = canonical[c]  # type: ignore[assignment]
+        out[k] = match
     if len(set(out.values())) != len(out):
         raise DmoError(f"two delta entries name the same parameter of {what} (in two name layouts); merge them first")
     return out
@@ -117,7 +119,8 @@ def refuse_tied(targets: Mapping[str, Tensor], everything: Mapping[str, Tensor])
     if not wanted:
         return
     for name, tensor in everything.items():
-        owner = wanted.get(_storage_key(tensor))
+        key = _storage_key(tensor)
+        owner = wanted.get(key) if key is not None else None
         if owner is not None and owner != name:
             raise DmoError(
                 f"parameter {owner} shares its storage with {name} (tied weights): a merged delta would change both, "

@@ -4,6 +4,9 @@ and the filter of which tensors are merged. Kept apart from the planning and run
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -20,6 +23,7 @@ from dmo.merge.checkpoint import (
     Checkpoint,
 )
 from dmo.merge.dense import resolve_names
+from dmo.merge.families import check_family
 from dmo.merge.lora import LoraAdapter, LoraModule, load_lora
 from dmo.merge.names import KeyMap
 
@@ -90,7 +94,13 @@ def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern[str]]
 
 
 class ParamFilter:
-    """Which base tensors are merged (see the module docstring)."""
+    """Which base tensors a merge changes; the others keep the base value.
+
+    ``include``/``exclude`` are regular expressions searched in the base checkpoint's tensor names (they match the
+    live model's names too: those only add a prefix); the default ``exclude`` is the DMO paper's for the experts'
+    kind (:data:`PAPER_EXCLUDE`). Build it with :func:`merge_filter`, which every route uses: ``dmo merge``, the live
+    merge (:class:`dmo.merge.live.ExpertBank`), the hf backend and both vllm routes.
+    """
 
     def __init__(self, kind: str, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None):
         if kind not in PAPER_EXCLUDE:
@@ -103,27 +113,56 @@ class ParamFilter:
             return False
         return not any(p.search(name) for p in self.exclude)
 
+    def adapter(self, adapter: LoraAdapter) -> LoraAdapter:
+        """``adapter`` without the LoRA modules and non-LoRA trainables this filter keeps at the base value."""
+        return dataclasses.replace(
+            adapter,
+            modules={k: m for k, m in adapter.modules.items() if self(k)},
+            extra={k: t for k, t in adapter.extra.items() if self(k)},
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "include": None if self.include is None else [p.pattern for p in self.include],
             "exclude": [p.pattern for p in self.exclude],
         }
 
+    def id(self) -> str:
+        """A short hash of the patterns: part of a merged target's fingerprint, so a score cached under another
+        filter (an older dmo's, or other patterns) is never taken for this one's."""
+        blob = json.dumps(self.describe(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def merge_filter(
+    base: str | os.PathLike[str],
+    kind: str,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> ParamFilter:
+    """The filter of a merge of ``kind`` experts into ``base``: the paper's unless ``exclude`` is given.
+
+    The paper's patterns name the vision parts of the families dmo knows, so a multimodal base of another family is
+    refused then (:func:`dmo.merge.families.check_family`).
+    """
+    check_family(base, paper_filter=exclude is None)
+    return ParamFilter(kind, include, exclude)
+
 
 def map_names(keys: Iterable[str], base: Checkpoint, what: str) -> dict[str, str]:
     """Adapter parameter names -> base checkpoint names (exactly, else through transformers' renaming rules)."""
-    keys = dict.fromkeys(keys)
-    if not keys:
+    unique = list(dict.fromkeys(keys))
+    if not unique:
         return {}
     try:
-        return resolve_names(keys, base.tensors.keys(), KeyMap.identity(), what=f"the base model {base.folder}")
+        return resolve_names(unique, base.tensors.keys(), KeyMap.identity(), what=f"the base model {base.folder}")
     except DmoError as first:
         try:
             keymap = KeyMap.for_config(base.folder)
         except DmoError:
             raise DmoError(f"{what}: {first}") from None
         try:
-            return resolve_names(keys, base.tensors.keys(), keymap, what=f"the base model {base.folder}")
+            return resolve_names(unique, base.tensors.keys(), keymap, what=f"the base model {base.folder}")
         except DmoError as exc:
             raise DmoError(f"{what}: {exc}") from None
 

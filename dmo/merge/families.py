@@ -66,6 +66,10 @@ def _custom_internvl(config: dict[str, Any]) -> bool:
     return any(c in n for n in names for c in _CUSTOM_INTERNVL)
 
 
+class CustomInternVL(DmoError):
+    """A checkpoint in InternVL's own remote-code layout, which nothing in dmo loads."""
+
+
 def family_of(folder: str | os.PathLike[str]) -> Family | None:
     """The family of the model in ``folder`` (``None`` when it has no config.json: nothing to tell it by).
 
@@ -78,7 +82,7 @@ def family_of(folder: str | os.PathLike[str]) -> Family | None:
         return None
     archs = config.get("architectures") or []
     if _custom_internvl(config):
-        raise DmoError(
+        raise CustomInternVL(
             f"{folder} is a custom InternVL checkpoint ({', '.join(map(str, archs)) or config.get('model_type')}, "
             "loaded with trust_remote_code); dmo reads InternVL in transformers' layout only "
             "(InternVLForConditionalGeneration): use the model's -HF export (e.g. OpenGVLab/InternVL3_5-2B-HF, as "
@@ -108,6 +112,6 @@ def check_family(folder: str | os.PathLike[str], *, paper_filter: bool = True) -
     try:
         return family_of(folder)
     except DmoError as exc:
-        if paper_filter or "custom InternVL" in str(exc):
+        if paper_filter or isinstance(exc, CustomInternVL):
             raise
         return None

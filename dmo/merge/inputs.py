@@ -1,6 +1,6 @@
 """Per-expert input files of merge methods (Fisher weights): where they are, and an identity for fingerprints.
 
-Computing them is :mod:`dmo.groundtruth.fisher` (``dmo fisher``); merging only reads them.
+Computing them is :mod:`dmo.groundtruth.fisher_weights` (``dmo fisher``); merging only reads them.
 """
 
 from __future__ import annotations

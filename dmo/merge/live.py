@@ -4,7 +4,8 @@ A study scores dozens of proxies of the same experts. Reading the experts again 
 ``dmo merge`` does for one proxy) would make IO the cost, so :class:`ExpertBank` reads once what the experts
 change (the base values of those parameters, each LoRA expert's factors, each full expert's changed tensors),
 keeps it on a device (the GPU, or pinned host memory when it does not fit), and computes any proxy's parameters
-there: ``base + merge(deltas, weights)`` with any registered merge method.
+there: ``base + merge(deltas, weights)`` with any registered merge method. What a merge keeps at the base value
+is left out by the same parameter filter as ``dmo merge``'s (:func:`dmo.merge.experts.merge_filter`).
 
 Every registered method works here, the whole-matrix ones (``svd``, ``iso``, ``wudi``, ``wudi2``) one parameter at
 a time on the device; methods with per-expert inputs (Fisher merging) get them from ``extra`` at :meth:`open`.
@@ -18,7 +19,7 @@ rounding error, and :meth:`ExpertBank.base` restores the base exactly.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
-from dmo.merge.experts import check_weights, close_experts, map_names, open_experts
+from dmo.merge.experts import check_weights, close_experts, expert_kind, map_names, merge_filter, open_experts
 from dmo.merge.plans import open_input_checkpoint
 from dmo.merge.registry import MergeMethod, get_method, stack_extra
 
@@ -78,11 +79,16 @@ class ExpertBank:
         store: Store = "device",
         allow_bin: bool = False,
         extra: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
+        kind: Literal["lora", "full"] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
     ) -> ExpertBank:
         """Read every expert (LoRA adapter or full checkpoint) against the base checkpoint folder ``base``.
 
         ``extra``: per-expert inputs of methods that need them, e.g. ``{"fisher": {expert: folder or file}}`` (the
-        tensors of the parameters the experts change are kept, like the experts' own).
+        tensors of the parameters the experts change are kept, like the experts' own). ``kind``, ``include`` and
+        ``exclude`` choose the tensors a merge changes as in ``dmo merge`` (:func:`dmo.merge.experts.merge_filter`:
+        the paper's filter by default; ``exclude=[]`` keeps every change, e.g. for a trained model).
         """
         if not experts:
             raise DmoError("no experts given")
@@ -99,6 +105,12 @@ class ExpertBank:
             return t.pin_memory() if pin else t
 
         names = tuple(experts)
+        kind = kind or ("lora" if all(expert_kind(p) == "lora" for p in experts.values()) else "full")
+        merged = merge_filter(base, kind, include, exclude)
+
+        def keeps(param: str, value: Tensor) -> bool:
+            return value.is_floating_point() and merged(param)
+
         base_values: dict[str, Tensor] = {}
         lora: dict[str, dict[str, _Factors]] = {}
         full: dict[str, dict[str, Tensor]] = {}
@@ -107,12 +119,14 @@ class ExpertBank:
             try:
                 for e in opened:
                     for param, m in e.modules.items():
-                        lora.setdefault(param, {})[e.name] = _Factors(keep(m.a), keep(m.b), float(m.scale))
+                        if merged(param):
+                            lora.setdefault(param, {})[e.name] = _Factors(keep(m.a), keep(m.b), float(m.scale))
                     changed: Iterable[tuple[str, Tensor]] = e.extra.items()
                     if e.checkpoint is not None:
                         changed = changed_tensors(e.checkpoint, ckpt)
                     for param, value in changed:
-                        full.setdefault(param, {})[e.name] = keep(value)
+                        if keeps(param, value):
+                            full.setdefault(param, {})[e.name] = keep(value)
                 for param in sorted(set(lora) | set(full)):
                     base_values[param] = keep(ckpt.view(param))
                 inputs = {key: _read_extra(key, paths, names, ckpt, base_values, keep) for key, paths in
@@ -147,6 +161,21 @@ class ExpertBank:
         Weights of experts left out count as 0. Parameters are produced one at a time, so a consumer that writes
         each into a model holds one merged parameter at a time.
         """
+        for name, base, delta in self._deltas(weights, method, params):
+            yield name, (base.to(torch.float32) + delta).to(base.dtype)
+
+    def deltas(
+        self, weights: Mapping[str, float], method: str = "linear", params: Mapping[str, Any] | None = None
+    ) -> Iterator[tuple[str, Tensor]]:
+        """``(name, merged delta)`` in float32 for every parameter in :attr:`names` (what :meth:`merged` adds to the
+        base), to add into a live model in place; parameters no expert of the mixture changes are left out."""
+        for name, base, delta in self._deltas(weights, method, params):
+            if delta.shape == base.shape:
+                yield name, delta
+
+    def _deltas(
+        self, weights: Mapping[str, float], method: str, params: Mapping[str, Any] | None
+    ) -> Iterator[tuple[str, Tensor, Tensor]]:
         spec = get_method(method)
         params = spec.check_params(dict(params or {}))
         active = check_weights(list(self.experts), weights)
@@ -158,8 +187,7 @@ class ExpertBank:
             prepared = self._prepare(spec, order)
             for name, base in self._base.items():
                 base = base.to(self.device, non_blocking=True)
-                delta = self._delta(name, base, spec, w, order, {**params, **prepared})
-                yield name, (base.to(torch.float32) + delta).to(base.dtype)
+                yield name, base, self._delta(name, base, spec, w, order, {**params, **prepared})
 
     def _changes(self, name: str, order: list[str]) -> bool:
         return any(n in self._lora.get(name, {}) or n in self._full.get(name, {}) for n in order)
@@ -208,8 +236,8 @@ class ExpertBank:
             return (b @ a).mul_(fs[0].scale)
         if spec.lora_exact and not full:
             # linear over LoRA experts: one matmul of the concatenated factors, no K dense deltas
-            assert spec.adapter_coefficients is not None
-            coef = spec.adapter_coefficients(dict(zip(order, w.tolist())), params)
+            coef = spec.linear_coefficients(dict(zip(order, w.tolist())), params)
+            assert coef is not None
             blocks = [(n, lora[n]) for n in order if n in lora]
             a = torch.cat([self._dev(f.a).float() for _, f in blocks])
             b = torch.cat([self._dev(f.b).float() * (coef[n] * f.scale) for n, f in blocks], dim=1)
@@ -298,17 +326,3 @@ class ModuleWriter:
                 param.copy_(value)
                 count += 1
         return count
-
-
-def load_into(load_weights: Callable[[Iterable[tuple[str, Tensor]]], Any], named: Iterable[tuple[str, Tensor]]) -> int:
-    """Feed ``named`` to a ``load_weights``-style callable, counting what went through."""
-    count = 0
-
-    def counted() -> Iterator[tuple[str, Tensor]]:
-        nonlocal count
-        for item in named:
-            count += 1
-            yield item
-
-    load_weights(counted())
-    return count

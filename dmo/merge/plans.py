@@ -116,14 +116,15 @@ def output_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def plan_linear(
-    name: str, base: Checkpoint, experts: Sequence[Expert], scale: float
+    name: str, base: Checkpoint, experts: Sequence[Expert], coefficients: Mapping[str, float]
 ) -> tuple[Literal["copy", "linear"], list[Term], Callable[[], tuple[Tensor, Tensor]] | None]:
+    """``base + sum_i c_i (theta_i - base)``, ``c_i = coefficients[expert]``, as a sum of terms and LoRA factors."""
     info = base.tensors[name]
     terms: list[Term] = []
     full_sum = 0.0
     blocks: list[tuple[float, LoraModule]] = []
     for e in experts:
-        coef = scale * e.weight
+        coef = coefficients[e.name]
         if e.checkpoint is not None:
             terms.append(Term(coef, e.what, e.checkpoint.tensors[name], e.checkpoint))
             full_sum += coef
@@ -227,11 +228,7 @@ def plan_chunked(
     if all(v.full is None and v.lora is None for v in values):
         return None
     weights = torch.tensor([e.weight for e in experts], dtype=torch.float32)
-    cls = method.chunked
-    assert cls is not None
-    extra = {"name": name} if method.takes_name else {}
-    full = {**method.defaults, **params}  # the function's defaults, which may differ from the class's
-    return values, terms, lambda: cls(weights, info.numel, **extra, **full)
+    return values, terms, lambda: method.make_chunked(weights, info.numel, name, params)
 
 
 class ExtraInputs:
@@ -387,3 +384,46 @@ def plan_whole(
         return merged.add_(b32)
 
     return compute
+
+
+def plan_tensor(
+    target: OutTensor,
+    base: Checkpoint,
+    experts: Sequence[Expert],
+    method: MergeMethod,
+    params: Mapping[str, Any],
+    keep: Callable[[str], bool],
+    extra: ExtraInputs | None = None,
+    prepared: Mapping[str, Any] | None = None,
+) -> Plan:
+    """How to produce output tensor ``target``: a copy of the base (not floating, not kept by ``keep``, or changed
+    by no expert), else the method's streaming form: a weighted sum (the linear methods), RobustMerge's merged
+    factors, the method's chunked form, or the whole tensor at once."""
+    name = target.name
+    info = base.tensors[name]
+    plan = Plan(name, info, target, "copy", [Term(1.0, "the base", info, base)])
+    if not info.dtype.is_floating_point or not keep(name):
+        return plan
+    coefficients = method.linear_coefficients({e.name: e.weight for e in experts}, params)
+    if coefficients is not None:
+        mode, terms, lora = plan_linear(name, base, experts, coefficients)
+        if mode == "linear":
+            plan.mode, plan.terms, plan.lora = mode, terms, lora
+    elif method.inputs == "lora":
+        mode, terms, lora = plan_robust(name, base, experts, method, params)
+        if mode == "linear":
+            plan.mode, plan.terms, plan.lora = mode, terms, lora
+    elif method.chunked is not None:
+        planned = plan_chunked(name, base, experts, method, params)
+        if planned is not None:
+            plan.mode = "chunked"
+            plan.values, plan.terms, plan.chunked = planned
+    else:
+        whole = plan_whole(name, base, experts, method, params, extra, prepared)
+        if whole is not None:
+            plan.mode, plan.whole = "whole", whole
+            plan.read_bytes = info.nbytes + sum(
+                e.checkpoint.tensors[name].nbytes for e in experts if e.checkpoint is not None
+            )
+            plan.read_bytes += extra.nbytes(name) if extra is not None else 0
+    return plan

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
-from dmo.merge.experts import ParamFilter, check_weights, expert_kind, map_names
+from dmo.merge.experts import ParamFilter, check_weights, expert_kind, map_names, merge_filter
 from dmo.merge.lora import ADAPTER_WEIGHTS, LoraAdapter, LoraModule, concat_adapter, load_lora, write_adapter
 from dmo.merge.registry import get_method, method_names
-from dmo.merge.stream import DEFAULT_SHARD_SIZE, MergeStats, Progress, merge_checkpoints
+from dmo.merge.stream import DEFAULT_SHARD_SIZE, MergeOptions, MergeStats, Progress, merge_checkpoints
 
 #: The largest ``max_lora_rank`` vLLM accepts.
 VLLM_MAX_LORA_RANK = 512
@@ -56,12 +56,6 @@ def _adapter_refusal(reason: str) -> DmoError:
         f"max_lora_rank must be >= it), which exists only for the linear methods ({exact}) and "
         f"robustmerge on LoRA experts: {reason}; use --as dense instead"
     )
-
-
-def linear_coefficients(spec: Any, weights: Mapping[str, float], params: Mapping[str, Any]) -> dict[str, float] | None:
-    """Each expert's coefficient when ``spec`` merges LoRA experts as a weighted sum of their ``s B A`` (so exactly
-    as the concatenated adapter; the registry's ``adapter_coefficients``), else None."""
-    return spec.adapter_coefficients(weights, params) if spec.lora_exact else None
 
 
 def write_lora_proxy(
@@ -98,7 +92,7 @@ def write_lora_proxy(
     for name in active:
         if expert_kind(experts[name]) != "lora":
             raise _adapter_refusal(f"expert {name!r} ({experts[name]}) is a full checkpoint")
-    keep = ParamFilter(kind, include, exclude)
+    keep = merge_filter(base, kind, include, exclude) if base is not None else ParamFilter(kind, include, exclude)
     base_ckpt = None
     if base is not None and Path(base).is_dir():
         base_ckpt = Checkpoint.open(base, what="base model", allow_bin=allow_bin)
@@ -106,7 +100,7 @@ def write_lora_proxy(
     excluded: set[str] = set()
     try:
         for name in active:
-            adapter = load_lora(experts[name], allow_bin=allow_bin)
+            adapter = load_lora(Path(experts[name]), allow_bin=allow_bin)
             if base_ckpt is not None:
                 mapped = map_names(adapter.modules, base_ckpt, f"expert {name!r} ({experts[name]})")
             else:
@@ -144,7 +138,7 @@ def adapter_proxy(
     adapters: Mapping[str, LoraAdapter], weights: Mapping[str, float], spec: Any, params: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(adapter_config, tensors)`` of the linear proxy (the exact concatenation) or of RobustMerge's adapter."""
-    linear = linear_coefficients(spec, weights, params)
+    linear = spec.linear_coefficients(weights, params)
     if linear is not None:
         return concat_adapter(adapters, linear)
     merged = robust_adapter(adapters, weights, spec.fn, params)
@@ -247,10 +241,14 @@ def merge_manifest(
     get_method(method).check_params(dict(params or {}))  # a misspelt parameter before a missing Fisher file
     extra = method_inputs(manifest, experts, method, manifest_file)  # the Fisher files of fisher / fisher_nn
     return merge_checkpoints(
-        _local(manifest.base, "base", manifest), experts, coefficients, out, method=method, params=params,
-        kind=manifest.kind, include=include, exclude=exclude, dtype=dtype, max_shard_size=max_shard_size,
-        overwrite=overwrite, device=device, threads=threads, progress=progress, allow_bin=allow_bin,
-        metadata={"manifest": manifest.name, "paper_rounding": paper_rounding}, extra=extra or None,
+        _local(manifest.base, "base", manifest), experts, coefficients, out,
+        MergeOptions(
+            method=method, params=dict(params or {}), kind=manifest.kind, include=include, exclude=exclude,
+            dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, device=device, threads=threads,
+            allow_bin=allow_bin, metadata={"manifest": manifest.name, "paper_rounding": paper_rounding},
+            extra=extra or None,
+        ),
+        progress=progress,
     )  # fmt: skip
 
 

@@ -14,6 +14,14 @@ A delta method may also register a *chunked* form (``chunked=`` a :class:`Chunke
 statistics pass over each expert's flattened delta (chunks in order), then a merge of any chunk of the K deltas on
 its own. The streaming engine (:mod:`dmo.merge.stream`) uses it to merge checkpoints with memory bounded by a chunk
 (plus what the statistics keep); the plain function is the same computation on one chunk holding the whole tensor.
+The function's signature is the one place where a method's parameters and defaults are declared: the chunked form
+takes the same keyword parameters without defaults (checked at registration) and is built with
+:meth:`MergeMethod.make_chunked`, which fills in the function's defaults.
+
+What the rest of dmo needs to know about a method is a field of its entry, never a list of names: whether the merge
+is a weighted sum of the task vectors (``adapter_coefficients``, :meth:`MergeMethod.linear_coefficients`: streamed as
+a sum, served as one concatenated LoRA adapter), whether one expert merges into itself
+(:attr:`MergeMethod.expert_at_vertex`), its chunked form, its extra inputs.
 
 A chunked form may also ask for a *joint* pass (``joint = True``): after the statistics pass, ``observe_all`` sees
 every chunk of all K deltas together once (the paper's TIES needs one number over the whole tensor, its majority
@@ -62,7 +70,7 @@ BUILTIN_MODULES = (
     "dmo.merge.robustmerge",
     "dmo.merge.spectral",
     "dmo.merge.wudi",
-    "dmo.merge.fisher",
+    "dmo.merge.fisher_merge",
 )
 #: Per method, the parameters with which dmo reproduces the DMO paper's ``merge_models`` (mLLMs_merging_4_DMO's
 #: ``model_merging.py``; the paper's coefficients come from :meth:`dmo.mixture.Mixture.rounded_to_budget`). Its
@@ -106,8 +114,30 @@ class MergeMethod:
 
     @property
     def lora_exact(self) -> bool:
-        """Whether LoRA experts merge exactly into their concatenated adapter (served as one, never densified)."""
+        """Whether the merge is a weighted sum of the task vectors (``adapter_coefficients`` gives the weights): LoRA
+        experts then merge exactly into their concatenated adapter (served as one, never densified) and the streaming
+        merge accumulates the inputs block by block."""
         return self.adapter_coefficients is not None
+
+    @property
+    def expert_at_vertex(self) -> bool:
+        """Whether the merge of one expert with weight 1 is that expert, with the default parameters."""
+        if self.adapter_coefficients is None:
+            return False
+        return self.linear_coefficients({"expert": 1.0}, {}) == {"expert": 1.0}
+
+    def linear_coefficients(self, weights: Mapping[str, float], params: Mapping[str, Any]) -> dict[str, float] | None:
+        """Each expert's coefficient when the merge is a weighted sum of the task vectors, else None."""
+        if self.adapter_coefficients is None:
+            return None
+        return self.adapter_coefficients(weights, {**self.defaults, **params})
+
+    def make_chunked(self, weights: Tensor, numel: int, name: str, params: Mapping[str, Any]) -> Chunked:
+        """The chunked form for one parameter, with the function's defaults for the parameters not given."""
+        if self.chunked is None:
+            raise DmoError(f"merge method {self.name!r} has no chunked form")
+        named = {"name": name} if self.takes_name else {}
+        return self.chunked(weights, numel, **named, **{**self.defaults, **params})
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` validated against the function's keywords: unknown names are refused with the valid ones."""
@@ -127,7 +157,7 @@ class Chunked(abc.ABC):
     #: whether ``observe_all`` must see every chunk of all K deltas (after the statistics pass) before ``merge``
     joint = False
 
-    def __init__(self, weights: Tensor, numel: int, name: str = "", **params: Any):
+    def __init__(self, weights: Tensor, numel: int, name: str = ""):
         self.weights = weights
         self.numel = numel
         self.name = name
@@ -199,6 +229,8 @@ def merge_method(
             if p.name != "name" and p.name not in extra and p.default is not inspect.Parameter.empty
         }
         takes_name = "name" in sig.parameters
+        if chunked is not None:
+            _check_chunked(name, chunked, defaults)
         _METHODS[name] = MergeMethod(
             name, fn, description or (doc[0] if doc else ""), adapter_coefficients, inputs, defaults, takes_name,
             chunked, tuple(extra), prepare,
@@ -206,6 +238,35 @@ def merge_method(
         return fn
 
     return register
+
+
+def _check_chunked(name: str, chunked: type[Chunked], defaults: Mapping[str, Any]) -> None:
+    """The chunked form takes exactly the function's parameters, without defaults of its own: the function's
+    signature is the one place where a method's parameters and defaults are declared."""
+    params: dict[str, inspect.Parameter] = {}
+    for cls in chunked.__mro__:  # a subclass passing **params on to its base takes the base's parameters too
+        if "__init__" not in vars(cls):
+            continue
+        own = list(inspect.signature(vars(cls)["__init__"]).parameters.values())[3:]  # self, weights, numel
+        params |= {p.name: p for p in own if p.name != "name" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own):
+            break
+    if set(params) != set(defaults):
+        raise DmoError(
+            f"merge method {name!r}: its chunked form {chunked.__name__} takes {sorted(params)} but its function "
+            f"{sorted(defaults)}; give both the same parameters"
+        )
+    with_default = [p for p in params.values() if p.default is not inspect.Parameter.empty]
+    if with_default:
+        raise DmoError(
+            f"merge method {name!r}: {chunked.__name__} gives {with_default[0].name!r} a default of its own; "
+            "declare defaults once, in the method's function"
+        )
+
+
+def expert_at_vertex_methods() -> tuple[str, ...]:
+    """The methods whose one-expert merge is the expert itself (a proxy at a simplex vertex scores as the expert)."""
+    return tuple(m for m in method_names() if get_method(m).expert_at_vertex)
 
 
 def _load_builtins() -> None:
@@ -332,15 +393,13 @@ def weighted_mean(deltas: Tensor, coef: Tensor) -> Tensor:
 
 
 def _scaled(weights: Mapping[str, float], params: Mapping[str, Any]) -> dict[str, float]:
-    scale = float(params.get("scale", 1.0))
+    scale = float(params["scale"])
     return {k: scale * w for k, w in weights.items()}
 
 
 def _renormalised(weights: Mapping[str, float], params: Mapping[str, Any]) -> dict[str, float]:
     names = list(weights)
-    coef = coefficients(
-        torch.tensor([float(weights[k]) for k in names], dtype=torch.float64), params.get("weighted", True)
-    )
+    coef = coefficients(torch.tensor([float(weights[k]) for k in names], dtype=torch.float64), params["weighted"])
     if float(coef.sum()) == 0:
         raise DmoError(f"weight_average: the weights {dict(weights)} sum to 0 and cannot be renormalised")
     return {k: float(c) for k, c in zip(names, (coef / coef.sum()).tolist())}
@@ -361,7 +420,7 @@ merge_method(
 class WeightAverageChunks(Chunked):
     """``weight_average`` in chunks: a linear merge with the renormalised weights (no statistics pass)."""
 
-    def __init__(self, weights: Tensor, numel: int, name: str = "", weighted: bool = True):
+    def __init__(self, weights: Tensor, numel: int, name: str = "", *, weighted: bool):
         super().__init__(weights, numel, name)
         coef = coefficients(weights, weighted)
         total = float(coef.sum())

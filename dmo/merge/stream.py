@@ -66,18 +66,8 @@ from dmo.merge.checkpoint import (
     copy_side_files,
     set_config_dtype,
 )
-from dmo.merge.experts import Expert, ParamFilter, check_weights, close_experts, open_experts
-from dmo.merge.families import check_family
-from dmo.merge.plans import (
-    ExtraInputs,
-    Plan,
-    Term,
-    output_dtype,
-    plan_chunked,
-    plan_linear,
-    plan_robust,
-    plan_whole,
-)
+from dmo.merge.experts import Expert, check_weights, close_experts, expert_kind, merge_filter, open_experts
+from dmo.merge.plans import ExtraInputs, Plan, output_dtype, plan_tensor
 from dmo.merge.registry import Chunked, get_method
 
 #: Default largest output shard (bytes), as transformers' ``save_pretrained`` used to.
@@ -90,10 +80,6 @@ GPU_CHUNK = 1 << 24
 BLOCK = 1 << 22
 #: How many blocks the prefetch thread may run ahead of the workers.
 LOOKAHEAD = 8
-#: Populate the page tables of the blocks ahead from a separate thread.
-PREFETCH = True
-#: Unmap finished input ranges again (keeps the resident set small; the page cache keeps the data).
-RELEASE = True
 #: Linux MADV_POPULATE_READ (5.14+): fault the pages in without touching them from Python.
 MADV_POPULATE_READ = 22
 
@@ -197,8 +183,7 @@ class _Runner:
     def run(self) -> int:
         workers = [threading.Thread(target=self._work, name=f"dmo-merge-{i}", daemon=True) for i in range(self.threads)]
         prefetch = threading.Thread(target=self._prefetch, name="dmo-prefetch", daemon=True)
-        if PREFETCH:
-            prefetch.start()
+        prefetch.start()
         for w in workers:
             w.start()
         finished = 0
@@ -289,7 +274,7 @@ class _Runner:
                     self._chunked(blk, acc, staging, stacks)
                 else:
                     self._whole(blk)
-                if plan.mode != "whole" and RELEASE:
+                if plan.mode != "whole":  # unmap the finished range (the page cache keeps the data)
                     self._advise(blk, mmap.MADV_DONTNEED)
                 with plan._lock:
                     plan._pending -= 1
@@ -312,7 +297,8 @@ class _Runner:
     def _write(self, plan: Plan, data: Tensor, lo: int) -> None:
         flat = data.reshape(-1)
         raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
-        mv = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
+        # numpy arrays are buffers; numpy's stubs do not say so
+        mv = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")  # type: ignore[arg-type]
         self.writer.write(plan.out, mv, lo * plan.out.dtype.itemsize)
 
     def _copy(self, blk: _Block, staging: dict[torch.dtype, Tensor]) -> None:
@@ -522,166 +508,151 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return value
 
 
+@dataclass(frozen=True)
+class MergeOptions:
+    """How :func:`merge_checkpoints` merges and writes (every field has the CLI's default).
+
+    ``kind`` picks the default ``exclude`` (default: ``"lora"`` when every expert is a LoRA adapter, else ``"full"``);
+    ``include``/``exclude``: see the module docstring. ``dtype``: output dtype of floating tensors (default: each
+    base tensor's). ``extra``: the per-expert inputs the method needs (``fisher``/``fisher_nn``:
+    ``{"fisher": {expert: folder or .safetensors}}``). ``metadata`` is added to ``dmo_merge.json``.
+    """
+
+    method: str = "linear"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    kind: Literal["lora", "full"] | None = None
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    dtype: str | torch.dtype | None = None
+    max_shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+    device: str | torch.device | None = None
+    threads: int | None = None
+    chunk: int | None = None
+    allow_bin: bool = False
+    fsync: bool = False
+    metadata: Mapping[str, Any] | None = None
+    extra: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None
+
+
 def merge_checkpoints(
     base: str | os.PathLike[str],
     experts: Mapping[str, str | os.PathLike[str]],
     weights: Mapping[str, float],
     out: str | os.PathLike[str],
+    options: MergeOptions | None = None,
     *,
-    method: str = "linear",
-    params: Mapping[str, Any] | None = None,
-    kind: Literal["lora", "full"] | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int = DEFAULT_SHARD_SIZE,
-    overwrite: bool = False,
-    device: str | torch.device | None = None,
-    threads: int | None = None,
-    chunk: int | None = None,
     progress: Progress | None = None,
-    allow_bin: bool = False,
-    fsync: bool = False,
-    metadata: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
 ) -> MergeStats:
     """Merge ``experts`` (name -> folder) into ``base`` with ``weights`` and write the model to ``out``.
 
     ``weights`` are used as given (zeros drop the expert; pass :meth:`dmo.mixture.Mixture.rounded_to_budget` for
-    the paper's coefficients). ``kind`` picks the default ``exclude`` (default: ``"lora"`` when every expert is a
-    LoRA adapter, else ``"full"``). ``dtype``: output dtype of floating tensors (default: each base tensor's).
-    ``progress(done, total, tensor)`` is called from the calling thread after each output tensor. ``extra``: the
-    per-expert inputs the method needs (``fisher``/``fisher_nn``: ``{"fisher": {expert: folder or .safetensors}}``).
-    Raises :class:`DmoError` (one line naming the file and tensor) on bad input; nothing is left at ``out`` then.
+    the paper's coefficients). ``progress(done, total, tensor)`` is called from the calling thread after each output
+    tensor. Raises :class:`DmoError` (one line naming the file and tensor) on bad input; nothing is left at ``out``
+    then.
     """
+    opts = options or MergeOptions()
     start = time.perf_counter()
-    spec = get_method(method)
-    params = spec.check_params(dict(params or {}))
+    spec = get_method(opts.method)
+    params = spec.check_params(dict(opts.params))
     out = Path(out)
-    if out.exists() and not overwrite:
+    if out.exists() and not opts.overwrite:
         raise DmoError(f"output folder {out} already exists: remove it or pass --overwrite")
     base_folder = Path(base)
-    # the paper's default filters name the vision parts of the families dmo knows; another family is refused
-    check_family(base_folder, paper_filter=exclude is None)
-    out_dtype = parse_dtype(dtype)
-    dev = resolve_device(device)
     active = check_weights(list(experts), weights)
-    linear = spec.name in ("linear", "task_arithmetic")
-    scale = float(params.get("scale", 1.0)) if linear else 1.0
+    kind = opts.kind or ("lora" if all(expert_kind(experts[n]) == "lora" for n in active) else "full")
+    keep = merge_filter(base_folder, kind, opts.include, opts.exclude)
+    out_dtype = parse_dtype(opts.dtype)
+    dev = resolve_device(opts.device)
     with contextlib.ExitStack() as stack:
-        base_ckpt = stack.enter_context(Checkpoint.open(base_folder, what="base model", allow_bin=allow_bin))
-        opened = open_experts(base_ckpt, experts, active, allow_bin)
+        base_ckpt = stack.enter_context(Checkpoint.open(base_folder, what="base model", allow_bin=opts.allow_bin))
+        opened = open_experts(base_ckpt, experts, active, opts.allow_bin)
         stack.callback(close_experts, opened)
         kinds = {e.kind for e in opened}
         if spec.inputs == "lora" and kinds != {"lora"}:
             full = next(e for e in opened if e.kind == "full")
             raise DmoError(f"merge method {spec.name!r} merges LoRA experts only, but {full.what} ({full.folder}) is "
                            "a full checkpoint")  # fmt: skip
-        keep = ParamFilter(kind or ("lora" if kinds == {"lora"} else "full"), include, exclude)
-        inputs = ExtraInputs.open(spec, base_ckpt, opened, extra)
+        inputs = ExtraInputs.open(spec, base_ckpt, opened, opts.extra)
         if inputs is not None:
             stack.callback(inputs.close)
-        prepared: dict[str, Any] = {}
         adapted = {n for e in opened for n in (*e.modules, *e.extra)}
         excluded_adapted = tuple(sorted(n for n in adapted if not keep(n)))
         names = list(base_ckpt.tensors)  # file order of the base, which is the order it is read in
+        lora_bytes = sum(_adapter_bytes(e) for e in opened)
+        tmp = stack.enter_context(atomic_dir(out, overwrite=opts.overwrite))
         writer = ShardWriter(
-            Path("."),
+            tmp,
             [(n, output_dtype(base_ckpt.tensors[n], out_dtype), base_ckpt.tensors[n].shape) for n in names],
-            max_shard_size=max_shard_size,
+            max_shard_size=opts.max_shard_size,
             metadata={"dmo_method": spec.name},
         )
         _check_space(out, writer.nbytes)
-        plans: list[Plan] = []
-        for target in writer.order:
-            name = target.name
-            info = base_ckpt.tensors[name]
-            plan = Plan(name, info, target, "copy", [Term(1.0, "the base", info, base_ckpt)])
-            if info.dtype.is_floating_point and keep(name):
-                if linear:
-                    mode, terms, lora = plan_linear(name, base_ckpt, opened, scale)
-                    if mode == "linear":
-                        plan.mode, plan.terms, plan.lora = mode, terms, lora
-                elif spec.inputs == "lora":
-                    mode, terms, lora = plan_robust(name, base_ckpt, opened, spec, params)
-                    if mode == "linear":
-                        plan.mode, plan.terms, plan.lora = mode, terms, lora
-                elif spec.chunked is not None:
-                    planned = plan_chunked(name, base_ckpt, opened, spec, params)
-                    if planned is not None:
-                        plan.mode = "chunked"
-                        plan.values, plan.terms, plan.chunked = planned
-                else:
-                    whole = plan_whole(name, base_ckpt, opened, spec, params, inputs, prepared)
-                    if whole is not None:
-                        plan.mode, plan.whole = "whole", whole
-                        plan.read_bytes = info.nbytes + sum(
-                            e.checkpoint.tensors[name].nbytes for e in opened if e.checkpoint is not None
-                        )
-                        plan.read_bytes += inputs.nbytes(name) if inputs is not None else 0
-            plans.append(plan)
+        prepared: dict[str, Any] = {}  # filled in below, before any plan runs
+        plans = [plan_tensor(t, base_ckpt, opened, spec, params, keep, inputs, prepared) for t in writer.order]
         extra_bytes = 0
         if inputs is not None:  # model-wide statistics (Fisher norms) over exactly the tensors merged
             computed, extra_bytes = inputs.prepare(spec, [p.name for p in plans if p.mode == "whole"])
             prepared.update(computed)
         merged = sum(p.mode != "copy" for p in plans)
         whole_only = any(p.mode == "whole" for p in plans)
-        n_threads = threads or (1 if whole_only or dev.type != "cpu" else max(1, os.cpu_count() or 1))
-        n_threads = 1 if whole_only else n_threads
-        chunk = chunk or (GPU_CHUNK if dev.type != "cpu" else CPU_CHUNK)
-        lora_bytes = sum(_adapter_bytes(e) for e in opened)
-        previous_threads = torch.get_num_threads()
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            writer.folder = tmp
-            t_setup = time.perf_counter()
-            collecting = gc.isenabled()
-            gc.disable()  # the loop makes many short-lived tensor views; full collections would walk torch's objects
-            try:
-                if not whole_only and dev.type == "cpu":
-                    # the workers are the parallelism: intra-op threads on top of small chunks only wait for each
-                    # other (OpenMP barriers on a busy machine cost more than the work)
-                    torch.set_num_threads(1)
-                writer.open()
-                runner = _Runner(plans, writer, dev, n_threads, chunk, BLOCK, progress)
-                runner.run()
-                t_run = time.perf_counter()
-                writer.finish(fsync=fsync)
-            finally:
-                writer.close()
-                torch.set_num_threads(previous_threads)
-                if collecting:
-                    gc.enable()
-            copy_side_files(base_folder, tmp)
-            if out_dtype is not None:
-                set_config_dtype(tmp, out_dtype)
-            record = {
-                "method": spec.name,
-                "params": params,
-                "weights": active,
-                "base": str(base_folder),
-                "experts": {e.name: {"path": str(e.folder), "kind": e.kind} for e in opened},
-                "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
-                **keep.describe(),
-                **_inputs_record(extra, opened),
-                **dict(metadata or {}),
-            }
-            (tmp / "dmo_merge.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-            files = tuple(sorted(p.name for p in tmp.iterdir()))
-        end = time.perf_counter()
-        return MergeStats(
-            out=out,
-            tensors=len(plans),
-            merged=merged,
-            copied=len(plans) - merged,
-            bytes_read=runner.bytes_read + lora_bytes + extra_bytes,
-            bytes_written=writer.nbytes,
-            seconds=end - start,
-            device=str(dev),
-            threads=n_threads,
-            excluded_adapted=excluded_adapted,
-            files=files,
-            phases={"setup": t_setup - start, "stream": t_run - t_setup, "finish": end - t_run},
-        )
+        n_threads = 1 if whole_only else opts.threads or (1 if dev.type != "cpu" else max(1, os.cpu_count() or 1))
+        chunk = opts.chunk or (GPU_CHUNK if dev.type != "cpu" else CPU_CHUNK)
+        t_setup = time.perf_counter()
+        runner = _Runner(plans, writer, dev, n_threads, chunk, BLOCK, progress)
+        _stream(runner, writer, single_threaded_torch=not whole_only and dev.type == "cpu", fsync=opts.fsync)
+        t_run = time.perf_counter()
+        copy_side_files(base_folder, tmp)
+        if out_dtype is not None:
+            set_config_dtype(tmp, out_dtype)
+        record = {
+            "method": spec.name,
+            "params": params,
+            "weights": active,
+            "base": str(base_folder),
+            "experts": {e.name: {"path": str(e.folder), "kind": e.kind} for e in opened},
+            "dtype": None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+            **keep.describe(),
+            **_inputs_record(opts.extra, opened),
+            **dict(opts.metadata or {}),
+        }
+        (tmp / "dmo_merge.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        files = tuple(sorted(p.name for p in tmp.iterdir()))
+    end = time.perf_counter()
+    return MergeStats(
+        out=out,
+        tensors=len(plans),
+        merged=merged,
+        copied=len(plans) - merged,
+        bytes_read=runner.bytes_read + lora_bytes + extra_bytes,
+        bytes_written=writer.nbytes,
+        seconds=end - start,
+        device=str(dev),
+        threads=n_threads,
+        excluded_adapted=excluded_adapted,
+        files=files,
+        phases={"setup": t_setup - start, "stream": t_run - t_setup, "finish": end - t_run},
+    )
+
+
+def _stream(runner: _Runner, writer: ShardWriter, *, single_threaded_torch: bool, fsync: bool) -> None:
+    """Open the shards, run every plan and finish the files."""
+    previous_threads = torch.get_num_threads()
+    collecting = gc.isenabled()
+    gc.disable()  # the loop makes many short-lived tensor views; full collections would walk torch's objects
+    try:
+        if single_threaded_torch:
+            # the workers are the parallelism: intra-op threads on top of small chunks only wait for each other
+            # (OpenMP barriers on a busy machine cost more than the work)
+            torch.set_num_threads(1)
+        writer.open()
+        runner.run()
+        writer.finish(fsync=fsync)
+    finally:
+        writer.close()
+        torch.set_num_threads(previous_threads)
+        if collecting:
+            gc.enable()
 
 
 def _inputs_record(

@@ -32,7 +32,6 @@ from dmo.merge.registry import Chunked, coefficients, merge_method
 #: Below this many entries the threshold is taken with one kthvalue.
 _DIRECT = 1 << 20
 _SAMPLE = 1 << 16
-_SCAN = 1 << 22
 
 
 def _check_density(density: float) -> None:
@@ -121,13 +120,6 @@ def keep(mags: Tensor, lo: int, threshold: float, cut: int) -> Tensor:
     mask = mags > threshold
     mask |= (mags == threshold) & (torch.arange(lo, hi, device=mags.device) < cut)
     return mask
-
-
-def magnitude_mask(x: Tensor, density: float) -> Tensor:
-    """Boolean mask of the ``max(1, int(density * x.numel()))`` largest ``|x|`` (ties: lowest flat index first)."""
-    mags = x.detach().abs().reshape(-1).to(torch.float32)
-    threshold, cut = trim_rule(mags, density)
-    return keep(mags, 0, threshold, cut).reshape(x.shape)
 
 
 def elect_and_merge(
@@ -251,11 +243,12 @@ class TiesChunks(Chunked):
         weights: Tensor,
         numel: int,
         name: str = "",
-        density: float = 0.2,
-        consensus: str = "sum",
-        normalize: bool = True,
-        scale: float = 1.0,
-        weighted: bool = True,
+        *,
+        density: float,
+        consensus: str,
+        normalize: bool,
+        scale: float,
+        weighted: bool,
     ):
         super().__init__(weights, numel, name)
         _check_density(density)

@@ -63,7 +63,7 @@ class Quadratic:
             self.h = torch.zeros((n, n), dtype=like.dtype, device=like.device)
         for x, f in zip(targets, factors):
             a = f.T @ f if self.dense or 2 * f.shape[0] >= n else None
-            if self.h is not None:
+            if self.h is not None and a is not None:  # a is always formed when dense
                 self.h += a
             # X_i F_i^T F_i: through the n x n product, or through r_i x n factors when that is smaller
             if a is not None and 2 * f.shape[0] >= n:

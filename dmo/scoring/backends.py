@@ -1,41 +1,33 @@
-"""The scoring backends dmo ships, each as a registry entry: where its scorer class lives and the options model of
-its space section. Entry points (``dmo.scorers`` in ``pyproject.toml``) name these objects, so listing the backends
-and validating a space's options imports no backend (they pull in torch, transformers, lmms-eval, vLLM).
+"""The scoring backends dmo ships, each as a registry entry (:class:`dmo.scoring.base.Backend`): where its scorer
+class lives and the model of its own options. Entry points (``dmo.scorers`` in ``pyproject.toml``) name these objects,
+so listing the backends and validating a space's options imports no backend (they pull in torch, transformers,
+lmms-eval, vLLM).
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from dmo.configfile import Strict
+from dmo.scoring.base import Backend, BackendOptions
 
-__all__ = ["HF", "REPLAY", "VLLM", "Backend", "HFOptions", "ReplayOptions", "VLLMOptions", "VLLMSection"]
-
-
-class BackendOptions(Strict):
-    """A backend's own keys in a space's ``scoring`` section; ``to_kwargs`` turns them into factory arguments."""
-
-    def to_kwargs(self) -> dict[str, Any]:
-        return self.model_dump()
-
-
-class HFOptions(BackendOptions):
-    """The hf backend has no options of its own (limit, batch size and device are common to all)."""
+__all__ = ["HF", "REPLAY", "VLLM", "ReplayOptions", "VLLMOptions"]
 
 
 class ReplayOptions(BackendOptions):
-    #: the recorded results table to answer from (``scores.jsonl`` or its folder)
-    table: str | None = None
+    """``scoring: {backend: replay, replay: {table: PATH, nearest: true}}``."""
+
+    #: the recorded results table to answer from (``scores.jsonl`` or its folder; relative to the space file)
+    table: Path | None = None
     #: whether the nearest recorded mixture may answer for one that was not recorded
     nearest: bool = False
 
 
-class VLLMOptions(Strict):
-    """The vllm backend's engine: LoRA serving of exact linear proxies, weight writes for the rest."""
+class VLLMOptions(BackendOptions):
+    """``scoring: {backend: vllm, vllm: {...}}``: the engine; LoRA serving of exact linear proxies, weight writes for
+    the rest."""
 
     lora: bool | None = Field(
         default=None,
@@ -52,26 +44,7 @@ class VLLMOptions(Strict):
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM keyword arguments")
 
 
-class VLLMSection(BackendOptions):
-    """``scoring: {backend: vllm, vllm: {...}}``: the engine options sit under their own key."""
-
-    vllm: VLLMOptions | None = None
-
-    def to_kwargs(self) -> dict[str, Any]:
-        return (self.vllm or VLLMOptions()).model_dump()
-
-
-@dataclass(frozen=True)
-class Backend:
-    #: ``module:Class`` of the scorer, imported only when one is made
-    factory: str
-    options: type[BackendOptions]
-
-    def load(self) -> Any:
-        module, _, name = self.factory.partition(":")
-        return getattr(importlib.import_module(module), name)
-
-
-HF = Backend("dmo.scoring.hf_backend:HFScorer", HFOptions)
+#: the hf backend has no options of its own (limit, batch size and device are common to all: ScoringContext)
+HF = Backend("dmo.scoring.hf_backend:HFScorer")
 REPLAY = Backend("dmo.scoring.replay_backend:ReplayScorer", ReplayOptions)
-VLLM = Backend("dmo.scoring.vllm_backend:VLLMScorer", VLLMSection)
+VLLM = Backend("dmo.scoring.vllm.backend:VLLMScorer", VLLMOptions)

@@ -1,23 +1,36 @@
-"""What gets scored, the interface every scoring backend implements, and cached scoring.
+"""What gets scored, the contract every scoring backend implements, and cached scoring.
 
 A :class:`Target` names one model to evaluate: the base, one expert, a model trained on a mixture, or a
-merged proxy of a mixture. A :class:`Scorer` turns a target into benchmark scores; backends (``hf``,
-``vllm``, ``replay``) are named in the :data:`SCORERS` registry. :func:`score_target` puts the results table in front of
-any scorer, so a score that is already known is never computed again, in this process or any other.
+merged proxy of a mixture. A :class:`Scorer` turns a target into benchmark scores. Backends (``hf``, ``vllm``,
+``replay``, and those of other packages) are :class:`Backend` entries of the :data:`SCORERS` registry (entry point
+group ``dmo.scorers``): the scorer class, and the pydantic model of its own options, which a space gives under the
+backend's name (``scoring: {backend: NAME, NAME: {...}}``). :func:`make_scorer` validates those options and calls
+:meth:`Scorer.from_context` with them and the :class:`ScoringContext` that every backend receives.
+:func:`score_target` puts the results table in front of any scorer, so a score that is already known is never
+computed again, in this process or any other.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
+from dmo.configfile import Strict
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.plugins import PluginRegistry
 from dmo.results import Kind, ResultsTable, ScoreRow, cache_key
+
+if TYPE_CHECKING:
+    from dmo.manifest import ExpertManifest
+    from dmo.scoring.metrics import MetricSpec
 
 
 @dataclass(frozen=True)
@@ -53,15 +66,105 @@ class Evaluation:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+class TargetRefused(DmoError):
+    """A backend cannot score this one target (a replay: it was not recorded); it may still score others."""
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """What every scoring backend is built with, from the space's ``scoring`` section and its experts; a backend
+    uses what applies to it (a replay reads recorded scores and needs none of it)."""
+
+    #: the base model and the experts (paths absolute; ``experts: NAME`` spaces resolved to their manifest)
+    manifest: ExpertManifest
+    #: lmms-eval task folders, earlier ones winning: the space's ``scoring.tasks`` and ``--tasks-dir``, then those
+    #: of the expert source (the tiny world's); None: lmms-eval's and dmo's own tasks only
+    include_path: Path | list[Path] | None = None
+    #: ``scoring.limit`` (``--limit``): examples per benchmark; None: all of them
+    limit: int | None = None
+    #: ``scoring.batch_size``: examples per forward pass, for backends that batch in-process
+    batch_size: int = 64
+    #: ``scoring.device`` (``auto``, ``cpu``, ``cuda:0``): where an in-process model runs
+    device: str = "auto"
+    #: the space's own metric entries (``scoring.metrics``) over the shipped map; None: the shipped map. A backend
+    #: that reads lmms-eval results scores with it, and refuses a benchmark without an entry in :meth:`Scorer.check`
+    metric_map: Mapping[str, MetricSpec] | None = None
+
+
+class BackendOptions(Strict):
+    """A backend's own options, given in a space as ``scoring: {backend: NAME, NAME: {...}}``; subclass it with the
+    backend's fields (this base has none). Unknown keys are refused. A field typed ``Path`` is resolved against the
+    space file's folder when the space is loaded."""
+
+    def resolve_paths(self, folder: Path) -> BackendOptions:
+        """These options with every relative ``Path`` value made absolute against ``folder``."""
+        update = {
+            k: (folder / v.expanduser()).resolve()
+            for k, v in self
+            if isinstance(v, Path) and not v.expanduser().is_absolute()
+        }
+        return self.model_copy(update=update) if update else self
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registry entry of a scoring backend (what an entry point of group ``dmo.scorers`` names, or what
+    :meth:`dmo.plugins.PluginRegistry.register` is given): listing backends and validating their options imports
+    none of them (they pull in torch, transformers, lmms-eval, vLLM)."""
+
+    #: ``module:Class`` of the :class:`Scorer` subclass, imported only when a scorer is made
+    scorer: str
+    #: the model of the options the space gives under the backend's name
+    options: type[BackendOptions] = BackendOptions
+
+    def load(self) -> type[Scorer]:
+        module, _, name = self.scorer.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+            raise DmoError(f"{self.scorer} is not a dmo.scoring.base.Scorer subclass: fix the backend's entry point")
+        return cls
+
+    def validate(self, name: str, options: Mapping[str, Any] | BackendOptions | None) -> BackendOptions:
+        """``options`` checked by the backend's model; a problem is one line naming the backend and the key."""
+        if isinstance(options, self.options):
+            return options
+        if options is not None and not isinstance(options, Mapping):
+            raise DmoError(f"{name}: give the {name} backend's options as a mapping of keys, not {options!r}")
+        try:
+            return self.options.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(self.options.model_fields) or "none"
+                msg = f"not an option of the {name} backend (its options: {known})"
+            else:
+                msg = f"{err['msg']} (an option of the {name} backend)"
+            raise DmoError(f"{name}.{where}: {msg}") from None
+
+
 class Scorer(abc.ABC):
-    """A scoring backend. Subclasses set ``name`` and implement the three abstract methods; the rest has defaults."""
+    """A scoring backend. Subclasses set ``name``, implement the three abstract methods and :meth:`from_context`
+    (how a space builds one); the rest has defaults."""
 
     #: Short backend name recorded in every row's ``source``.
     name: str = ""
-    #: How many targets one :meth:`evaluate_many` call scores together (``dmo study --batch`` may not exceed it).
-    max_batch: int = 1
-    #: Trials a study runs at once when ``--batch`` is not given.
-    default_batch: int = 1
+
+    @property
+    def max_batch(self) -> int:
+        """How many targets one :meth:`evaluate_many` call scores together (``dmo study --batch`` may not exceed it)."""
+        return 1
+
+    @property
+    def default_batch(self) -> int:
+        """Trials a study runs at once when ``--batch`` is not given."""
+        return 1
+
+    @classmethod
+    def from_context(cls, context: ScoringContext, options: Any) -> Scorer:
+        """The scorer a space asks for: ``context`` is what every backend receives, ``options`` the backend's own,
+        an instance of its entry's options model, already validated."""
+        raise DmoError(f"scoring backend class {cls.__name__} does not implement from_context: it cannot be made")
 
     @abc.abstractmethod
     def fingerprint(self, target: Target) -> str:
@@ -97,18 +200,30 @@ def scorer_names() -> list[str]:
     return SCORERS.names()
 
 
-def backend(name: str) -> Any:
-    """The registry entry of a backend (:class:`dmo.scoring.backends.Backend`: its factory and options model)."""
-    return SCORERS.get(name)
+def backend(name: str) -> Backend:
+    """The registry entry of a backend: its scorer class and the model of its options."""
+    entry = SCORERS.get(name)
+    if not isinstance(entry, Backend):
+        raise DmoError(
+            f"scoring backend {name!r} is registered as {entry!r}, not a dmo.scoring.base.Backend: "
+            "fix its entry point (it must name a Backend(scorer='module:Class', options=OptionsModel))"
+        )
+    return entry
 
 
-def make_scorer(name: str, **kwargs: Any) -> Scorer:
+def make_scorer(
+    name: str, context: ScoringContext, options: Mapping[str, Any] | BackendOptions | None = None
+) -> Scorer:
+    """A scorer of backend ``name``, built from the context every backend receives and its own ``options``
+    (validated by its options model; None: its defaults)."""
     entry = backend(name)
+    checked = entry.validate(name, options)
     try:
-        factory = entry.load() if hasattr(entry, "load") else entry  # in-process registrations give the class
+        cls = entry.load()
     except ModuleNotFoundError as exc:
-        raise DmoError(f"scoring backend {name!r} needs {exc.name!r}: pip install 'dmo[{name}]'") from None
-    return factory(**kwargs)
+        how = f"pip install 'dmo[{name}]'" if entry.scorer.startswith("dmo.") else f"install {exc.name!r}"
+        raise DmoError(f"scoring backend {name!r} needs {exc.name!r}: {how}") from None
+    return cls.from_context(context, checked)
 
 
 def score_target(
@@ -147,9 +262,9 @@ def score_targets(
         scores = {b: float(known[k]["score"]) for b, k in keys.items() if k in known}
         plans.append((target, fp, keys, scores, [b for b in benchmarks if b not in scores]))
     pending: dict[tuple[str, ...], list[int]] = {}
-    for i, (_, _, _, _, todo) in enumerate(plans):
-        if todo:
-            pending.setdefault(tuple(todo), []).append(i)
+    for i, (_, _, _, _, missing) in enumerate(plans):
+        if missing:
+            pending.setdefault(tuple(missing), []).append(i)
     errors: list[dict[str, str]] = [{} for _ in targets]
 
     def record(i: int, todo: tuple[str, ...], result: Evaluation, seconds: float) -> None:

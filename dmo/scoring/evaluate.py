@@ -83,7 +83,7 @@ def include_paths(include_path: IncludePath) -> list[Path]:
 
 
 def check_benchmarks(
-    benchmarks: Sequence[str], metric_map: dict[str, Any] | None, include_path: IncludePath, loss: Any
+    benchmarks: Sequence[str], metric_map: Mapping[str, MetricSpec] | None, include_path: IncludePath, loss: Any
 ) -> None:
     """Refuse, before a study opens, what no backend can score: a validation split missing for a ``loss:``
     benchmark (``loss`` is the backend's :class:`~dmo.scoring.loss.ValidationLoss`), a benchmark with no metric in

@@ -2,12 +2,15 @@
 
 The base model is loaded once. Each target (base, expert, trained mixture or merged proxy) is a dense delta
 on top of it, written into the live weights for the duration of one lmms-eval run and restored afterwards
-(:func:`dmo.merge.dense.applied_delta`), so no merged checkpoint is ever written to disk.
+(:func:`dmo.merge.dense.applied_delta`), so no merged checkpoint is ever written to disk. LoRA experts are merged
+from their factors; full fine-tuned experts (and full trained models) from an :class:`~dmo.merge.live.ExpertBank`
+of what they change. Both leave out what a merge keeps at the base value, by ``dmo merge``'s parameter filter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -18,13 +21,15 @@ import torch
 from dmo.errors import DmoError
 from dmo.manifest import ExpertManifest
 from dmo.merge.dense import applied_delta
+from dmo.merge.experts import ParamFilter, expert_kind, merge_filter
 from dmo.merge.inputs import fisher_paths, inputs_id, method_inputs
+from dmo.merge.live import ExpertBank
 from dmo.merge.lora import LoraAdapter, adapter_to, check_same_base, expert_delta, fingerprint, load_lora, lora_delta
 from dmo.merge.names import KeyMap
 from dmo.merge.plans import open_input_checkpoint
 from dmo.merge.proxy import robust_adapter
 from dmo.merge.registry import get_method, merge_deltas
-from dmo.scoring.base import Evaluation, Scorer, Target
+from dmo.scoring.base import Evaluation, Scorer, ScoringContext, Target
 from dmo.scoring.evaluate import evaluate
 from dmo.scoring.lmms_model import DmoLMM, load_pretrained
 from dmo.scoring.loss import METRIC as LOSS_METRIC
@@ -42,21 +47,27 @@ def _device(name: str) -> str:
 class HFScorer(Scorer):
     name = "hf"
 
+    @classmethod
+    def from_context(cls, context: ScoringContext, options: Any) -> HFScorer:
+        return cls(
+            context.manifest,
+            include_path=context.include_path,
+            limit=context.limit,
+            batch_size=context.batch_size,
+            device=context.device,
+            metric_map=context.metric_map,
+        )
+
     def __init__(
         self,
         manifest: ExpertManifest,
-        include_path: Path | None = None,
+        include_path: Path | list[Path] | None = None,
         limit: int | None = None,
         batch_size: int = 64,
         device: str = "auto",
         metric_map: Mapping[str, MetricSpec] | None = None,  # a space's own entries over the shipped map
     ) -> None:
-        if manifest.kind != "lora":
-            raise DmoError(
-                f"the hf backend merges LoRA experts; manifest {manifest.name!r} has kind {manifest.kind!r}: "
-                "use 'dmo merge' to write dense proxies"
-            )
-        local_base(manifest)
+        self.base = local_base(manifest)  # a hub id is refused here, in one line
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
@@ -65,6 +76,7 @@ class HFScorer(Scorer):
         self.metric_map = metric_map
         self._trained: dict[Path, LoraAdapter] = {}
         self._inputs: dict[str, dict[str, torch.Tensor]] = {}  # Fisher weights per expert (fisher, fisher_nn)
+        self._banks: dict[str, ExpertBank] = {}  # full experts (with or without Fisher inputs), full trained models
         self.loss = ValidationLoss(manifest, limit, batch_size)  # loss:<domain> benchmarks
 
     @cached_property
@@ -73,23 +85,57 @@ class HFScorer(Scorer):
 
         hf_logging.disable_progress_bar()  # dmo draws its own bars; a per-load bar would interleave with them
         model, processor = load_pretrained(
-            self.manifest.base.path, device=self.device, trust_remote_code=self.manifest.trust_remote_code
+            self.base, device=self.device, trust_remote_code=self.manifest.trust_remote_code
         )
         return DmoLMM.from_model(model, processor, batch_size=self.batch_size, name=self.manifest.name)
 
     @cached_property
     def _names(self) -> KeyMap:
-        return KeyMap.for_config(self.manifest.base.path)
+        return KeyMap.for_config(self.base)
 
     @cached_property
     def experts(self) -> dict[str, LoraAdapter]:
+        """The LoRA experts without what a merge keeps at the base (empty for a manifest of full experts)."""
+        if self.manifest.kind != "lora":
+            return {}
+        keep = merge_filter(self.base, "lora")
         out = {}
-        for domain, ref in self.manifest.experts.items():
-            if ref.path is None:
-                raise DmoError(f"expert {domain!r} ({ref}) is a hub id: download it and point the manifest at it")
-            out[domain] = self._on_device(load_lora(ref.path, names=self._names))
-        check_same_base(list(out.items()), str(self.manifest.base.path))
+        for domain in self.manifest.experts:
+            out[domain] = self._on_device(keep.adapter(load_lora(self._expert_path(domain), names=self._names)))
+        check_same_base(list(out.items()), str(self.base))
         return out
+
+    def _expert_path(self, domain: str) -> Path:
+        ref = self.manifest.experts[domain]
+        if ref.path is None:
+            raise DmoError(f"expert {domain!r} ({ref}) is a hub id: download it and point the manifest at it")
+        return Path(ref.path)
+
+    def _bank(self, key: str, experts: dict[str, Path], **options: Any) -> ExpertBank:
+        if key not in self._banks:
+            self._banks[key] = ExpertBank.open(self.base, experts, device=self.device, **options)
+        return self._banks[key]
+
+    def _full_delta(self, target: Target) -> dict[str, torch.Tensor] | None:
+        """The delta of a target of full checkpoints (full experts, or a full trained model), else None."""
+        if target.kind == "trained":
+            path = trained_path(self.manifest, target)
+            if expert_kind(path) != "full":
+                return None
+            bank = self._bank(f"trained:{path}", {"trained": path}, exclude=[])  # scored as trained, not merged
+            return dict(bank.deltas({"trained": 1.0}))
+        if self.manifest.kind != "full":
+            return None
+        experts = {d: self._expert_path(d) for d in self.manifest.experts}
+        if target.kind == "expert":
+            assert target.domain is not None
+            return dict(self._bank("experts", experts).deltas({target.domain: 1.0}))
+        assert target.mixture is not None
+        method = target.method or "linear"
+        weights = {d: w for d, w in target.mixture.as_dict().items() if w != 0}
+        inputs = method_inputs(self.manifest, self.manifest.domains, method)
+        bank = self._bank("experts:inputs", experts, extra=inputs) if inputs else self._bank("experts", experts)
+        return dict(bank.deltas(weights, method, dict(target.params)))
 
     def _on_device(self, adapter: LoraAdapter) -> LoraAdapter:
         # each proxy's delta is then computed on the model's device: for a 2B model a GPU does it ~25x faster
@@ -128,14 +174,40 @@ class HFScorer(Scorer):
 
     def fingerprint(self, target: Target) -> str:
         if target.kind == "base":
-            return f"base:{folder_id(self.manifest.base.path)}"
-        adapters, weights = self._parts(target)
+            return f"base:{folder_id(self.base)}"
         method, params = target.method or "linear", dict(target.params)
-        fp = f"{folder_id(self.manifest.base.path)}:{fingerprint(adapters, weights, method, params)}"
+        if self._is_full(target):
+            path = trained_path(self.manifest, target) if target.kind == "trained" else None
+            weights = self._full_weights(target)
+            ids = (
+                [folder_id(path)] if path else sorted((folder_id(self._expert_path(d)), w) for d, w in weights.items())
+            )
+            payload = repr((target.kind, method, sorted(params.items()), ids))
+            fp = f"{folder_id(self.base)}:full:{hashlib.sha256(payload.encode()).hexdigest()}"
+        else:
+            adapters, weights = self._parts(target)
+            fp = f"{folder_id(self.base)}:{fingerprint(adapters, weights, method, params)}"
         if target.kind == "proxy":  # a recomputed Fisher file is another proxy
             inputs = inputs_id(method_inputs(self.manifest, weights, method))
             fp += f":{inputs}" if inputs else ""
+        if target.kind != "trained":  # experts and proxies are filtered (trained models are scored as they are)
+            fp += f":f{ParamFilter(self.manifest.kind).id()}"
         return fp
+
+    def _is_full(self, target: Target) -> bool:
+        if target.kind == "trained":
+            return expert_kind(trained_path(self.manifest, target)) == "full"
+        return self.manifest.kind == "full"
+
+    @staticmethod
+    def _full_weights(target: Target) -> dict[str, float]:
+        if target.kind == "expert":
+            assert target.domain is not None
+            return {target.domain: 1.0}
+        if target.kind == "proxy":
+            assert target.mixture is not None
+            return {d: w for d, w in target.mixture.as_dict().items() if w != 0}
+        return {}
 
     def _fisher(self, domain: str) -> dict[str, torch.Tensor]:
         """Expert ``domain``'s Fisher weights by live parameter name, memory-mapped (read when a merge touches them)."""
@@ -157,13 +229,16 @@ class HFScorer(Scorer):
         }
 
     def _delta(self, target: Target) -> dict[str, torch.Tensor] | None:
+        if target.kind != "base" and self._is_full(target):
+            return self._full_delta(target)
         adapters, weights = self._parts(target)
         if not adapters:
             return None
         spec = get_method(target.method or "linear")
         params = spec.check_params(dict(target.params))
         if spec.lora_exact or target.kind != "proxy":
-            coef = spec.adapter_coefficients(weights, params) if target.kind == "proxy" else weights  # type: ignore[misc]
+            coef = spec.linear_coefficients(weights, params) if target.kind == "proxy" else weights
+            assert coef is not None  # lora_exact methods have linear coefficients
             if len(adapters) == 1:
                 ((name, adapter),) = adapters.items()
                 return {k: v.mul_(coef[name]) for k, v in expert_delta(adapter).items()}

@@ -91,7 +91,7 @@ def _files_fingerprint(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with path.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            while block := fh.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()[:16]
 
@@ -134,7 +134,8 @@ def load_pretrained(
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload()
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise DmoError(f"cannot apply adapter {adapter_dir} to {base}: {str(exc).splitlines()[0]}") from exc
-    return model.to(device).eval(), processor
+    # transformers wraps PreTrainedModel.to in a decorator whose stub takes the model as its first argument
+    return model.to(device).eval(), processor  # type: ignore[arg-type]
 
 
 class DmoLMM(lmms):

@@ -128,7 +128,7 @@ class ValidationLoss:
     def encoded(self, domain: str, processor: Any) -> list[dict[str, Any]]:
         """Each row's model inputs with ``labels`` (IGNORE outside the answers), a batch of one each."""
         if domain not in self._encoded:
-            from dmo.groundtruth.fisher import ConversationEncoder
+            from dmo.groundtruth.fisher_weights import ConversationEncoder
 
             encoder = ConversationEncoder(processor)
             self._encoded[domain] = [encoder.encode(row) for row in self.rows(domain)]
@@ -166,7 +166,7 @@ class ValidationLoss:
         """
         from vllm import SamplingParams
 
-        from dmo.groundtruth.fisher import ConversationEncoder, chat_messages
+        from dmo.groundtruth.fisher_weights import ConversationEncoder, chat_messages
 
         encoder = ConversationEncoder(processor)
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)

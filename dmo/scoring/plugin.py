@@ -9,4 +9,4 @@ from __future__ import annotations
 from lmms_eval.models.registry_v2 import ModelManifest
 
 MANIFEST = ModelManifest(model_id="dmo", simple_class_path="dmo.scoring.lmms_model.DmoLMM")
-MANIFEST_VLLM = ModelManifest(model_id="dmo_vllm", simple_class_path="dmo.scoring.vllm_lmms.DmoVLLM")
+MANIFEST_VLLM = ModelManifest(model_id="dmo_vllm", simple_class_path="dmo.scoring.vllm.lmms.DmoVLLM")

@@ -9,7 +9,7 @@ says what is missing. The base, experts and trained models are answered by exact
 
 In a search space::
 
-    scoring: {backend: replay, table: ../results/tiny-3d/scores.jsonl, nearest: true}
+    scoring: {backend: replay, replay: {table: ../results/tiny-3d/scores.jsonl, nearest: true}}
 
 From Python (e.g. a benchmark of samplers)::
 
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from dmo.errors import DmoError
-from dmo.manifest import ExpertManifest
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
-from dmo.scoring.base import Evaluation, Scorer, Target
+from dmo.scoring.backends import ReplayOptions
+from dmo.scoring.base import Evaluation, Scorer, ScoringContext, Target, TargetRefused
 
 
 @dataclass
@@ -47,24 +47,16 @@ class ReplayScorer(Scorer):
 
     name = "replay"
 
-    def __init__(
-        self,
-        table: str | Path | None = None,
-        nearest: bool = False,
-        *,
-        manifest: ExpertManifest | None = None,
-        include_path: Path | None = None,
-        limit: int | None = None,
-        batch_size: int = 64,
-        device: str = "auto",
-        metric_map: Any = None,
-    ) -> None:
-        # manifest, include_path, limit, batch_size, device and metric_map are what every backend is built with
-        # (dmo.session.Session.open); a replay has no model and reads recorded scores, so they change nothing.
+    @classmethod
+    def from_context(cls, context: ScoringContext, options: ReplayOptions) -> ReplayScorer:
+        # a replay has no model and reads recorded scores: of the context, only the limit is recorded (settings)
+        return cls(options.table, options.nearest, limit=context.limit)
+
+    def __init__(self, table: str | Path | None = None, nearest: bool = False, *, limit: int | None = None) -> None:
         if table is None:
             raise DmoError(
-                "the replay backend needs a recorded results table: add 'table: PATH' to the space's 'scoring' "
-                "section (a scores.jsonl, or the results folder that holds it)"
+                "the replay backend needs a recorded results table: add 'replay: {table: PATH}' to the space's "
+                "'scoring' section (a scores.jsonl, or the results folder that holds it)"
             )
         path = Path(table).expanduser()
         if path.is_dir():
@@ -152,7 +144,9 @@ class ReplayScorer(Scorer):
             missing = _missing(entry, benchmarks)
             if missing:
                 what = f"{target.kind} {target.label}" + (f" seed {target.seed}" if target.seed is not None else "")
-                raise DmoError(f"replay table {self.path} has no score of {what} on {missing[0]!r}: record it first")
+                raise TargetRefused(
+                    f"replay table {self.path} has no score of {what} on {missing[0]!r}: record it first"
+                )
             assert entry is not None
             return entry
         assert target.mixture is not None
@@ -167,12 +161,12 @@ class ReplayScorer(Scorer):
             return entry
         hint = (
             f"the nearest recorded one is {near[0].label} at distance {near[1]:.4g}: "
-            "set 'nearest: true' in the space's 'scoring' section to use it"
+            "set 'replay: {nearest: true}' in the space's 'scoring' section to use it"
             if near is not None
             else f"no recorded {target.method or 'linear'} proxy over domains {list(target.mixture.domains)} "
             f"has scores on {list(benchmarks)}"
         )
-        raise DmoError(
+        raise TargetRefused(
             f"replay table {self.path} has no {target.method} proxy score of mixture {target.mixture.id} "
             f"on {list(benchmarks)}; {hint}"
         )

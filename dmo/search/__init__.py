@@ -7,7 +7,30 @@ backend call, ``launch`` local worker processes, ``history`` the studies as a ta
 internals dmo relies on.
 """
 
+from typing import TYPE_CHECKING
+
 from dmo._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names for a type checker; at run time each is imported on first use
+    from dmo.search.history import study_history as study_history
+    from dmo.search.launch import run_workers as run_workers
+    from dmo.search.samplers import make_sampler as make_sampler
+    from dmo.search.samplers import register_sampler as register_sampler
+    from dmo.search.samplers import sampler_names as sampler_names
+    from dmo.search.simplex import from_box as from_box
+    from dmo.search.simplex import to_box as to_box
+    from dmo.search.storage import Heartbeat as Heartbeat
+    from dmo.search.storage import make_storage as make_storage
+    from dmo.search.storage import redact as redact
+    from dmo.search.study import StudyPaths as StudyPaths
+    from dmo.search.study import StudyResult as StudyResult
+    from dmo.search.study import open_study as open_study
+    from dmo.search.study import study_paths as study_paths
+    from dmo.search.study import summarize as summarize
+    from dmo.search.trials import ScoreObjective as ScoreObjective
+    from dmo.search.trials import preflight as preflight
+    from dmo.search.trials import proxy_target as proxy_target
+    from dmo.search.trials import run_study as run_study
 
 _EXPORTS = {
     "run_study": "dmo.search.trials",

@@ -8,7 +8,7 @@ import math
 import optuna
 import pandas as pd
 
-from dmo.search.storage import make_storage, redact
+from dmo.search.storage import StorageError, make_storage, redact, storage_errors
 from dmo.search.study import MIXTURE_ATTR
 
 __all__ = ["HISTORY_COLUMNS", "study_history"]
@@ -25,11 +25,11 @@ def study_history(storage: str) -> tuple[pd.DataFrame, str | None]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     try:
-        store = make_storage(storage)
-        names = optuna.get_all_study_names(storage=store)
-    except Exception as exc:  # sqlalchemy raises many types; the report goes on without the studies
-        first = (str(exc).splitlines() or [""])[0]
-        return pd.DataFrame(columns=HISTORY_COLUMNS), f"cannot read the studies in {redact(storage)}: {first}"
+        with storage_errors(storage):
+            store = make_storage(storage)
+            names = optuna.get_all_study_names(storage=store)
+    except StorageError as exc:  # the report goes on without the studies
+        return pd.DataFrame(columns=HISTORY_COLUMNS), f"cannot read the studies in {redact(storage)}: {exc}"
     rows: list[dict[str, object]] = []
     for name in sorted(names):
         study = optuna.load_study(study_name=name, storage=store)

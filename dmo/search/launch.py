@@ -54,7 +54,7 @@ class WorkerSpec:
     batch: int = 1
     #: builds the trials' objective from the space and the worker's scorer (None: the space's aggregate); a
     #: module-level function, pickled by name, that rebuilds the parent's objective from the same inputs
-    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective] | None = None
+    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective | None] | None = None
 
 
 @dataclass
@@ -87,19 +87,18 @@ def run_workers(
     progress: bool = True,
     console: Console | None = None,
     batch: int = 1,
-    open_scorer: Callable[[SearchSpace], Scorer] | None = None,
-    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective] | None = None,
+    *,
+    open_scorer: Callable[[SearchSpace], Scorer],
+    open_objective: Callable[[SearchSpace, Scorer], ScoreObjective | None] | None = None,
 ) -> StudyResult:
     """Run the space's study in ``n_workers`` local processes; returns the study's summary.
 
     ``scorer`` is used here only to check the inputs before any process starts; every worker builds its own with
-    ``open_scorer`` (default: :func:`dmo.session.scorer_for`), a module-level function so that it can be pickled.
+    ``open_scorer`` (e.g. :func:`dmo.session.scorer_for`), a module-level function so that it can be pickled.
     ``batch``: trials each worker runs at once (see :func:`dmo.search.trials.run_study`).
     ``open_objective``: builds the trials' objective (e.g. :func:`dmo.session.objective_for`); it runs here once
     first, so that a bad input stops the study before any worker starts, and again in every worker.
     """
-    if open_scorer is None:
-        raise DmoError("run_workers needs open_scorer: a module-level function that builds a scorer for the space")
     if n_workers < 1:
         raise DmoError(f"--workers must be at least 1, got {n_workers}")
     console = console or Console(stderr=True)

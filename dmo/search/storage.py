@@ -11,19 +11,31 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from dmo.atomic import explain_os_error
 from dmo.errors import DmoError
-from dmo.search.optuna_private import BaseHeartbeat, quiet_experimental, trial_id
+from dmo.search.optuna_private import (
+    BaseHeartbeat,
+    FrozenStudy,
+    HeartbeatStorage,
+    cached,
+    is_schema_race,
+    quiet_experimental,
+    rdb_engine,
+    stale_trial_ids,
+    trial_id,
+)
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
@@ -31,6 +43,8 @@ __all__ = [
     "MAX_RETRY",
     "Heartbeat",
     "HeartbeatJournalStorage",
+    "OneCallAtATime",
+    "StorageError",
     "make_storage",
     "redact",
     "storage_errors",
@@ -82,7 +96,11 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+class StorageError(DmoError):
+    """A study storage that cannot be opened, read or written (bad URL, database gone, disk full, read-only)."""
+
+
+class HeartbeatJournalStorage(JournalStorage, HeartbeatStorage):
     """Optuna's journal storage with heartbeats (Optuna has them only for RDB storages).
 
     A heartbeat is the wall-clock time in a trial system attribute, so hosts sharing a journal file need
@@ -106,7 +124,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         with contextlib.suppress(UpdateFinishedTrialError, KeyError):
             self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def stale_trial_ids(self, study_id: int) -> list[int]:
         now = time.time()
         stale = []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
@@ -155,15 +173,15 @@ def _make_storage(url: str, hb: Heartbeat, threads: bool = False) -> optuna.stor
 
         text = url.removeprefix("journal:")
         if not text:
-            raise DmoError(f"storage {url!r} names no file: {_STORAGE_HINT}")
+            raise StorageError(f"storage {url!r} names no file: {_STORAGE_HINT}")
         path = Path(text).expanduser()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             return HeartbeatJournalStorage(JournalFileBackend(str(path)), hb.interval, hb.grace, retry)
         except OSError as exc:
-            raise explain_os_error(exc, path) from None
+            raise StorageError(str(explain_os_error(exc, path))) from None
         except Exception as exc:  # a garbled journal file
-            raise DmoError(f"cannot open journal storage {path}: {_first_line(exc)}") from None
+            raise StorageError(f"cannot open journal storage {path}: {_first_line(exc)}") from None
     url = _with_driver(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite:"):
@@ -174,51 +192,156 @@ def _make_storage(url: str, hb: Heartbeat, threads: bool = False) -> optuna.stor
             try:
                 db.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise explain_os_error(exc, db) from None
+                raise StorageError(str(explain_os_error(exc, db))) from None
     attempts = 5
     for attempt in range(attempts):
         try:
+            # Optuna annotates both as int, but only waits on and compares with them as seconds: a float works
+            # (sub-second beats keep tests and short studies fast)
             storage = optuna.storages.RDBStorage(
                 url,
-                heartbeat_interval=hb.interval,
+                heartbeat_interval=hb.interval,  # type: ignore[arg-type]
                 grace_period=hb.grace,  # type: ignore[arg-type]
                 heartbeat_stale_trial_callback=retry,
                 engine_kwargs=engine_kwargs,
             )
             if url.startswith("sqlite:"):
                 _serialise(storage)
-            return _one_call_at_a_time(storage) if threads else storage
+            # Optuna puts its cache layer in front of an RDB storage it is given, but not in front of a wrapper
+            return OneCallAtATime(cached(storage)) if threads else storage
         except Exception as exc:  # sqlalchemy raises many types; the user needs the URL and the reason
             # Workers starting together on a fresh database race to create Optuna's tables: try again.
-            racy = type(exc).__name__ in ("IntegrityError", "ProgrammingError") or "already exists" in str(exc)
-            if attempt + 1 < attempts and racy:
+            if attempt + 1 < attempts and is_schema_race(exc):
                 time.sleep(random.uniform(0.2, 1.0))
                 continue
             raise _storage_error(shown, exc) from None
     raise AssertionError("unreachable")
 
 
-def _one_call_at_a_time(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
-    """Let one thread of this process into the database at a time (the trials of ``--batch`` run in threads).
+class OneCallAtATime(HeartbeatStorage):
+    """A storage that lets one thread of this process in at a time (the trials of ``--batch`` run in threads).
 
     Optuna's cache layer holds a lock of its own while it calls the database; two threads, one waiting for that lock
     while holding SQLite's write lock and one holding it while waiting for SQLite's, stop each other for good. With
-    every database call of the process behind one lock (calls are milliseconds; scoring happens outside them),
-    SQLite's locks are only ever contended between processes, which its busy timeout resolves.
+    every call of the process behind one lock taken before the cache's (calls are milliseconds; scoring happens
+    outside them), SQLite's locks are only ever contended between processes, which its busy timeout resolves.
+    Heartbeats pass through when the wrapped storage has them.
     """
-    lock = threading.RLock()
 
-    def locked(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with lock:
-                return fn(*args, **kwargs)
+    def __init__(self, inner: optuna.storages.BaseStorage) -> None:
+        self.inner = inner
+        self._lock = threading.RLock()
 
-        return call
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return getattr(self.inner, method)(*args, **kwargs)
 
-    for name in dir(type(storage)):  # the cache layer calls private methods (_set_trial_param) too
-        if not name.startswith("__") and callable(getattr(type(storage), name, None)):
-            setattr(storage, name, locked(getattr(storage, name)))
-    return storage
+    # BaseStorage, every method (tests/test_optuna_private.py checks that none is left to the base class)
+    def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
+        return self._call("create_new_study", directions, study_name)
+
+    def delete_study(self, study_id: int) -> None:
+        self._call("delete_study", study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._call("set_study_user_attr", study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._call("set_study_system_attr", study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._call("get_study_id_from_name", study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._call("get_study_name_from_id", study_id)
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return self._call("get_study_directions", study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._call("get_study_user_attrs", study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._call("get_study_system_attrs", study_id)
+
+    def get_all_studies(self) -> list[FrozenStudy]:
+        return self._call("get_all_studies")
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        return self._call("create_new_trial", study_id, template_trial)
+
+    def set_trial_param(
+        self, trial_id: int, param_name: str, param_value_internal: float, distribution: BaseDistribution
+    ) -> None:
+        self._call("set_trial_param", trial_id, param_name, param_value_internal, distribution)
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._call("get_trial_id_from_study_id_trial_number", study_id, trial_number)
+
+    def get_trial_number_from_id(self, trial_id: int) -> int:
+        return self._call("get_trial_number_from_id", trial_id)
+
+    def get_trial_param(self, trial_id: int, param_name: str) -> float:
+        return self._call("get_trial_param", trial_id, param_name)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        return self._call("set_trial_state_values", trial_id, state, values)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._call("set_trial_intermediate_value", trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._call("set_trial_user_attr", trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._call("set_trial_system_attr", trial_id, key, value)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return self._call("get_trial", trial_id)
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        return self._call("get_all_trials", study_id, deepcopy, states)
+
+    def get_n_trials(self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None) -> int:
+        return self._call("get_n_trials", study_id, state)
+
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
+        return self._call("get_best_trial", study_id)
+
+    def get_trial_params(self, trial_id: int) -> dict[str, Any]:
+        return self._call("get_trial_params", trial_id)
+
+    def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self._call("get_trial_user_attrs", trial_id)
+
+    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self._call("get_trial_system_attrs", trial_id)
+
+    def remove_session(self) -> None:
+        self._call("remove_session")
+
+    def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
+        self._call("check_trial_is_updatable", trial_id, trial_state)
+
+    # BaseHeartbeat, passed through when the wrapped storage has heartbeats
+    def record_heartbeat(self, trial_id: int) -> None:
+        self._call("record_heartbeat", trial_id)
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        if not isinstance(self.inner, BaseHeartbeat):
+            return []
+        with self._lock:
+            return stale_trial_ids(self.inner, study_id)
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._call("get_heartbeat_interval") if isinstance(self.inner, BaseHeartbeat) else None
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        if not isinstance(self.inner, BaseHeartbeat):
+            return None
+        return self._call("get_heartbeat_stale_trial_callback")
 
 
 def _serialise(storage: optuna.storages.RDBStorage) -> None:
@@ -233,7 +356,7 @@ def _serialise(storage: optuna.storages.RDBStorage) -> None:
     def begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    event.listen(storage.engine, "begin", begin)
+    event.listen(rdb_engine(storage), "begin", begin)
 
 
 def _with_driver(url: str) -> str:
@@ -246,7 +369,7 @@ def _with_driver(url: str) -> str:
     for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
         if importlib.util.find_spec(module) is not None:
             return f"postgresql+{driver}://{rest}"
-    raise DmoError(f"storage {redact(url)} needs a PostgreSQL driver: pip install 'dmo[postgres]' (psycopg2)")
+    raise StorageError(f"storage {redact(url)} needs a PostgreSQL driver: pip install 'dmo[postgres]' (psycopg2)")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -254,8 +377,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _storage_error(shown: str, exc: BaseException) -> DmoError:
-    chain = []  # Optuna wraps the database's own error: the cause is further down
+def _storage_error(shown: str, exc: BaseException) -> StorageError:
+    chain: list[BaseException] = []  # Optuna wraps the database's own error: the cause is further down
     cause: BaseException | None = exc
     while cause is not None and len(chain) < 10:
         chain.append(cause)
@@ -263,13 +386,13 @@ def _storage_error(shown: str, exc: BaseException) -> DmoError:
     reasons = " | ".join(_first_line(e) for e in chain)
     errnos = {e.errno for e in chain if isinstance(e, OSError)}
     if errno.ENOSPC in errnos or "disk is full" in reasons or "No space left" in reasons:
-        return DmoError(f"no space left on device for study storage {shown}: free some disk space and re-run")
+        return StorageError(f"no space left on device for study storage {shown}: free some disk space and re-run")
     if errnos & {errno.EACCES, errno.EPERM, errno.EROFS} or "readonly database" in reasons:
-        return DmoError(f"cannot write study storage {shown}: it is read-only; choose another --storage or folder")
-    reason = _first_line(chain[-1]) if "exception is raised during the commit" in _first_line(exc) else None
-    reason = reason or _first_line(exc)
+        return StorageError(f"cannot write study storage {shown}: it is read-only; choose another --storage or folder")
+    # Optuna says only that a commit failed, with the database's own error as the cause
+    reason = _first_line(chain[-1] if isinstance(exc, optuna.exceptions.StorageInternalError) else exc)
     hint = "" if "://" in shown or shown.startswith("journal:") else f" ({_STORAGE_HINT})"
-    return DmoError(f"cannot use study storage {shown}: {reason}{hint}")
+    return StorageError(f"cannot use study storage {shown}: {reason}{hint}")
 
 
 @contextlib.contextmanager

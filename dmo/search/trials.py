@@ -31,7 +31,7 @@ from dmo.scoring.base import Scorer, Target, score_target
 from dmo.search.batcher import Batcher
 from dmo.search.claims import claim_key, scoring_claim
 from dmo.search.ledger import Ledger, is_retry, lineage
-from dmo.search.optuna_private import quiet_experimental, study_storage, trial_id
+from dmo.search.optuna_private import BaseHeartbeat, quiet_experimental, study_storage, told_a_finished_trial, trial_id
 from dmo.search.storage import MAX_RETRY, Heartbeat, storage_errors
 from dmo.search.study import (
     ABORTED_ATTR,
@@ -55,8 +55,10 @@ class ScoreObjective(Protocol):
     """What a trial maximises, from its mixture and its proxy's scores per benchmark (default: the space's aggregate
     of the scores; a calibrated objective, :func:`dmo.session.calibrated_objective`, also reads the mixture)."""
 
-    #: What the objective was fitted on; trials scored under another fit are not comparable with this one's.
-    fit_id: str
+    @property
+    def fit_id(self) -> str:
+        """What the objective was fitted on; trials scored under another fit are not comparable with this one's."""
+        ...
 
     def __call__(self, mixture: Mixture, scores: dict[str, float]) -> float: ...
 
@@ -256,7 +258,7 @@ class _TrialLoop:
             # again; the score is in the results table, so the retry reads it instead of scoring again. Optuna says
             # so as UpdateFinishedTrialError, or, when the objective met it first, as a ValueError from telling the
             # already failed trial.
-            if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
+            if isinstance(exc, ValueError) and not told_a_finished_trial(exc):
                 raise
             log.warning("this worker's trial was failed by another worker (missed heartbeats); it will be retried")
         finally:
@@ -283,7 +285,7 @@ class _TrialLoop:
         with quiet_experimental():
             optuna.storages.fail_stale_trials(self.study)
         storage = study_storage(self.study)
-        callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+        callback = storage.get_heartbeat_stale_trial_callback() if isinstance(storage, BaseHeartbeat) else None
         now = _dt.datetime.now()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = t.user_attrs.get(WORKER_ATTR)

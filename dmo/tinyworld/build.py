@@ -17,6 +17,7 @@ imported then). Layout under the root (``<cache>/tinyworld/<config key>`` by def
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -26,6 +27,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import yaml
@@ -117,16 +119,17 @@ class _Progress:
             self._bar.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._bar:
-            self._bar.__exit__(*exc)
+            self._bar.__exit__(kind, exc, tb)
 
     def task(self, description: str, total: int) -> Callable[[int], None]:
         """Add a bar; returns ``set_completed(n)``."""
-        if not self._bar:
+        bar = self._bar
+        if not bar:
             return lambda n: None
-        tid = self._bar.add_task(description, total=total)
-        return lambda n: self._bar.update(tid, completed=n)
+        tid = bar.add_task(description, total=total)
+        return lambda n: bar.update(tid, completed=n)
 
     def log(self, text: str) -> None:
         if self._bar:
@@ -353,13 +356,14 @@ def report(world: World, timings: dict[str, float | None]) -> dict:
     trained: dict[str, list] = {}
     effect: dict[str, dict] = {}
     for space in _built_spaces(world):
-        rows = []
+        rows: list[dict[str, Any]] = []
         for m in space_mixtures(space):
-            seeds = {
+            found = {
                 s: (_read_json(_eval_path(world, "trained", m.id, f"seed-{s}")) or {}).get("accuracy")
                 for s in range(c.n_seeds)
             }
-            if any(v is None for v in seeds.values()):
+            seeds: dict[int, dict[str, float]] = {s: v for s, v in found.items() if v is not None}
+            if len(seeds) < len(found):
                 continue
             mean = {d: round(sum(seeds[s][d] for s in seeds) / len(seeds), 6) for d in c.domains}
             rows.append(
@@ -447,7 +451,7 @@ def build_world(
             timed("base", lambda: _step_base(world, pool, ui))
             timed("experts", lambda: _step_experts(world, pool, ui))
             for space in ground_truth:
-                timed(f"ground_truth_{space}", lambda s=space: _step_ground_truth(world, s, pool, ui))
+                timed(f"ground_truth_{space}", functools.partial(_step_ground_truth, world, space, pool, ui))
     finally:
         pool.close()
     for key, value in previous.items():  # keep timings of spaces built by earlier calls

@@ -28,6 +28,7 @@ from transformers import (
 
 from dmo.atomic import atomic_dir
 from dmo.errors import DmoError
+from dmo.tinyworld.model import special_token_ids
 from dmo.tinyworld.render import vocabulary
 
 #: InternVL3's chat tokens (its text tower is Qwen2's) and image tokens, plus an unknown-word token.
@@ -127,7 +128,7 @@ def model_config(tokenizer: PreTrainedTokenizerFast, image_size: int = 56, patch
     """A 2-layer Qwen2 text tower (head dim 32, which vLLM's CPU attention accepts) and a 1-layer InternViT."""
     if image_size % (2 * patch_size):
         raise DmoError(f"image_size {image_size} must be a multiple of 2 x patch_size ({2 * patch_size})")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<IMG_CONTEXT>")}
+    ids = special_token_ids(tokenizer, {t: t for t in ("<|endoftext|>", "<|im_end|>", "<IMG_CONTEXT>")}, "InternVL")
     # no unused head room: a random model would otherwise answer in ids no tokenizer can decode
     vocab = len(tokenizer)
     text = dict(
@@ -163,7 +164,9 @@ def model_config(tokenizer: PreTrainedTokenizerFast, image_size: int = 56, patch
     )
 
 
-def init_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, image_size: int = 56) -> torch.nn.Module:
+def init_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, image_size: int = 56
+) -> InternVLForConditionalGeneration:
     """Random float32 model; its weights depend only on ``seed``."""
     config = model_config(tokenizer, image_size)
     config._attn_implementation = "eager"  # no backend-dependent numerics between runs
@@ -173,14 +176,15 @@ def init_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, image_size: in
         # Larger than the 0.02 default init so that experts and proxies answer differently at this size.
         for p in model.parameters():
             p.data.add_(torch.randn_like(p) * 0.05)
-    pad, eos = config.text_config.pad_token_id, config.text_config.eos_token_id
+    text = config.get_text_config()
+    pad, eos = text.pad_token_id, text.eos_token_id
     model.generation_config.pad_token_id = pad
     model.generation_config.eos_token_id = [eos, pad]
     model.generation_config.do_sample = False
     return model.float().eval()
 
 
-def _lora_expert(base: torch.nn.Module, out: Path, seed: int, rank: int) -> None:
+def _lora_expert(base: InternVLForConditionalGeneration, out: Path, seed: int, rank: int) -> None:
     """A PEFT adapter whose B factors are random too (PEFT initialises B = 0, which would be no expert at all)."""
     import copy
 
@@ -196,7 +200,7 @@ def _lora_expert(base: torch.nn.Module, out: Path, seed: int, rank: int) -> None
     model.save_pretrained(str(out))
 
 
-def _full_expert(base: torch.nn.Module, processor: InternVLProcessor, out: Path, seed: int) -> None:
+def _full_expert(base: InternVLForConditionalGeneration, processor: InternVLProcessor, out: Path, seed: int) -> None:
     """Every floating tensor moved a little: vision tower, projector, language model, embeddings and head."""
     import copy
 

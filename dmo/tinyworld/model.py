@@ -6,6 +6,7 @@ does to it (load, attach LoRA, merge adapters, generate) is what it would do to 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +21,29 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def special_token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Mapping[str, str], family: str) -> dict[str, int]:
+    """``name -> id`` of each special token; refuses a token the tokenizer does not know."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in tokens.items()}
+    out = {name: i for name, i in ids.items() if isinstance(i, int) and i != tokenizer.unk_token_id}
+    if len(out) < len(ids):
+        raise DmoError(f"tokenizer lacks a {family} special token: {ids}")
+    return out
+
+
 def model_config(config: WorldConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2VLConfig:
     """The HF config; every special-token id is taken from ``tokenizer`` so the two can never disagree."""
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in {
+    ids = special_token_ids(
+        tokenizer,
+        {
             "pad": "<|endoftext|>",
             "eos": "<|im_end|>",
             "image": "<|image_pad|>",
             "video": "<|video_pad|>",
             "vision_start": "<|vision_start|>",
             "vision_end": "<|vision_end|>",
-        }.items()
-    }
-    if any(i is None or i == tokenizer.unk_token_id for i in ids.values()):
-        raise DmoError(f"tokenizer lacks a Qwen2-VL special token: {ids}")
+        },
+        "Qwen2-VL",
+    )
     vocab_size = _round_up(len(tokenizer), 64)  # a little head room, as real checkpoints have
     head_dim = config.text_hidden // config.text_heads
     text = dict(
@@ -86,9 +95,10 @@ def init_model(config: WorldConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = Qwen2VLForConditionalGeneration(hf_config)
-    model.generation_config.pad_token_id = hf_config.text_config.pad_token_id
-    model.generation_config.eos_token_id = [hf_config.text_config.eos_token_id, hf_config.text_config.pad_token_id]
-    model.generation_config.bos_token_id = hf_config.text_config.bos_token_id
+    text = hf_config.get_text_config()
+    model.generation_config.pad_token_id = text.pad_token_id
+    model.generation_config.eos_token_id = [text.eos_token_id, text.pad_token_id]
+    model.generation_config.bos_token_id = text.bos_token_id
     model.generation_config.do_sample = False
     return model.float()
 

@@ -98,10 +98,6 @@ def build_processor(config: WorldConfig) -> Qwen2VLProcessor:
     )
 
 
-def save_processor(processor: Qwen2VLProcessor, folder: Path) -> None:
-    processor.save_pretrained(str(folder))
-
-
 def load_processor(folder: Path) -> Qwen2VLProcessor:
     """Load a saved processor offline (never touches a model hub)."""
     return AutoProcessor.from_pretrained(str(folder), local_files_only=True)

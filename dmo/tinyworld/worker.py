@@ -21,7 +21,7 @@ from dmo.tinyworld.config import WorldConfig
 #: The training record saved next to each adapter (adapter folders may hold extra files, like a README).
 TRAINING_RECORD = "dmo_training.json"
 
-_STATE: dict[str, Any] = {}
+_STATE: dict[tuple[str, ...], Any] = {}
 
 #: Environment of pool processes. OpenMP's default spin-waiting made a 2-thread training step 3.5x slower than
 #: a 1-thread one whenever other processes competed for the two cores; passive waiting removes that cliff.

@@ -168,7 +168,7 @@ def _engine_from_args(
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    from dmo.scoring.vllm_engine import adapter_rank, engine_kwargs
+    from dmo.scoring.vllm.engine import adapter_rank, engine_kwargs
 
     rank = adapter_rank(Path(adapter)) if adapter else 0
     kwargs = engine_kwargs(

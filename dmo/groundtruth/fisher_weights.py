@@ -390,7 +390,9 @@ def write_fisher(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, 
         fh.write(struct.pack("<Q", len(text)))
         fh.write(text)
         for t in tensors.values():
-            fh.write(memoryview(np.ascontiguousarray(t.detach().float().cpu().numpy())).cast("B"))
+            # no copy: a numpy array is a buffer (numpy's stubs do not say so)
+            data = np.ascontiguousarray(t.detach().float().cpu().numpy())
+            fh.write(memoryview(data).cast("B"))  # type: ignore[arg-type]
 
 
 def compute_fisher(
@@ -419,7 +421,7 @@ def compute_fisher(
         raise DmoError(f"--samples must be at least 1, got {samples}")
     if target not in TARGETS:
         raise DmoError(f"unknown Fisher target {target!r}: use {' or '.join(TARGETS)}")
-    manifest = load_manifest(manifest_file)
+    manifest = load_manifest(Path(manifest_file))
     if manifest.base.path is None:
         raise DmoError(f"the base model {manifest.base} is a hub id: download it and point the manifest at the folder")
     domains = list(experts) if experts else manifest.domains

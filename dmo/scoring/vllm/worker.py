@@ -1,7 +1,7 @@
 """dmo's vLLM worker extension: merged proxies written into the live engine's weights.
 
 vLLM mixes this class into each worker when the engine is built with
-``worker_extension_cls="dmo.scoring.vllm_worker.DmoWorkerExtension"``; the engine's public
+``worker_extension_cls="dmo.scoring.vllm.worker.DmoWorkerExtension"``; the engine's public
 ``LLM.collective_rpc("dmo_...")`` then runs these methods inside every worker. Each worker keeps an
 :class:`~dmo.merge.live.ExpertBank` of the experts on its own device and, per proxy, merges there and feeds
 ``(checkpoint name, value)`` pairs to the worker's own in-place reload (``Worker.reload_weights(weights_iterator=...)``,
@@ -17,7 +17,7 @@ every bias of those modules), read once from the base checkpoint.
 
 The reload resets the worker's encoder and multimodal caches; the caller must also reset the engine's prefix cache,
 its multimodal cache and its encoder-cache bookkeeping (``LLM.reset_prefix_cache``, ``LLM.reset_mm_cache``,
-``LLM.llm_engine.reset_encoder_cache``): :class:`dmo.scoring.vllm_backend.VLLMScorer` does. Method names start with
+``LLM.llm_engine.reset_encoder_cache``): :class:`dmo.scoring.vllm.backend.VLLMScorer` does. Method names start with
 ``dmo_`` because vLLM refuses an extension whose names clash with the worker's. This module imports nothing from
 vLLM, so it can be imported (and tested) without it.
 """
@@ -32,7 +32,24 @@ import torch
 
 from dmo.errors import DmoError
 from dmo.merge.checkpoint import Checkpoint
-from dmo.merge.live import ExpertBank
+from dmo.merge.live import ExpertBank, Store
+
+
+def packed_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Which checkpoint modules vLLM packs into one layer: the model's own ``packed_modules_mapping``, else the union
+    of its direct children's (as vLLM reads it: a multimodal model such as Qwen2-VL declares none itself, its
+    language model does). Reading only the model's own attribute found nothing there, so a write of ``q_proj`` and
+    ``v_proj`` fed the packed ``qkv_proj`` without ``k_proj``, and vLLM processed it with uninitialised memory in that
+    part: wrong answers, at times NaN logits."""
+    own = dict(getattr(model, "packed_modules_mapping", None) or {})
+    if own:
+        return own
+    for child in model.children():
+        for packed, members in dict(getattr(child, "packed_modules_mapping", None) or {}).items():
+            if own.get(packed, members) != members:
+                raise DmoError(f"{type(child).__name__} packs {packed} from {members}, another part from {own[packed]}")
+            own[packed] = list(members)
+    return own
 
 
 def companions(changed: Iterable[str], available: Iterable[str], packed: Mapping[str, list[str]]) -> list[str]:
@@ -70,13 +87,16 @@ class DmoWorkerExtension:
         key: str,
         base: str,
         experts: dict[str, str],
-        store: str = "device",
+        store: Store = "device",
         allow_bin: bool = False,
         inputs: dict[str, dict[str, str]] | None = None,
+        exclude: list[str] | None = None,
     ) -> dict[str, Any]:
         """Read ``experts`` (against the base checkpoint ``base``) onto this worker's device, under ``key``.
 
         ``inputs``: per-expert inputs of the merge methods that need them, ``{"fisher": {expert: file}}``.
+        ``exclude``: what a merge keeps at the base value, as ``dmo merge``'s (default: the paper's filter; ``[]``
+        keeps every change, for a trained model).
         """
         if not hasattr(self, "_dmo_banks"):
             self._dmo_banks = {}
@@ -88,9 +108,10 @@ class DmoWorkerExtension:
             device=device,
             store=store,
             allow_bin=allow_bin,
-            extra=inputs,  # type: ignore[arg-type]
+            extra=inputs,
+            exclude=exclude,
         )
-        packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+        packed = packed_modules(model)
         with Checkpoint.open(base, what="base model", allow_bin=allow_bin) as ckpt:
             extra = {n: ckpt.view(n).to(device, copy=True) for n in companions(bank.names, ckpt.tensors, packed)}
         self._dmo_banks[key] = (bank, extra)

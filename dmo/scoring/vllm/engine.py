@@ -1,7 +1,7 @@
 """How dmo starts a vLLM engine: ``vllm.LLM`` keyword arguments per platform, LoRA ranks, the import check.
 
-Shared by the ``vllm`` backend (:mod:`dmo.scoring.vllm_backend`) and lmms-eval's ``dmo_vllm`` model
-(:mod:`dmo.scoring.vllm_lmms`); imports nothing of vLLM until asked.
+Shared by the ``vllm`` backend (:mod:`dmo.scoring.vllm.backend`) and lmms-eval's ``dmo_vllm`` model
+(:mod:`dmo.scoring.vllm.lmms`); imports nothing of vLLM until asked.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = [
     "require_vllm",
 ]
 
-WORKER_EXTENSION = "dmo.scoring.vllm_worker.DmoWorkerExtension"
+WORKER_EXTENSION = "dmo.scoring.vllm.worker.DmoWorkerExtension"
 #: The ranks vLLM accepts for ``max_lora_rank`` (``vllm.config.lora.MaxLoRARanks``).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

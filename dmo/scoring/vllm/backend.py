@@ -7,7 +7,7 @@ The base model is loaded once. A target reaches the engine in one of two ways:
   multi-LoRA support: one ``LoRARequest`` per proxy, so switching costs an adapter load and several proxies can
   be in flight together (:meth:`VLLMScorer.evaluate_many`);
 * **write**: every other proxy (full experts, TIES, DARE, a full trained model) is merged on the GPU by dmo's
-  worker extension (:mod:`dmo.scoring.vllm_worker`) from expert tensors read once, and written into the live
+  worker extension (:mod:`dmo.scoring.vllm.worker`) from expert tensors read once, and written into the live
   weights through the model's own ``load_weights``. After every write the engine's prefix cache and multimodal
   caches are reset, so no KV computed under the previous proxy answers for the new one.
 
@@ -28,19 +28,20 @@ from typing import Any, Literal
 
 from dmo.errors import DmoError
 from dmo.manifest import ExpertManifest
-from dmo.merge.experts import expert_kind
+from dmo.merge.experts import ParamFilter, expert_kind, merge_filter
 from dmo.merge.families import check_family
 from dmo.merge.inputs import inputs_id, method_inputs
 from dmo.merge.lora import LoraAdapter, check_same_base, fingerprint, load_lora, write_adapter
 from dmo.merge.proxy import VLLM_MAX_LORA_RANK, adapter_proxy
 from dmo.merge.registry import get_method
 from dmo.paths import cache_dir
-from dmo.scoring.base import Evaluation, Scorer, Target
+from dmo.scoring.backends import VLLMOptions
+from dmo.scoring.base import Evaluation, Scorer, ScoringContext, Target
 from dmo.scoring.loss import METRIC as LOSS_METRIC
 from dmo.scoring.loss import ValidationLoss, score_of, split_benchmarks
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
 from dmo.scoring.metrics import MetricSpec, own_metrics
-from dmo.scoring.vllm_engine import (
+from dmo.scoring.vllm.engine import (
     adapter_rank,
     engine_kwargs,
     on_cpu,
@@ -76,10 +77,22 @@ def _is_engine_death(exc: BaseException) -> bool:
 class VLLMScorer(Scorer):
     name = "vllm"
 
+    @classmethod
+    def from_context(cls, context: ScoringContext, options: VLLMOptions) -> VLLMScorer:
+        # the context's batch size and device are the in-process backends': vLLM schedules its own batches on the
+        # device it finds
+        return cls(
+            context.manifest,
+            context.include_path,
+            context.limit,
+            metric_map=context.metric_map,
+            **options.model_dump(),
+        )
+
     def __init__(
         self,
         manifest: ExpertManifest,
-        include_path: Path | None = None,
+        include_path: Path | list[Path] | None = None,
         limit: int | None = None,
         *,
         lora: bool | None = None,
@@ -92,14 +105,11 @@ class VLLMScorer(Scorer):
         adapter_dir: Path | None = None,
         engine: dict[str, Any] | None = None,
         llm_factory: Callable[..., Any] | None = None,
-        batch_size: int | None = None,  # the hf backend's knobs; vLLM schedules its own batches on its own GPU
-        device: str | None = None,
         metric_map: Mapping[str, MetricSpec] | None = None,
     ) -> None:
-        del batch_size, device
-        local_base(manifest)
+        self.base = local_base(manifest)  # a hub id is refused here, in one line
         # which adapters vLLM can serve depends on where the family keeps its vision tower and projector
-        check_family(manifest.base.path)
+        check_family(self.base)
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
@@ -132,8 +142,10 @@ class VLLMScorer(Scorer):
         """The LoRA experts, keyed by domain (empty for a manifest of full experts)."""
         if self.manifest.kind != "lora":
             return {}
-        out = {d: load_lora(self._path(ref, f"expert {d!r}")) for d, ref in self.manifest.experts.items()}
-        check_same_base(list(out.items()), str(self.manifest.base.path))
+        # what a merge keeps at the base is dropped here, as dmo merge does: both routes serve the same proxy
+        keep = merge_filter(self.base, "lora")
+        out = {d: keep.adapter(load_lora(self._path(ref, f"expert {d!r}"))) for d, ref in self.manifest.experts.items()}
+        check_same_base(list(out.items()), str(self.base))
         return out
 
     def _path(self, ref: Any, what: str) -> Path:
@@ -171,7 +183,7 @@ class VLLMScorer(Scorer):
                         VLLM_MAX_LORA_RANK)  # fmt: skip
             self.lora, rank = False, 0
         return engine_kwargs(
-            Path(self.manifest.base.path), lora_rank=rank, max_lora_rank=self.max_lora_rank if self.lora else None,
+            self.base, lora_rank=rank, max_lora_rank=self.max_lora_rank if self.lora else None,
             max_loras=self.max_loras,
             gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len, dtype=self.dtype,
             trust_remote_code=self.manifest.trust_remote_code, extra=self.engine_extra,
@@ -182,7 +194,7 @@ class VLLMScorer(Scorer):
         """The lmms-eval model wrapping the live engine (built on first use)."""
         from transformers import AutoProcessor
 
-        from dmo.scoring.vllm_lmms import DmoVLLM
+        from dmo.scoring.vllm.lmms import DmoVLLM
 
         kwargs = self._engine_kwargs()
         self.served_rank = kwargs.get("max_lora_rank")
@@ -193,7 +205,7 @@ class VLLMScorer(Scorer):
             factory = LLM
         llm = factory(**kwargs)
         processor = AutoProcessor.from_pretrained(
-            self.manifest.base.path, local_files_only=True, trust_remote_code=self.manifest.trust_remote_code
+            self.base, local_files_only=True, trust_remote_code=self.manifest.trust_remote_code
         )
         self._written, self._written_bank, self._banks = None, None, set()
         self.processor = processor
@@ -203,7 +215,7 @@ class VLLMScorer(Scorer):
     def _experts_bank(self) -> str:
         """The worker's key for this manifest's experts (an engine may serve more than one manifest's)."""
         refs = sorted((d, str(r.path)) for d, r in self.manifest.experts.items())
-        return "experts:" + hashlib.sha256(repr((str(self.manifest.base.path), refs)).encode()).hexdigest()[:16]
+        return "experts:" + hashlib.sha256(repr((str(self.base), refs)).encode()).hexdigest()[:16]
 
     @property
     def max_batch(self) -> int:
@@ -244,6 +256,10 @@ class VLLMScorer(Scorer):
     # ------------------------------------------------------------------------------------------------ targets
 
     def _weights(self, target: Target) -> dict[str, float]:
+        """An expert's or a proxy's coefficient per domain."""
+        if target.kind == "expert":
+            assert target.domain is not None
+            return {target.domain: 1.0}
         assert target.mixture is not None
         weights = {d: w for d, w in target.mixture.as_dict().items() if w != 0}
         missing = [d for d in weights if d not in self.manifest.experts]
@@ -266,15 +282,16 @@ class VLLMScorer(Scorer):
         return "adapter" if spec.lora_exact or spec.inputs == "lora" else "write"
 
     def fingerprint(self, target: Target) -> str:
-        base = folder_id(Path(self.manifest.base.path))
+        base = folder_id(self.base)
         if target.kind == "base":
             return f"base:{base}"
         if target.kind == "trained":
             return f"{base}:trained:{folder_id(trained_path(self.manifest, target))}"
         method = target.method or "linear"
-        weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
+        weights = self._weights(target)
         inputs = inputs_id(method_inputs(self.manifest, weights, method)) if target.kind == "proxy" else ""
         inputs = f":{inputs}" if inputs else ""  # a recomputed Fisher file is another proxy
+        inputs += f":f{ParamFilter(self.manifest.kind).id()}"  # experts and proxies are merged through the filter
         if self._lora_experts:
             return f"{base}:{fingerprint(self._lora_experts, weights, method, dict(target.params))}{inputs}"
         ids = sorted((folder_id(self._path(self.manifest.experts[d], d)), w) for d, w in weights.items())
@@ -333,9 +350,17 @@ class VLLMScorer(Scorer):
             )
         write_adapter(folder, config, tensors, overwrite=True, metadata={"dmo_fingerprint": folder.name})
 
-    def _bank(self, key: str, experts: dict[str, str], inputs: dict[str, dict[str, str]] | None = None) -> None:
+    def _bank(
+        self,
+        key: str,
+        experts: dict[str, str],
+        inputs: Mapping[str, Mapping[str, Path]] | None = None,
+        exclude: list[str] | None = None,
+    ) -> None:
+        """Open a bank in the workers; ``exclude=None`` filters as ``dmo merge`` does, ``[]`` keeps every change."""
         if key not in self._banks:
-            args = (key, str(self.manifest.base.path), experts, self.store) + ((False, inputs) if inputs else ())
+            files = {k: {e: str(f) for e, f in v.items()} for k, v in (inputs or {}).items()}  # plain data for the RPC
+            args = (key, str(self.base), experts, self.store, False, files or None, exclude)
             self.lmm.llm.collective_rpc("dmo_open_bank", args=args)
             self._banks.add(key)
 
@@ -384,11 +409,11 @@ class VLLMScorer(Scorer):
         if target.kind == "trained":
             path = str(trained_path(self.manifest, target))
             key = f"trained:{path}"
-            self._bank(key, {"trained": path})
+            self._bank(key, {"trained": path}, exclude=[])  # a trained model is scored as trained, not merged
             self._write(key, {"trained": 1.0}, "linear", {}, fp)
             return fp, None
         experts = {d: str(self._path(r, f"expert {d!r}")) for d, r in self.manifest.experts.items()}
-        weights = {target.domain: 1.0} if target.kind == "expert" else self._weights(target)
+        weights = self._weights(target)
         method = target.method or "linear"
         # fisher / fisher_nn: a bank that also holds every expert's Fisher weights, beside the plain one
         inputs = method_inputs(self.manifest, self.manifest.domains, method) if target.kind == "proxy" else {}
