@@ -5,8 +5,8 @@ no proxy) and prints one PASS/FAIL line per property with its figure, per space 
 world's experts; the thresholds and their meaning are in ``dmo.tinyworld.properties``. Exits 1 if any property fails.
 
 Run: ``python benchmarks/world_properties.py`` (the default world, built with ``dmo world build --ground-truth
-2d,3d,4d``), ``--world v5`` for the previous format, ``--root PATH`` for a world built elsewhere, ``--build`` to
-build what is missing first, ``--json PATH`` to save the figures.
+2d,3d,4d``), ``--world v6`` for format 6 (issue 22's candidate), ``--root PATH`` for a world built elsewhere,
+``--build`` to build what is missing first, ``--json PATH`` to save the figures.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dmo.tinyworld.properties import check_world
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", default="current", help="a named world: current (default) or v5")
+    parser.add_argument("--world", default="current", help="current (the default, format 5), v5 (the same) or v6")
     parser.add_argument("--small", action="store_true", help="the small test configuration of that world")
     parser.add_argument("--root", type=Path, help="a built world's folder (default: the cache folder of its key)")
     parser.add_argument("--spaces", default="3d,4d", help="comma-separated ground-truth spaces to judge")

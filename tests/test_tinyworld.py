@@ -47,18 +47,20 @@ def test_key_is_stable_and_sensitive() -> None:
 
 #: The keys format 5's code gave its default and small worlds (before format 6 existed): caches built then are reused.
 V5_KEY, V5_SMALL_KEY = "0c6005d995b1641f", "11b4c085477ecbf6"
+V6_KEY, V6_SMALL_KEY = "95ad9bb6db47db88", "bac812ad6c75521b"
 
 
-def test_world_format_6_is_the_default_and_v5_keeps_its_key() -> None:
-    current, v5 = WorldConfig(), WorldConfig.named("v5")
-    assert current == WorldConfig.named("current") and current.format_version == 6 and v5.format_version == 5
-    assert v5.key() == V5_KEY and WorldConfig.named("v5", small=True).key() == V5_SMALL_KEY
+def test_format_5_stays_the_default_under_its_key_and_format_6_is_built_by_name() -> None:
+    current, v5, v6 = WorldConfig(), WorldConfig.named("v5"), WorldConfig.named("v6")
+    assert current == WorldConfig.named("current") == v5 and current.format_version == 5 and v6.format_version == 6
+    assert v5.key() == V5_KEY and SMALL.key() == V5_SMALL_KEY == WorldConfig.named("v5", small=True).key()
+    assert v6.key() == V6_KEY and WorldConfig.named("v6", small=True).key() == V6_SMALL_KEY
     assert (v5.pretrain_samples, v5.test_size, v5.pretrain_weights) == (32768, 200, None)
-    assert current.key() != v5.key() and SMALL.key() != V5_SMALL_KEY
+    assert (v6.pretrain_samples, v6.test_size, v6.pretrain_weights) == (11264, 500, (1.0, 1.0, 8.0, 1.0))
     assert json.loads(v5.canonical_json())["format_version"] == 5 and "pretrain_weights" not in v5.canonical_json()
-    assert json.loads(current.canonical_json())["pretrain_weights"] == [1.0, 1.0, 8.0, 1.0]
-    assert WorldConfig(pretrain_weights=(1, 1, 4, 1)).key() != current.key()
-    assert WorldConfig.named("v5", small=True).test_size == SMALL.test_size  # a small world keeps its sizes
+    assert json.loads(v6.canonical_json())["pretrain_weights"] == [1.0, 1.0, 8.0, 1.0]
+    assert WorldConfig(pretrain_weights=(1, 1, 4, 1)).key() not in (v6.key(), v5.key())
+    assert WorldConfig.named("v6", small=True).test_size == SMALL.test_size  # a small world keeps its sizes
     with pytest.raises(DmoError, match="unknown tiny world 'v4'"):
         WorldConfig.named("v4")
     with pytest.raises(DmoError, match="pretrain_weights"):
@@ -68,8 +70,8 @@ def test_world_format_6_is_the_default_and_v5_keeps_its_key() -> None:
 
 
 def test_pretrain_doses_follow_the_weights_exactly() -> None:
-    assert pretrain_doses(WorldConfig()) == {"general": 1024, "counting": 1024, "ocr": 8192, "chart": 1024}
-    assert pretrain_doses(WorldConfig.named("v5")) == dict.fromkeys(render.DOMAINS, 8192)
+    assert pretrain_doses(WorldConfig.named("v6")) == {"general": 1024, "counting": 1024, "ocr": 8192, "chart": 1024}
+    assert pretrain_doses(WorldConfig()) == dict.fromkeys(render.DOMAINS, 8192)
     rng = np.random.default_rng(7)
     for _ in range(50):
         weights = tuple(float(w) for w in rng.uniform(0, 3, size=4))
@@ -491,19 +493,19 @@ def test_interrupted_output_is_rebuilt(world: tuple[World, float]) -> None:
     assert adapter.stat().st_mtime_ns == old_adapter  # the adapter was not retrained
 
 
-def test_previous_world_builds_by_name(tmp_path: Path) -> None:
-    """``dmo world build --world v5``: format 5's world, under the key it had, with equal pre-training shares."""
+def test_format_6_builds_by_name(tmp_path: Path) -> None:
+    """``dmo world build --world v6``: format 6's world, under its own key, with its pre-training doses."""
     from typer.testing import CliRunner
 
     from dmo.cli import app
 
     result = CliRunner().invoke(
-        app, ["world", "build", "--world", "v5", "--small", "--ground-truth", "none", "--root", str(tmp_path / "v5")]
+        app, ["world", "build", "--world", "v6", "--small", "--ground-truth", "none", "--root", str(tmp_path / "v6")]
     )
     assert result.exit_code == 0, result.output
-    assert f"key {V5_SMALL_KEY}, format 5" in " ".join(result.output.split())
-    info = json.loads((tmp_path / "v5" / "world.json").read_text())
-    assert info["key"] == V5_SMALL_KEY and info["config"]["pretrain_weights"] is None
+    assert f"key {V6_SMALL_KEY}, format 6" in " ".join(result.output.split())
+    info = json.loads((tmp_path / "v6" / "world.json").read_text())
+    assert info["key"] == V6_SMALL_KEY and info["config"]["pretrain_weights"] == [1.0, 1.0, 8.0, 1.0]
     assert set(info["accuracy"]["experts"]) == set(render.DOMAINS) and info["base_training"]["samples"] == 2048
     bad = CliRunner().invoke(app, ["world", "build", "--world", "v4", "--root", str(tmp_path / "v4")])
     assert bad.exit_code != 0 and not (tmp_path / "v4").exists()

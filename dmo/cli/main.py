@@ -47,7 +47,7 @@ def world_build(
     small: Annotated[bool, typer.Option(help="The small test configuration (seconds, not minutes).")] = False,
     root: Annotated[Path | None, typer.Option(help="Build here instead of the cache folder.")] = None,
     world: Annotated[
-        str, typer.Option(help="Which world: 'current' (format 6, the default) or 'v5' (the previous format).")
+        str, typer.Option(help="Which world: 'current' (the default, format 5), 'v5' (the same) or 'v6' (format 6).")
     ] = "current",
 ) -> None:
     """Build the tiny world, or reuse it from the cache (keyed by a hash of its configuration)."""
