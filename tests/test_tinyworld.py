@@ -26,7 +26,7 @@ from dmo.tinyworld.data import load_pixels, read_split, write_domain
 from dmo.tinyworld.generate import encode, exact_match, generate, generate_encoded
 from dmo.tinyworld.model import init_model, load_base
 from dmo.tinyworld.tokenizer import build_processor, image_tokens, load_processor
-from dmo.tinyworld.train import LORA_TARGET_REGEX, Encoder, sft_indices
+from dmo.tinyworld.train import LORA_TARGET_REGEX, Encoder, pretrain_doses, sft_indices
 
 SMALL = WorldConfig.small()
 
@@ -43,6 +43,46 @@ def test_key_is_stable_and_sensitive() -> None:
     assert WorldConfig(threads=1).key() == WorldConfig(threads=2).key()  # speed knobs do not change artifacts
     assert re.fullmatch(r"[0-9a-f]{16}", WorldConfig().key())
     assert default_root(SMALL).name == SMALL.key()
+
+
+#: The keys format 5's code gave its default and small worlds (before format 6 existed): caches built then are reused.
+V5_KEY, V5_SMALL_KEY = "0c6005d995b1641f", "11b4c085477ecbf6"
+V6_KEY, V6_SMALL_KEY = "95ad9bb6db47db88", "bac812ad6c75521b"
+
+
+def test_format_5_stays_the_default_under_its_key_and_format_6_is_built_by_name() -> None:
+    current, v5, v6 = WorldConfig(), WorldConfig.named("v5"), WorldConfig.named("v6")
+    assert current == WorldConfig.named("current") == v5 and current.format_version == 5 and v6.format_version == 6
+    assert v5.key() == V5_KEY and SMALL.key() == V5_SMALL_KEY == WorldConfig.named("v5", small=True).key()
+    assert v6.key() == V6_KEY and WorldConfig.named("v6", small=True).key() == V6_SMALL_KEY
+    assert (v5.pretrain_samples, v5.test_size, v5.pretrain_weights) == (32768, 200, None)
+    assert (v6.pretrain_samples, v6.test_size, v6.pretrain_weights) == (11264, 500, (1.0, 1.0, 8.0, 1.0))
+    assert json.loads(v5.canonical_json())["format_version"] == 5 and "pretrain_weights" not in v5.canonical_json()
+    assert json.loads(v6.canonical_json())["pretrain_weights"] == [1.0, 1.0, 8.0, 1.0]
+    assert WorldConfig(pretrain_weights=(1, 1, 4, 1)).key() not in (v6.key(), v5.key())
+    assert WorldConfig.named("v6", small=True).test_size == SMALL.test_size  # a small world keeps its sizes
+    with pytest.raises(DmoError, match="unknown tiny world 'v4'"):
+        WorldConfig.named("v4")
+    with pytest.raises(DmoError, match="pretrain_weights"):
+        WorldConfig(pretrain_weights=(1, -1, 8, 1))
+    with pytest.raises(DmoError, match="pretrain_weights"):
+        WorldConfig(domains=("general", "ocr"), pretrain_weights=(0, 1, 0, 1))
+
+
+def test_pretrain_doses_follow_the_weights_exactly() -> None:
+    assert pretrain_doses(WorldConfig.named("v6")) == {"general": 1024, "counting": 1024, "ocr": 8192, "chart": 1024}
+    assert pretrain_doses(WorldConfig()) == dict.fromkeys(render.DOMAINS, 8192)
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        weights = tuple(float(w) for w in rng.uniform(0, 3, size=4))
+        domains = tuple(d for d in render.DOMAINS if rng.random() < 0.7) or ("ocr",)
+        total = int(rng.integers(1, 5000))
+        doses = pretrain_doses(WorldConfig(domains=domains, pretrain_samples=total, pretrain_weights=weights))
+        share = np.array([weights[render.DOMAINS.index(d)] for d in domains])
+        exact = total * share / share.sum()
+        got = np.array([doses[d] for d in domains])
+        assert list(doses) == list(domains) and got.sum() == total
+        assert np.all(np.abs(got - exact) < 1)  # largest remainder: every count within one sample of its share
 
 
 def test_config_is_frozen_and_validated() -> None:
@@ -115,6 +155,17 @@ def _colour_name(rgb: np.ndarray) -> str:
     return next(name for name, c in render.COLOURS.items() if tuple(int(v) for v in rgb) == c)
 
 
+def _shape_of(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    fill = box.mean()
+    if fill > 0.95:
+        return "square"
+    if fill > 0.7:
+        return "circle"
+    return "triangle" if box[-1].mean() > 0.8 else "diamond"  # widest row at the bottom, or in the middle
+
+
 def test_general_renders_answer_their_question() -> None:
     seen = set()
     for img, question, answer in _samples("general"):
@@ -122,14 +173,7 @@ def test_general_renders_answer_their_question() -> None:
         colours = {tuple(v) for v in img[mask]}
         assert len(colours) == 1  # one flat shape, no anti-aliasing
         ys, xs = np.nonzero(mask)
-        box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-        fill = box.mean()
-        if fill > 0.95:
-            shape = "square"
-        elif fill > 0.7:
-            shape = "circle"
-        else:  # triangles have their widest row at the bottom, diamonds in the middle
-            shape = "triangle" if box[-1].mean() > 0.8 else "diamond"
+        shape = _shape_of(mask)
         if question == "What colour is the shape?":
             assert _colour_name(img[ys[0], xs[0]]) == answer
         else:
@@ -447,3 +491,21 @@ def test_interrupted_output_is_rebuilt(world: tuple[World, float]) -> None:
     build_world(SMALL, root=w.root, ground_truth=("2d",), progress=False)
     assert json.loads(evaluation.read_text())["accuracy"] == old_eval["accuracy"]  # deterministic
     assert adapter.stat().st_mtime_ns == old_adapter  # the adapter was not retrained
+
+
+def test_format_6_builds_by_name(tmp_path: Path) -> None:
+    """``dmo world build --world v6``: format 6's world, under its own key, with its pre-training doses."""
+    from typer.testing import CliRunner
+
+    from dmo.cli import app
+
+    result = CliRunner().invoke(
+        app, ["world", "build", "--world", "v6", "--small", "--ground-truth", "none", "--root", str(tmp_path / "v6")]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"key {V6_SMALL_KEY}, format 6" in " ".join(result.output.split())
+    info = json.loads((tmp_path / "v6" / "world.json").read_text())
+    assert info["key"] == V6_SMALL_KEY and info["config"]["pretrain_weights"] == [1.0, 1.0, 8.0, 1.0]
+    assert set(info["accuracy"]["experts"]) == set(render.DOMAINS) and info["base_training"]["samples"] == 2048
+    bad = CliRunner().invoke(app, ["world", "build", "--world", "v4", "--root", str(tmp_path / "v4")])
+    assert bad.exit_code != 0 and not (tmp_path / "v4").exists()

@@ -46,16 +46,19 @@ def world_build(
     ] = "2d",
     small: Annotated[bool, typer.Option(help="The small test configuration (seconds, not minutes).")] = False,
     root: Annotated[Path | None, typer.Option(help="Build here instead of the cache folder.")] = None,
+    world: Annotated[
+        str, typer.Option(help="Which world: 'current' (the default, format 5), 'v5' (the same) or 'v6' (format 6).")
+    ] = "current",
 ) -> None:
     """Build the tiny world, or reuse it from the cache (keyed by a hash of its configuration)."""
     from dmo.tinyworld.build import build_world
     from dmo.tinyworld.config import WorldConfig
 
     gt = () if ground_truth == "none" else tuple(s.strip() for s in ground_truth.split(",") if s.strip())
-    config = WorldConfig.small() if small else WorldConfig()
-    world = build_world(config, root=root, ground_truth=gt)
-    console.print(f"tiny world ready at [bold]{world.root}[/]")
-    console.print(f"expert manifest: {world.manifest_path}")
+    config = WorldConfig.named(world, small=small)
+    built = build_world(config, root=root, ground_truth=gt)
+    console.print(f"tiny world ready at [bold]{built.root}[/] (key {config.key()}, format {config.format_version})")
+    console.print(f"expert manifest: {built.manifest_path}")
 
 
 @spaces_app.command("show")

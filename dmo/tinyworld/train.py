@@ -85,12 +85,24 @@ def sft_indices(config: WorldConfig, domain: str, n: int) -> np.ndarray:
     return perm[:n]
 
 
+def pretrain_doses(config: WorldConfig) -> dict[str, int]:
+    """Pre-training samples of each domain: ``pretrain_samples`` split in proportion to ``pretrain_weights`` (exact
+    counts, the remainder to the largest fractions), or evenly over the domains when there are no weights."""
+    k, total = len(config.domains), config.pretrain_samples
+    if config.pretrain_weights is None:
+        return {d: total // k + (j < total % k) for j, d in enumerate(config.domains)}
+    w = np.array([config.pretrain_weights[DOMAINS.index(d)] for d in config.domains], dtype=float)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
+        counts[j] += 1
+    return {d: int(n) for d, n in zip(config.domains, counts)}
+
+
 def pretrain_indices(config: WorldConfig) -> dict[str, np.ndarray]:
-    """Uniform mix for the base: pretrain_samples split evenly over domains, cycling through each pool."""
-    k = len(config.domains)
+    """The base's mix: ``pretrain_doses`` samples of each domain, cycling through each pool."""
     out = {}
-    for j, d in enumerate(config.domains):
-        n = config.pretrain_samples // k + (j < config.pretrain_samples % k)
+    for d, n in pretrain_doses(config).items():
         perm = np.random.default_rng([config.seed, DOMAINS.index(d), 102]).permutation(config.train_size)
         out[d] = np.resize(perm, n)
     return out
@@ -201,7 +213,7 @@ def pretrain(
     image_tokens: int,
     on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Full fine-tune of the randomly initialised model on a uniform mix of all domains (in place)."""
+    """Full fine-tune of the randomly initialised model on a mix of all domains (in place, see pretrain_doses)."""
     ex = gather(root, processor, image_tokens, pretrain_indices(config))
     return fit(
         model,
