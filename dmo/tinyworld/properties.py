@@ -155,7 +155,8 @@ def check_world(accuracy: Mapping, spaces: Sequence[str]) -> list[Check]:
             f"`dmo world build --ground-truth {','.join(spaces)}`"
         )
     base, experts = accuracy["base"], accuracy["experts"]
-    checks, noise = [], {}
+    checks: list[Check] = []
+    noise: dict[str, list[float]] = {}
     for space in spaces:
         rows = trained[space]
         benchmarks = sorted(rows[0]["mixture"])
