@@ -237,8 +237,10 @@ def test_random_lora_experts_on_part_of_a_packed_layer_written_into_the_engine_g
     is written twice, with the base in between, and must give hf's loss each time."""
     pytest.importorskip("vllm", reason="run from .venv-vllm: .venv-vllm/bin/python -m pytest -m vllm")
     manifest = load_manifest(world.root / "experts.yaml")
-    hf = make_scorer("hf", manifest=manifest, device="cpu")
-    engine = make_scorer("vllm", manifest=manifest, adapter_dir=tmp_path / "adapters", lora=False)
+    from dmo.scoring.vllm.backend import VLLMScorer
+
+    hf = make_scorer("hf", ScoringContext(manifest, device="cpu"))
+    engine = VLLMScorer(manifest, adapter_dir=tmp_path / "adapters", lora=False)
     benchmarks = ["loss:ocr", "loss:general"]
     targets: list[Any] = [
         Target("expert", domain="general"),

@@ -193,7 +193,7 @@ def test_full_experts_answer_alike_through_dmo_merge_hf_and_vllm(world: SimpleNa
     engine.evaluate(Target("base"), BENCHMARKS)  # the engine at the base, its image embeddings cached
     base_answers = answers(engine.lmm)
     writer = VLLMScorer(full, include_path=world.tasks, llm_factory=lambda **_: engine.lmm.llm)  # the same engine
-    hf_full = make_scorer("hf", manifest=full, include_path=world.tasks, device="cpu")
+    hf_full = make_scorer("hf", ScoringContext(full, include_path=world.tasks, device="cpu"))
     targets = [proxy({"general": 0.5, "ocr": 0.5}), Target("expert", domain="ocr"), Target("base")]
     for i, target in enumerate(targets):
         assert writer.route(target) == ("base" if target.kind == "base" else "write")
