@@ -7,13 +7,24 @@ anything, so help texts and validation come from the registry while heavy stacks
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from dmo.errors import DmoError
 
 __all__ = ["PluginRegistry"]
+
+
+@functools.lru_cache(maxsize=16)
+def _scan(group: str, search_path: tuple[str, ...]) -> dict[str, EntryPoint]:
+    # Reading every installed distribution's metadata takes ~0.1 s and a study asks a registry many times; the
+    # answer changes only when sys.path does (a package installed into a folder already on it in this very process
+    # is not seen: restart).
+    del search_path  # the cache key: entry_points() reads the distributions found on sys.path
+    return {ep.name: ep for ep in entry_points(group=group)}
 
 
 class PluginRegistry:
@@ -23,7 +34,7 @@ class PluginRegistry:
         self._registered: dict[str, Any] = {}
 
     def _entry_points(self) -> dict[str, Any]:
-        return {ep.name: ep for ep in entry_points(group=self.group)}
+        return _scan(self.group, tuple(sys.path))
 
     def names(self) -> list[str]:
         return sorted({*self._entry_points(), *self._registered})

@@ -23,7 +23,7 @@ from dmo.tinyworld import render
 from dmo.tinyworld.build import World, build_world, default_root
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.data import load_pixels, read_split, write_domain
-from dmo.tinyworld.generate import encode, exact_match, generate, generate_encoded
+from dmo.tinyworld.generate import EncodingCache, encode, exact_match, generate, generate_encoded
 from dmo.tinyworld.model import init_model, load_base
 from dmo.tinyworld.tokenizer import build_processor, image_tokens, load_processor
 from dmo.tinyworld.train import LORA_TARGET_REGEX, Encoder, pretrain_doses, sft_indices
@@ -334,6 +334,42 @@ def test_tiny_model_generates() -> None:
     model.train()
     generate(model, processor, images[:1], questions[:1], max_new_tokens=2)
     assert model.training  # the caller's mode is restored
+
+
+def test_encodings_are_reused_by_content_and_bounded() -> None:
+    processor = build_processor(SMALL)
+    rng = np.random.default_rng(1)
+    items = [render.sample(d, rng) for d in render.DOMAINS * 2]
+    images, questions = [i for i, _, _ in items], [q for _, q, _ in items]
+    calls = []
+
+    class Spy:  # counts processor runs; everything else is the real processor
+        def __call__(self, **kwargs):
+            calls.append(len(kwargs["text"]))
+            return processor(**kwargs)
+
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+    spy, cache = Spy(), EncodingCache()
+    first = cache.encode(spy, images, questions, 3)
+    copies = [im.copy() for im in images]  # new objects, same pixels: the harness's case
+    again = cache.encode(spy, copies, questions, 3)
+    assert again is first and calls == [3, 3, 2] and len(cache) == 1
+    for a, b in zip(first, encode(processor, images, questions, 3)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # any change of pixels, question or batching is another entry
+    edited = [im.copy() for im in images]
+    edited[5].putpixel((0, 0), (255, 255, 255) if edited[5].getpixel((0, 0)) != (255, 255, 255) else (0, 0, 0))
+    cache.encode(spy, edited, questions, 3)
+    cache.encode(spy, images, [*questions[:-1], "What shape is it?"], 3)
+    cache.encode(spy, images, questions, 4)
+    assert len(cache) == 4 and len(calls) == 3 + 3 + 3 + 2  # 8 items: 3 batches of 3, or 2 of 4
+    one = sum(v.numel() * v.element_size() for b in first for v in b.values())
+    small = EncodingCache(max_bytes=2 * one)
+    for q in range(4):
+        small.encode(processor, images, [*questions[:-1], f"q{q}"], 3)
+    assert len(small) == 2  # the two least recently used went
 
 
 def test_exact_match() -> None:

@@ -3,11 +3,14 @@
 This is the one inference path of the tiny world: the builder's accuracy tables and dmo's scoring layer both
 call it, so ground truth and proxy scores are measured the same way. Running the processor costs about as
 much as a forward pass of the tiny model, so prompts can be encoded once with :func:`encode` and the result
-reused for every model scored on the same benchmark (:func:`generate_encoded`).
+reused for every model scored on the same benchmark (:func:`generate_encoded`); :func:`generate`, which the scoring
+layer calls once per model with the same images and questions, does that reuse itself (:class:`EncodingCache`).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +84,59 @@ def generate_encoded(
     return answers
 
 
+Encoded = list[dict[str, torch.Tensor]]
+
+
+class EncodingCache:
+    """Processor outputs by content (the processor, the images' pixels, the questions, the batch size), bounded in
+    bytes, least recently used out first.
+
+    A study scores every proxy on the same benchmark items, and the processor's output depends on its inputs only,
+    so each batch is encoded once per process. Keyed by a digest of the pixels, not by object identity: the
+    evaluation harness hands over fresh image objects for every model. An entry holds its processor, so the
+    processor's ``id`` in the key cannot be reused while the entry lives.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, bytes], tuple[Any, Encoded, int]] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def digest(images: Sequence[ImageLike] | np.ndarray, questions: Sequence[str], batch_size: int) -> bytes:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(f"{batch_size}|{len(questions)}|".encode())
+        for q in questions:
+            h.update(q.encode() + b"\0")
+        for image in images:
+            t = _as_chw_uint8(image)
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.numpy().tobytes())
+        return h.digest()
+
+    def encode(
+        self, processor: Any, images: Sequence[ImageLike] | np.ndarray, questions: Sequence[str], batch_size: int
+    ) -> Encoded:
+        key = (id(processor), self.digest(images, questions, batch_size))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key][1]
+        batches = encode(processor, images, questions, batch_size)
+        size = sum(v.numel() * v.element_size() for b in batches for v in b.values() if isinstance(v, torch.Tensor))
+        self._entries[key] = (processor, batches, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, _, old) = self._entries.popitem(last=False)
+            self._bytes -= old
+        return batches
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_CACHE = EncodingCache()
+
+
 def generate(
     model: Any,
     processor: Any,
@@ -90,7 +146,7 @@ def generate(
     batch_size: int = 64,
 ) -> list[str]:
     """Answer each question about its image by greedy decoding; returns one stripped string per question."""
-    return generate_encoded(model, processor, encode(processor, images, questions, batch_size), max_new_tokens)
+    return generate_encoded(model, processor, _CACHE.encode(processor, images, questions, batch_size), max_new_tokens)
 
 
 def normalize(text: str) -> str:
