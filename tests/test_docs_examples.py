@@ -28,7 +28,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from dmo.cli import app
-from dmo.cli.reference import PAGES, field_docs
+from dmo.cli.reference import PAGES, field_docs, nested_models
 from dmo.config import SearchSpace, parse_space
 from dmo.configfile import validate
 from dmo.manifest import ExpertManifest
@@ -440,18 +440,15 @@ def test_the_cli_reference_lists_every_command_and_option(pages: dict[str, str])
 
 
 def test_every_field_of_a_space_or_a_manifest_is_documented(pages: dict[str, str]) -> None:
-    from dmo.cli.reference import _nested
     from dmo.scoring.base import backend, scorer_names
 
-    models = _nested(SearchSpace) + _nested(ExpertManifest) + [backend(n).options for n in scorer_names()]
-    undocumented = [f"{m.__name__}.{k}" for m in models for k, doc in field_docs(m).items() if not doc.strip()]
-    assert not undocumented, f"give these fields a '#:' comment or a Field(description=...): {undocumented}"
-    for model in models:
-        page = pages["reference/space.md"] if model in _nested(SearchSpace) else pages["reference/manifest.md"]
-        if model in [backend(n).options for n in scorer_names()]:
-            page = pages["reference/space.md"]
-        for name in model.model_fields:
-            assert f"| `{name}` |" in page, f"{model.__name__}.{name} missing from the reference"
+    space = nested_models(SearchSpace) + [backend(n).options for n in scorer_names()]
+    manifest = nested_models(ExpertManifest)
+    for models, page in ((space, pages["reference/space.md"]), (manifest, pages["reference/manifest.md"])):
+        undocumented = [f"{m.__name__}.{k}" for m in models for k, doc in field_docs(m).items() if not doc.strip()]
+        assert not undocumented, f"give these fields a '#:' comment or a Field(description=...): {undocumented}"
+        missing = [f"{m.__name__}.{k}" for m in models for k in m.model_fields if f"| `{k}` |" not in page]
+        assert not missing, f"missing from the reference: {missing}"
 
 
 def test_field_docs_read_comments_and_descriptions() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "manifest_page",
     "merge_methods_page",
     "metric_map_page",
+    "nested_models",
     "results_table_page",
     "space_page",
 ]
@@ -250,7 +251,7 @@ def _field_default(info: FieldInfo) -> str:
     return f"`{json.dumps(default, default=str)}`"
 
 
-def _nested(model: type[BaseModel]) -> list[type[BaseModel]]:
+def nested_models(model: type[BaseModel]) -> list[type[BaseModel]]:
     """``model`` and every model its fields hold, depth first, each once."""
     seen: list[type[BaseModel]] = []
 
@@ -316,7 +317,7 @@ def space_page() -> str:
     from dmo.scoring.base import backend, scorer_names
     from dmo.search.samplers import sampler_names
 
-    models = _nested(SearchSpace)
+    models = nested_models(SearchSpace)
     backends = [(name, backend(name).options) for name in scorer_names()]
     anchors = _anchors(models) | {opts: f"{name}-{opts.__name__.lower()}" for name, opts in backends}
     out = [
@@ -358,7 +359,7 @@ def manifest_page() -> str:
     import dmo.manifest
     from dmo.manifest import ExpertManifest
 
-    models = _nested(ExpertManifest)
+    models = nested_models(ExpertManifest)
     anchors = _anchors(models)
     example = _REPO / "experts" / "example-qwen2vl-2b-lora.yaml"
     out = [
