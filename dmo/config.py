@@ -24,29 +24,48 @@ if TYPE_CHECKING:
 
 
 class LatticeSpec(Strict):
+    """``mixtures: {lattice: {...}}``: every mixture whose weights are multiples of ``1 / resolution``."""
+
+    #: weights are multiples of 1 / resolution (8: steps of 0.125)
     resolution: int = Field(gt=0)
+    #: leave out mixtures with a weight below this
     min_weight: float = Field(default=0.0, ge=0, le=1)
+    #: leave out mixtures with a weight above this
     max_weight: float = Field(default=1.0, ge=0, le=1)
+    #: leave out the single-domain mixtures (the experts themselves)
     drop_vertices: bool = False
 
 
 class DirichletSpec(Strict):
+    """``mixtures: {dirichlet: {...}}``: ``n`` random mixtures drawn from a symmetric Dirichlet distribution."""
+
+    #: how many mixtures to draw
     n: int = Field(gt=0)
+    #: the Dirichlet concentration (1: uniform over the simplex; below 1: towards its corners)
     alpha: float = Field(default=1.0, gt=0)
+    #: seed of the draw
     seed: int = 0
+    #: round the weights to this many decimals (null: no rounding)
     decimals: int | None = 4
 
 
 class PresetSpec(Strict):
+    """``mixtures: {preset: paper-3d}``: the DMO paper's published mixtures."""
+
+    #: the preset's name (its domains must be the space's, in the same order)
     name: str
+    #: add the uniform mixture
     with_uniform: bool = False
 
 
 class MixtureSource(Strict):
     """Exactly one generator of candidate mixtures."""
 
+    #: a regular grid over the simplex
     lattice: LatticeSpec | None = None
+    #: random mixtures
     dirichlet: DirichletSpec | None = None
+    #: the DMO paper's mixtures; ``{preset: paper-3d, with_uniform: true}`` is short for ``{preset: {name: ...}}``
     preset: PresetSpec | None = None
 
     @model_validator(mode="before")
@@ -66,7 +85,11 @@ class MixtureSource(Strict):
 
 
 class MergeSpec(Strict):
+    """How a mixture's proxy is merged from the experts."""
+
+    #: a merge method of the registry (see the merge methods reference)
     method: str = "linear"
+    #: the method's parameters, e.g. ``{density: 0.2}``
     params: dict[str, Any] = {}
     #: Reproduce the DMO paper's coefficients round(w * budget) / budget (no renormalisation, zeros dropped).
     paper_rounding: bool = False
@@ -100,7 +123,9 @@ class CalibrateSpec(Strict):
 class ObjectiveSpec(Strict):
     """How per-benchmark scores become the one number the search maximises."""
 
+    #: mean or min over the benchmarks, or a weighted mean (``weights``); a string ``objective: min`` is the same
     aggregate: Literal["mean", "min", "weighted"] = "mean"
+    #: per benchmark, its weight in the ``weighted`` aggregate
     weights: dict[str, float] = {}
     #: Calibrate the proxy's scores before aggregating them (None: the proxy's own scores, as before).
     calibrate: CalibrateSpec | None = None
@@ -130,9 +155,15 @@ class ObjectiveSpec(Strict):
 
 
 class SamplerSpec(Strict):
+    """The study's sampler (a string ``sampler: tpe`` names it with the defaults)."""
+
+    #: a registered sampler; ``grid`` scores the space's candidates only
     name: str = "cmaes"
+    #: total trials of the study (``dmo study --n-trials`` overrides it)
     n_trials: int = Field(default=20, gt=0)
+    #: the sampler's seed
     seed: int = 0
+    #: keyword arguments of the Optuna sampler, over dmo's defaults
     params: dict[str, Any] = {}
 
     @field_validator("name")
@@ -157,6 +188,7 @@ class ScoringSpec(Strict):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
+    #: the scoring backend (``dmo study --backend`` overrides it)
     backend: str = "hf"
 
     @field_validator("backend")
@@ -169,8 +201,11 @@ class ScoringSpec(Strict):
             raise ValueError(f"unknown scoring backend {v!r}: choose one of {', '.join(names)}")
         return v
 
+    #: evaluate only the first N items of each benchmark (null: all; ``dmo study --limit`` overrides it)
     limit: int | None = Field(default=None, gt=0)
+    #: examples per forward pass, for backends that batch in-process
     batch_size: int = Field(default=64, gt=0)
+    #: where an in-process model runs: auto, cpu, cuda:0, ...
     device: str = "auto"
     #: Folders of one's own lmms-eval task YAMLs, put on lmms-eval's include path (relative paths start from the space
     #: file's folder); earlier folders win over later ones and over lmms-eval's built-in tasks of the same name.
@@ -241,14 +276,23 @@ class ScoringSpec(Strict):
 class SearchSpace(Strict):
     """Domains, the experts that represent them, candidate mixtures, and how to merge, score and search."""
 
+    #: the space's name: its results folder ``results/<name>`` and studies (default: the file's name)
     name: str | None = None
+    #: the domains, in order (the columns ``w_<domain>`` of the results table)
     domains: list[str]
+    #: an expert manifest (a path relative to this file) or an expert source's name (``tinyworld``)
     experts: str | None = None
+    #: the candidate mixtures: an explicit list of ``{domain: weight}``, or one generator
     mixtures: list[dict[str, float]] | MixtureSource
+    #: how proxies are merged
     merge: MergeSpec = MergeSpec()
+    #: the benchmarks every model is scored on (lmms-eval task names, ``<task>/<sub-score>``, ``loss:<domain>``)
     benchmarks: list[str] = []
+    #: how the benchmark scores become the one number the study maximises
     objective: ObjectiveSpec = ObjectiveSpec()
+    #: how the study proposes mixtures
     sampler: SamplerSpec = SamplerSpec()
+    #: how models are scored
     scoring: ScoringSpec = ScoringSpec()
 
     @field_validator("domains")

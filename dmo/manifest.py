@@ -27,8 +27,11 @@ _Expert = TypeVar("_Expert", bound="ExpertRef")
 class ModelRef(Strict):
     """A model or adapter: a local folder or a hub id (hub ids are only resolved when the user allows it)."""
 
+    #: a local folder (relative to the manifest)
     path: Path | None = None
+    #: a model hub id, ``org/name``
     hub: str | None = None
+    #: the hub revision (default: main)
     revision: str | None = None
 
     @model_validator(mode="before")
@@ -62,6 +65,7 @@ class ExpertRef(ModelRef):
     merges). Without ``fisher`` they are looked for where ``dmo fisher`` puts them by default:
     ``<expert folder>/fisher.safetensors`` (a full checkpoint: ``<expert folder>/fisher/fisher.safetensors``)."""
 
+    #: the expert's diagonal Fisher weights (relative to the manifest; default: where ``dmo fisher`` writes them)
     fisher: Path | None = None
 
     def resolved(self: _Expert, root: Path) -> _Expert:
@@ -74,9 +78,13 @@ class ExpertRef(ModelRef):
 class TrainedRef(Strict):
     """A model trained on an actual mixture: the ground truth a proxy is compared with."""
 
+    #: the mixture it was trained on, ``{domain: weight}``
     mixture: dict[str, float]
+    #: its training seed
     seed: int = 0
+    #: its folder (relative to the manifest)
     path: Path | None = None
+    #: or its hub id
     hub: str | None = None
 
     def ref(self) -> ModelRef:
@@ -86,11 +94,16 @@ class TrainedRef(Strict):
 class ExpertManifest(Strict):
     """One base model and one expert per domain, all trained the same way (``kind``, ``budget``)."""
 
+    #: the manifest's name
     name: str
+    #: the base model the experts were fine-tuned from
     base: ModelRef
+    #: how the experts were trained: LoRA adapters or full fine-tunes
     kind: Literal["lora", "full"] = "lora"
     budget: int | None = Field(default=None, gt=0, description="training samples per expert")
+    #: one expert per domain, ``{domain: reference}``
     experts: dict[str, ExpertRef]
+    #: the models trained on mixtures: the ground truth a proxy is compared with
     trained: list[TrainedRef] = []
     trust_remote_code: bool = Field(
         default=False, description="let transformers run a checkpoint's own code (never needed for HF-layout models)"

@@ -30,23 +30,27 @@ if TYPE_CHECKING:  # pandas is imported when a table is read (~0.3 s that 'dmo -
 
 Kind = Literal["proxy", "trained", "expert", "base"]
 KINDS: tuple[str, ...] = ("proxy", "trained", "expert", "base")
-BASE_COLUMNS = [
-    "kind",
-    "group",
-    "mixture",
-    "method",
-    "seed",
-    "benchmark",
-    "metric",
-    "score",
-    "status",
-    "error",
-    "source",
-    "fingerprint",
-    "key",
-    "seconds",
-    "time",
-]
+#: The columns of a read table besides the ``w_<domain>`` weights (which come after ``mixture``), with their meaning
+#: (the documentation's results-table reference is rendered from this).
+COLUMNS: dict[str, str] = {
+    "kind": "what was scored: proxy (a merged model), trained (a model trained on the mixture), expert or base",
+    "group": "the name of the space the row was scored for (dmo ingest: --group, else the space's name)",
+    "mixture": "canonical mixture id such as general-0.25+ocr-0.75; an expert's domain; base",
+    "method": "the merge method of a proxy (empty for other kinds)",
+    "seed": "the training seed of a trained model (empty for other kinds)",
+    "benchmark": "the benchmark: an lmms-eval task, <task>/<sub-score>, or loss:<domain>",
+    "metric": "the result key the score was read from (see the metric map)",
+    "score": "the score in [0, 1], higher is better (empty when the row failed)",
+    "status": "ok or failed",
+    "error": "the one-line reason of a failed row",
+    "source": "what produced the score: the scoring backend's name, or the ingested file",
+    "fingerprint": "what identifies the scored weights",
+    "key": "the cache key: a hash of everything that determines the score; an ok row with this key is never "
+    "scored again",
+    "seconds": "time taken to score it",
+    "time": "when the row was written (UTC, ISO 8601)",
+}
+BASE_COLUMNS = list(COLUMNS)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (once) dmo in .venv, LLaMA-Factory in .venv-lf (the ground-truth integration test runs the real one) and
 # the CPU build of vLLM with dmo in .venv-vllm (the vllm tests start a real engine); then check and test:
-#   1. ruff (lint and format) and mypy (configured in pyproject.toml);
+#   1. ruff (lint and format), mypy (configured in pyproject.toml) and the documentation site (mkdocs build --strict:
+#      a broken link or anchor fails it; built into a temporary folder, nothing is left in the tree);
 #   2. the suite from .venv: everything but the vllm tests;
 #   3. the numerical tests (-m numerical) once more on other kernels: MKL's SSE4.2 / compatible path, ATen's
 #      non-vectorised one, one thread, in a shuffled order (the seed is printed) — a tolerance must hold for the maths, not for the
@@ -33,6 +34,9 @@ step() {
 step "ruff check" .venv/bin/python -m ruff check dmo tests benchmarks
 step "ruff format" .venv/bin/python -m ruff format --check dmo tests benchmarks
 step "mypy" .venv/bin/python -m mypy
+site=$(mktemp -d)
+step "docs" env NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict -d "$site"  # not --quiet: it hides the warnings that --strict counts
+rm -rf "$site"
 step "tests" .venv/bin/python -m pytest -q -m "not vllm" "$@"
 # MKL_CBWR=COMPATIBLE: on AMD CPUs MKL ignores MKL_ENABLE_INSTRUCTIONS (measured), its compatible branch differs there too
 step "numerical tests on other kernels" env MKL_CBWR=COMPATIBLE MKL_ENABLE_INSTRUCTIONS=SSE4_2 \

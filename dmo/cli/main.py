@@ -263,12 +263,16 @@ class _MergeCommand(TyperCommand):
     """``dmo merge``: its ``--method`` help lists the built-in methods, read from their source only when help is
     shown (importing the registry imports torch: ~2 s for a help text)."""
 
-    def format_help(self, ctx: Any, formatter: Any) -> None:  # typer's own click types
+    def complete_help(self) -> None:
+        """Fill in the help texts that are computed only when shown (also called by dmo.cli.reference)."""
         from dmo.merge.catalog import builtin_method_names
 
         for param in self.params:
             if param.name == "method" and isinstance(param, TyperOption):
                 param.help = f"Merge method: {', '.join(builtin_method_names())}."
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:  # typer's own click types
+        self.complete_help()
         super().format_help(ctx, formatter)
 
 

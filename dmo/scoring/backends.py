@@ -38,8 +38,8 @@ class VLLMOptions(BackendOptions):
     gpu_memory_utilization: float | None = Field(
         default=None, gt=0, le=1, description="default: 0.85 of a GPU; on a CPU a fixed 1 GiB KV cache instead"
     )
-    max_model_len: int | None = Field(default=None, gt=0)
-    dtype: str = "auto"
+    max_model_len: int | None = Field(default=None, gt=0, description="the engine's context length (default: vLLM's)")
+    dtype: str = Field(default="auto", description="auto: the checkpoint's dtype (not vLLM's own auto)")
     store: Literal["device", "host"] = Field(default="device", description="where the expert bank lives")
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM keyword arguments")
 
