@@ -1,13 +1,23 @@
 """Expert manifests (``experts/*.yaml``): the base model, one expert per domain, the models trained on mixtures, and
 the domain data. Relative paths resolve against the manifest's folder.
 
-A model reference is ``{path: DIR}``, ``{hub: ORG/NAME, revision: REV}``, or a string: a string that starts
-with ``./``, ``../``, ``/`` or ``~`` is a local path, any other string is a hub id.
+A model reference is ``{path: DIR}``, ``{hub: ORG/NAME, revision: REV, subfolder: DIR}``, or a string: a string that
+starts with ``./``, ``../``, ``/`` or ``~`` is a local path, any other string is a hub id. Hub models are fetched
+through ``huggingface_hub`` into its cache when they are first needed (:mod:`dmo.hub`); loading or validating a
+manifest never fetches anything.
+
+``trained:`` lists models trained on mixtures: each one with its ``mixture`` (and ``seed``), or a *collection*: a hub
+repository (``{hub: ORG/NAME}``, optionally a ``subfolder`` in it) or a local folder whose folders are models named as
+the DMO paper names them (``qwen2_2b_lora_mixed_general-25600++ocr-76800``, ``..._seed1``; :mod:`dmo.paper_names`),
+read into trained mixtures, with their weights, when the trained models are first needed. A collection's experts (the
+paper's download scripts put them in the same folder) are passed over, and so are mixtures over domains the manifest
+has no expert for.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -33,21 +43,17 @@ class ModelRef(Strict):
     hub: str | None = None
     #: the hub revision (default: main)
     revision: str | None = None
+    #: a folder inside the hub repository that holds the model (only with ``hub``)
+    subfolder: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        if isinstance(value, (str, Path)):
-            text = str(value)
-            if text.startswith(("./", "../", "/", "~")) or isinstance(value, Path):
-                return {"path": text}
-            return {"hub": text}
-        return value
+        return _string_ref(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelRef:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of 'path' or 'hub'")
+        _check_source(self.path, self.hub, self.revision, self.subfolder)
         return self
 
     def resolved(self: _Ref, root: Path) -> _Ref:
@@ -55,8 +61,40 @@ class ModelRef(Strict):
             return self
         return self.model_copy(update={"path": (root / self.path.expanduser()).resolve()})
 
+    def local(self, what: str) -> Path:
+        """The model's folder: its ``path``, or its hub files, fetched into the hub cache the first time."""
+        if self.path is not None:
+            return Path(self.path)
+        assert self.hub is not None
+        from dmo.hub import HubError, fetch
+
+        try:
+            return fetch(self.hub, self.revision, self.subfolder)
+        except HubError as exc:
+            raise type(exc)(f"{what}: {exc}") from None
+
     def __str__(self) -> str:
-        return str(self.path) if self.path is not None else f"{self.hub}@{self.revision or 'main'}"
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.hub}@{self.revision or 'main'}" + (f"/{self.subfolder}" if self.subfolder else "")
+
+
+def _string_ref(value: Any) -> Any:
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        if text.startswith(("./", "../", "/", "~")) or isinstance(value, Path):
+            return {"path": text}
+        return {"hub": text}
+    return value
+
+
+def _check_source(path: Path | None, hub: str | None, revision: str | None, subfolder: str | None) -> None:
+    if (path is None) == (hub is None):
+        raise ValueError("give exactly one of 'path' or 'hub'")
+    if path is not None and (revision is not None or subfolder is not None):
+        raise ValueError("'revision' and 'subfolder' go with 'hub', not with a local 'path'")
+    if subfolder is not None and (not subfolder.strip("/") or ".." in Path(subfolder).parts):
+        raise ValueError(f"subfolder {subfolder!r} must be a folder inside the repository")
 
 
 class ExpertRef(ModelRef):
@@ -76,19 +114,44 @@ class ExpertRef(ModelRef):
 
 
 class TrainedRef(Strict):
-    """A model trained on an actual mixture: the ground truth a proxy is compared with."""
+    """A model trained on an actual mixture (the ground truth a proxy is compared with): with ``mixture``, one model;
+    without, a collection of models named as the DMO paper names them (see the module docstring)."""
 
-    #: the mixture it was trained on, ``{domain: weight}``
-    mixture: dict[str, float]
-    #: its training seed
-    seed: int = 0
-    #: its folder (relative to the manifest)
+    #: the mixture it was trained on, ``{domain: weight}``; without it, the entry is a collection of models named
+    #: as the DMO paper names them (``<model>_mixed_general-25600++ocr-76800``), read into mixtures by their names
+    mixture: dict[str, float] | None = None
+    #: its training seed (default 0; a collection reads each model's seed from its name)
+    seed: int | None = None
+    #: its folder, or the collection's (relative to the manifest)
     path: Path | None = None
-    #: or its hub id
+    #: or its hub repository, ``org/name`` (fetched when first needed)
     hub: str | None = None
+    #: the hub revision (default: main)
+    revision: str | None = None
+    #: a folder inside the hub repository that holds the model, or the collection
+    subfolder: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return _string_ref(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainedRef:
+        _check_source(self.path, self.hub, self.revision, self.subfolder)
+        if self.mixture is None and self.seed is not None:
+            raise ValueError("a collection of trained models (no 'mixture') reads each model's seed from its name")
+        return self
+
+    @property
+    def is_collection(self) -> bool:
+        return self.mixture is None
 
     def ref(self) -> ModelRef:
-        return ModelRef(path=self.path, hub=self.hub)
+        return ModelRef(path=self.path, hub=self.hub, revision=self.revision, subfolder=self.subfolder)
+
+    def where(self) -> str:
+        return str(self.ref())
 
 
 class ExpertManifest(Strict):
@@ -117,6 +180,11 @@ class ExpertManifest(Strict):
     def _name(cls, v: str) -> str:
         return safe_name(v, "manifest name")
 
+    @field_validator("trained", mode="before")
+    @classmethod
+    def _one_collection(cls, v: Any) -> Any:
+        return v if isinstance(v, list) or v is None else [v]  # ``trained: ORG/NAME``: one collection
+
     @field_validator("experts")
     @classmethod
     def _domains(cls, v: dict[str, ExpertRef]) -> dict[str, ExpertRef]:
@@ -131,7 +199,41 @@ class ExpertManifest(Strict):
         return list(self.experts)
 
     def trained_mixtures(self) -> list[tuple[Mixture, int, ModelRef]]:
-        return [(Mixture.from_mapping(t.mixture, self.domains), t.seed, t.ref()) for t in self.trained]
+        """Every model trained on a mixture: its mixture (over the manifest's domains), seed and reference; the
+        collections are listed here (a hub repository once per process), and a (mixture, seed) twice is refused."""
+        out: list[tuple[Mixture, int, ModelRef]] = []
+        seen: dict[tuple[str, int], str] = {}
+        for t in self.trained:
+            for mixture, seed, ref in self._models(t):
+                key = (mixture.id, seed)
+                if key in seen:
+                    raise DmoError(
+                        f"manifest {self.name!r} lists two models trained on {mixture.id} with seed {seed} "
+                        f"({seen[key]} and {ref}): keep one"
+                    )
+                seen[key] = str(ref)
+                out.append((mixture, seed, ref))
+        return out
+
+    def _models(self, t: TrainedRef) -> Iterator[tuple[Mixture, int, ModelRef]]:
+        if t.mixture is not None:
+            yield Mixture.from_mapping(t.mixture, self.domains), t.seed or 0, t.ref()
+            return
+        from dmo.paper_names import trained_folder
+
+        for name in _collection_folders(t):
+            found = trained_folder(name, None, self.budget)
+            if found is None:  # one of the paper's experts
+                continue
+            mixture, seed = found
+            if any(d not in self.domains for d in mixture.domains):
+                continue  # trained on a domain this manifest has no expert for
+            mixture = Mixture.from_mapping(mixture.as_dict(), self.domains, tolerance=mixture.tolerance)
+            if t.path is not None:
+                yield mixture, seed, ModelRef(path=Path(t.path) / name)
+            else:
+                sub = f"{t.subfolder.strip('/')}/{name}" if t.subfolder else name
+                yield mixture, seed, ModelRef(hub=t.hub, revision=t.revision, subfolder=sub)
 
 
 def load_manifest(path: str | Path, check_paths: bool = True) -> ExpertManifest:
@@ -151,11 +253,29 @@ def load_manifest(path: str | Path, check_paths: bool = True) -> ExpertManifest:
             if ref.path is not None and not ref.path.is_dir():
                 raise DmoError(f"{path}: {what} points at missing folder {ref.path}: fix the path or build it first")
     for t in manifest.trained:
+        if t.mixture is None:
+            continue  # a collection: listed when its models are first needed
         try:
             Mixture.from_mapping(t.mixture, manifest.domains)
         except DmoError as exc:
             raise DmoError(f"{path}: trained: {exc}") from None
     return manifest
+
+
+def _collection_folders(t: TrainedRef) -> list[str]:
+    """The folders of a collection of trained models: listed on the hub (or its cache), or on disk."""
+    if t.hub is not None:
+        from dmo.hub import HubError, list_folders
+
+        try:
+            return list_folders(t.hub, t.revision, t.subfolder)
+        except HubError as exc:
+            raise type(exc)(f"trained models: {exc}") from None
+    assert t.path is not None
+    folder = Path(t.path)
+    if not folder.is_dir():
+        raise DmoError(f"trained models: {folder} is not a folder: fix the manifest's 'trained:' path")
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_./~+-][A-Za-z0-9_./~+@=-]*")

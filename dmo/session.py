@@ -3,12 +3,22 @@
 A :class:`Session` holds one space, its expert manifest, the scorer and the results table at
 ``results/<space>/scores.jsonl``. ``experts: NAME`` in a space names an expert source (:mod:`dmo.sources`), e.g.
 ``tinyworld``: the embedded tiny world, built (or reused from the cache) on first use.
+
+:func:`score_references` scores what is not a proxy (``dmo score``, and the first step of ``dmo demo``): the base, the
+space's experts and the manifest's models trained on mixtures of the space, through the cache, each under the same
+claim as a study's proxies, in one or several worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import sys
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,16 +29,33 @@ from dmo.config import SearchSpace, load_space, parse_space
 from dmo.errors import DmoError
 from dmo.manifest import ExpertManifest, load_manifest
 from dmo.mixture import Mixture
-from dmo.paths import SpaceFolder
+from dmo.paths import SpaceFolder, results_dir
 from dmo.progress import progress_bar
 from dmo.results import ResultsTable
 from dmo.scoring.base import Scorer, ScoringContext, Target, TargetRefused, make_scorer, score_targets
+from dmo.search.claims import claim_key, scoring_claim
 from dmo.search.study import StudyResult, study_paths
 from dmo.search.trials import ScoreObjective, proxy_target, run_study
 from dmo.sources import is_source_name, resolve_source
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from dmo.calibration import CalibrationPoints
+
+
+#: what ``dmo score --targets`` may name: the references of a space (everything that is not a proxy)
+TARGET_KINDS = ("base", "experts", "trained")
+
+
+def parse_target_kinds(text: str) -> tuple[str, ...]:
+    """``base,experts,trained`` (any of them, in any order) as a tuple; anything else is one line."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in TARGET_KINDS]
+    if unknown or not kinds:
+        what = f"unknown target {unknown[0]!r}" if unknown else "no target"
+        raise DmoError(f"--targets: {what}: name some of {', '.join(TARGET_KINDS)} (comma-separated)")
+    return tuple(k for k in TARGET_KINDS if k in kinds)
 
 
 @dataclass
@@ -84,11 +111,11 @@ class Session:
         table = ResultsTable(SpaceFolder.for_space(space.name).scores)
         return cls(space, manifest, scorer, table, include_path)
 
-    def references(self) -> list[Target]:
-        """The base, the space's experts, and every trained model of a mixture in the space."""
-        out = [Target("base")]
-        out += [Target("expert", domain=d) for d in self.space.domains]
-        return out + trained_targets(self.space, self.manifest)[0]
+    def references(self, kinds: Sequence[str] = TARGET_KINDS) -> list[Target]:
+        """The base, the space's experts, and every trained model of a mixture in the space (those of ``kinds``)."""
+        out = [Target("base")] if "base" in kinds else []
+        out += [Target("expert", domain=d) for d in self.space.domains] if "experts" in kinds else []
+        return out + (trained_targets(self.space, self.manifest)[0] if "trained" in kinds else [])
 
     def objective(self, progress: bool = False) -> CalibratedObjective | None:
         """What the space's study maximises: None for the space's aggregate of the proxy's scores, else the
@@ -97,17 +124,48 @@ class Session:
             return None
         return calibrated_objective(self.space, self.manifest, self.scorer, self.table, progress=progress)
 
-    def score(self, targets: list[Target], description: str, progress: bool = True) -> None:
+    def score(self, targets: list[Target], description: str, progress: bool = True) -> Scored:
         """Score targets through the cache, with a progress bar; a failure is recorded, not fatal."""
         with progress_bar(enabled=progress) as bar:
             task = bar.add_task(description, total=len(targets))
-            # in groups, so that a backend that can score several proxies together (vllm: one engine batch for
-            # several LoRA-served proxies) does; each group is recorded as soon as it is scored
-            step = max(1, self.scorer.max_batch)
-            for k in range(0, len(targets), step):
-                group = targets[k : k + step]
-                score_targets(self.scorer, self.table, group, self.space.benchmarks, group=self.space.name or "")
-                bar.advance(task, len(group))
+            return self.score_each(targets, lambda n: bar.advance(task, n))
+
+    def score_each(self, targets: Sequence[Target], advance: Callable[[int], None] = lambda n: None) -> Scored:
+        """Score targets through the cache, each under its scoring claim (a target being scored by another process
+        is waited for, then read from the cache); a failure is recorded, not fatal."""
+        if not self.space.benchmarks:
+            raise DmoError(f"search space {self.space.name!r} lists no benchmarks: add 'benchmarks: [...]' to it")
+        done = Scored()
+        count = lambda _: setattr(done, "evaluated", done.evaluated + 1)  # noqa: E731
+        folder = self.table.path.parent
+        # in groups, so that a backend that can score several targets together (vllm: one engine batch for several
+        # LoRA-served models) does; each group is recorded as soon as it is scored
+        step = max(1, self.scorer.max_batch)
+        for k in range(0, len(targets), step):
+            group = list(targets[k : k + step])
+            with contextlib.ExitStack() as claims:
+                for t in group:
+                    claims.enter_context(scoring_claim(folder, claim_key(self.scorer, t)))
+                try:
+                    results = score_targets(
+                        self.scorer, self.table, group, self.space.benchmarks, group=self.space.name or "",
+                        on_evaluate=count,
+                    )  # fmt: skip
+                except TargetRefused:  # one by one, to keep the others
+                    results = []
+                    for t in group:
+                        try:
+                            results += score_targets(self.scorer, self.table, [t], self.space.benchmarks,
+                                                     group=self.space.name or "", on_evaluate=count)  # fmt: skip
+                        except TargetRefused as exc:
+                            results.append(({}, {"": str(exc)}))
+            for t, (_, errors) in zip(group, results):
+                done.targets += 1
+                if errors:
+                    seed = f" seed {t.seed}" if t.kind == "trained" else ""
+                    done.failed.append(f"{t.kind} {t.label}{seed}: {next(iter(errors.values()))}")
+            advance(len(group))
+        return done
 
     def run_study(
         self,
@@ -124,6 +182,120 @@ class Session:
             self.space, self.scorer, paths, n_trials=n_trials, progress=progress, batch=study_batch(self.scorer, batch),
             objective=objective or self.objective(),
         )  # fmt: skip
+
+
+@dataclass
+class Scored:
+    """What a round of scoring did: targets seen, of them evaluated now (the rest came from the cache), failures."""
+
+    targets: int = 0
+    evaluated: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def add(self, other: Scored) -> None:
+        self.targets += other.targets
+        self.evaluated += other.evaluated
+        self.failed += other.failed
+
+
+def score_references(
+    session: Session,
+    kinds: Sequence[str] = TARGET_KINDS,
+    workers: int = 1,
+    progress: bool = True,
+    console: Console | None = None,
+) -> Scored:
+    """Score the space's references of ``kinds`` (``dmo score``): through the cache (a target scored before, by any
+    command, is read, not scored again, so running it again resumes), each under a scoring claim, so that ``dmo
+    score`` runs on other hosts sharing the results folder never score one target twice; with ``workers``, in that
+    many processes, each with its own scorer and every ``workers``-th target.
+
+    A target that fails is recorded as failed and reported; the others go on. Raises only for bad input, or when
+    every worker process stopped.
+    """
+    targets = session.references(kinds)
+    if not targets:
+        return Scored()
+    if workers < 1:
+        raise DmoError(f"--workers must be at least 1, got {workers}")
+    if workers == 1:
+        return session.score(targets, f"{', '.join(kinds)} of {session.space.name}", progress=progress)
+    from rich.console import Console
+
+    return _score_in_workers(session, kinds, len(targets), workers, progress, console or Console(stderr=True))
+
+
+def _score_in_workers(
+    session: Session, kinds: Sequence[str], total: int, workers: int, progress: bool, console: Console
+) -> Scored:
+    ctx = mp.get_context("spawn")
+    messages: Any = ctx.Queue()
+    root = str(results_dir().resolve())
+    procs = [
+        ctx.Process(target=_score_worker, args=(session.space, tuple(kinds), i, workers, root, messages))
+        for i in range(workers)
+    ]
+    out, errors = Scored(), {}
+    try:
+        for p in procs:
+            p.start()
+        with progress_bar(console=console, enabled=progress) as bar:
+            task = bar.add_task(f"{', '.join(kinds)} of {session.space.name} ({workers} workers)", total=total)
+            while any(p.exitcode is None for p in procs) or not messages.empty():
+                try:
+                    kind, index, payload = messages.get(timeout=0.3)
+                except queue_mod.Empty:
+                    continue
+                if kind == "scored":
+                    bar.advance(task, payload.targets)
+                    out.add(payload)
+                else:
+                    errors[index] = payload
+    except BaseException:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # its claims pass on; what it recorded stays, the rest is scored by the next run
+        raise
+    for p in procs:
+        p.join()
+    stopped = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+    for i, code in stopped:
+        console.print(
+            f"[bold yellow]warning:[/] worker {i} stopped (exit code {code}){': ' + errors[i] if i in errors else ''}",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+    if stopped and len(stopped) == len(procs):
+        i, code = stopped[0]
+        raise DmoError(
+            f"all {workers} scoring workers stopped; first: worker {i} (exit code {code}){': ' + errors.get(i, '')}; "
+            "fix the cause and run the same command to resume"
+        )
+    return out
+
+
+def _score_worker(
+    space: SearchSpace, kinds: tuple[str, ...], index: int, workers: int, results: str, messages: Any
+) -> None:
+    """Body of one ``dmo score --workers N`` process: its own session and scorer, and every ``workers``-th target
+    (the claims keep it from scoring one that a ``dmo score`` elsewhere is scoring at the same time)."""
+    os.environ["DMO_RESULTS"] = results
+    try:
+        session = Session.open("", space=space)
+        for t in session.references(kinds)[index::workers]:
+            messages.put(("scored", index, session.score_each([t])))
+    except DmoError as exc:
+        messages.put(("error", index, str(exc)))
+        _leave(messages, 2)
+    except BaseException as exc:  # a bug: the traceback is what the user must send
+        messages.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        traceback.print_exc()
+        _leave(messages, 1)
+
+
+def _leave(messages: Any, code: int) -> None:
+    messages.close()
+    messages.join_thread()  # the parent must get the message before the process is gone
+    sys.exit(code)
 
 
 def trained_targets(space: SearchSpace, manifest: ExpertManifest) -> tuple[list[Target], list[str]]:

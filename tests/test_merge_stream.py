@@ -550,7 +550,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, pattern: str) -> None:
 # ------------------------------------------------------------------------------------------- manifests, rounding
 
 
-def test_manifest_paper_rounding_and_zero_weights(tmp_path: Path) -> None:
+def test_manifest_paper_rounding_and_zero_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dmo.merge.proxy import merge_manifest, mixture_weights
 
     base, experts = make_set(tmp_path, torch.float32, n=3)
@@ -574,8 +574,15 @@ def test_manifest_paper_rounding_and_zero_weights(tmp_path: Path) -> None:
                                 keep=ParamFilter("full"))  # fmt: skip
     assert_same_model(load_model(tmp_path / "out"), expected)
     manifest.write_text("name: tiny\nbase: Qwen/Qwen2-VL-2B\nexperts: {general: ./e0}\n")
-    with pytest.raises(DmoError, match="hub id .*never downloads"):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a hub base is fetched: offline, from an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(
+        DmoError, match="base of manifest 'tiny': hub repository Qwen/Qwen2-VL-2B is not in the hub cache"
+    ):
         merge_manifest(manifest, "general=1", tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()
     manifest.write_text("name: tiny\nbase: ./base\nexperts: {general: ./e0}\n")
     with pytest.raises(DmoError, match="needs the training budget"):
         merge_manifest(manifest, "general=1", tmp_path / "nobudget", paper_rounding=True)

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from dmo.config import load_space
 from dmo.search.study import StudyResult
-from dmo.session import Session, write_results_report
+from dmo.session import Scored, Session, score_references, write_results_report
 from dmo.tinyworld.source import TINYWORLD, TINYWORLD_SMALL
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "tiny-2d.yaml"
@@ -28,6 +29,19 @@ def print_study_result(console: Console, session: Session, result: StudyResult) 
     for b, s in sorted(result.best_scores.items()):
         console.print(f"  {b}: {s:.4f}")
     console.print(f"results table: {session.table.path}")
+
+
+def print_scored(console: Console, session: Session, scored: Scored) -> None:
+    """What a round of reference scoring did, and its failures (each on one line)."""
+    cached = scored.targets - scored.evaluated
+    console.print(
+        f"scored {scored.targets} models of space [bold]{session.space.name}[/] on {len(session.space.benchmarks)} "
+        f"benchmarks: {scored.evaluated} evaluated now, {cached} from the cache, {len(scored.failed)} failed",
+        highlight=False,
+    )
+    for line in scored.failed:
+        console.print(f"[bold yellow]failed:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    console.print(f"results table: {session.table.path}", highlight=False, soft_wrap=True)
 
 
 def run_demo(
@@ -47,7 +61,7 @@ def run_demo(
         space = space.model_copy(update={"experts": TINYWORLD_SMALL})
     session = Session.open(space_file or DEFAULT_SPACE, space=space, tasks=tasks)
     console.print(f"[bold]dmo demo[/] on space [bold]{space.name}[/] with experts from {session.manifest.name}")
-    session.score(session.references(), "base, experts, trained mixtures")
+    print_scored(console, session, score_references(session))
     grid_space = space.model_copy(update={"sampler": space.sampler.model_copy(update={"name": "grid"})})
     grid = dataclasses.replace(session, space=grid_space).run_study()
     study = session.run_study(n_trials=n_trials)

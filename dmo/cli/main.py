@@ -141,6 +141,40 @@ def study(
 
 
 @app.command()
+def score(
+    space_file: Annotated[Path, typer.Argument(metavar="SPACE", help="Search space YAML.")],
+    targets: Annotated[
+        str,
+        typer.Option(
+            help="What to score, comma-separated: base, experts (the space's), trained (the manifest's "
+            "models trained on mixtures of the space)."
+        ),
+    ] = "base,experts,trained",
+    experts: Annotated[Path | None, typer.Option(help="Expert manifest, overriding the space's.")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help=f"Scoring backend: {', '.join(scorer_names())} (default: the space's).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items of each benchmark.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Local worker processes, each with its own scorer.")] = 1,
+    tasks_dir: Annotated[list[Path], typer.Option(help=_TASKS_DIR_HELP)] = [],  # noqa: B006
+) -> None:
+    """Score what is not a proxy: the space's base, experts and trained mixtures, on its benchmarks.
+
+    Through the results table's cache: what was scored before (by any command) is read, not scored again, so the
+    same command resumes. Then 'dmo correlate' compares the proxies of a study with the trained mixtures.
+    """
+    from dmo.cli.demo import print_scored
+    from dmo.session import Session, parse_target_kinds, score_references
+
+    kinds = parse_target_kinds(targets)
+    session = Session.open(space_file, experts=experts, backend=backend, limit=limit, tasks=tasks_dir)
+    scored = score_references(session, kinds, workers=workers)
+    print_scored(console, session, scored)
+    if scored.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def correlate(
     results: Annotated[Path, typer.Argument(help="A results folder (results/<space>) or its scores.jsonl.")],
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",

@@ -23,8 +23,8 @@ The DMO paper's own result tree (``eval_bench/``, written by its ``scripts/*/eva
 * ``expert-<domain>``, ``expert_<domain>``, a bare domain name (``ocr``), a model trained on one domain only
   (``ocr-102400``, ``ocr-1``), or the paper's ``<family>_<size>_<ft>_expert_<domain>-<n>``: that domain's expert;
 * a model trained on a mixture: the paper's name of its data (``general-25600++ocr-76800``), a canonical mixture id
-  (``general-0.25+ocr-0.75``), either followed by ``.seed<N>`` / ``_seed<N>`` / ``-seed<N>`` (dmo's run names), or the
-  paper's ``<family>_<size>_<ft>_mixed_<domain>-<n>++<domain>-<n>...``;
+  (``general-0.25+ocr-0.75``) or the paper's ``<family>_<size>_<ft>_mixed_<domain>-<n>++<domain>-<n>...``, each
+  optionally followed by ``.seed<N>`` / ``_seed<N>`` / ``-seed<N>`` (dmo's run names; :mod:`dmo.paper_names`);
 * the paper's merged proxies ``<family>_<size>_<ft>_merged_<domain>-<n>++...--<method>``: proxy rows of that merge
   method (the paper's name for it: task_arithmetic, ties, dare_ta, ...).
 
@@ -58,21 +58,14 @@ from typing import Any
 
 from dmo.errors import DmoError
 from dmo.mixture import Mixture, check_domain_name, from_paper_name
+from dmo.paper_names import PaperName, paper_mixture, paper_mixtures, read_paper_name, split_seed
 from dmo.results import ResultsTable, ScoreRow, cache_key
 from dmo.scoring.metrics import MetricSpec, metric_spec, score_from_results
 from dmo.scoring.paper_tasks import PAPER_TASKS
 
 RESULTS_GLOB = "*_results.json"
-_SEED = re.compile(r"^(?P<model>.+?)[._-]seed(?P<seed>\d+)$")
 _EXPERT = re.compile(r"^expert[-_](?P<domain>[a-z][a-z0-9_]*)$")
 _DATE = re.compile(r"^(\d{8}_\d{6})")
-#: The paper's model ids (utils/eval_bench_utils.py, model_merging.py): ``<family>_<size>_<ft>_<type>_<composition>``,
-#: merged ones followed by ``--<method>``. The family is e.g. qwen2, qwen2instr, intern35, intern35instr.
-_PAPER_MODEL = re.compile(
-    r"^(?P<tag>(?P<base>(?P<family>[a-z][a-z0-9]*)_(?P<size>\d+(?:\.\d+)?[bm]))_(?P<ft>[a-z][a-z0-9]*))"
-    r"_(?P<type>expert|mixed|merged)_(?P<composition>[a-z][a-z0-9_]*-\d+(?:\+\+[a-z][a-z0-9_]*-\d+)*)"
-    r"(?:--(?P<method>[A-Za-z0-9_.]+))?$"
-)
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 _EXPERIMENT = "exp_"
 _BASE_MODELS = "base_models"
@@ -134,13 +127,10 @@ def parse_model_name(
         name = name[: -len(_HF)]
     if name in _BASE_NAMES:
         return ModelName("base", "base", tag=_BASE_NAMES[name])
-    paper = _PAPER_MODEL.match(name)
-    if paper:
+    paper = read_paper_name(name)
+    if paper is not None:
         return _paper_model(name, paper, domains, budget, candidates)
-    seed = None
-    m = _SEED.match(name)
-    if m:
-        name, seed = m["model"], int(m["seed"])
+    name, seed = split_seed(name)
     if name == "base":
         if seed is not None:
             raise DmoError(f"model folder {name}.seed{seed}: the base model has no training seed; name it 'base'")
@@ -168,76 +158,21 @@ def parse_model_name(
 
 
 def _paper_model(
-    name: str, m: re.Match[str], domains: Sequence[str] | None, budget: int | None, candidates: Sequence[Mixture]
+    name: str, p: PaperName, domains: Sequence[str] | None, budget: int | None, candidates: Sequence[Mixture]
 ) -> ModelName:
-    counts: dict[str, int] = {}
-    for item in m["composition"].split("++"):
-        domain, _, n = item.rpartition("-")
-        check_domain_name(domain)
-        if domain in counts:
-            raise DmoError(f"model folder {name!r} names domain {domain!r} twice")
-        counts[domain] = int(n)
-    counts = {d: n for d, n in counts.items() if n > 0}  # the paper's merging drops zero counts the same way
-    kind = {"expert": "expert", "mixed": "trained", "merged": "proxy"}[m["type"]]
-    method = m["method"] or ""
-    if (kind == "proxy") != bool(method):
-        want = "ends in --<merge method>" if kind == "proxy" else "has no --<merge method>"
-        raise DmoError(f"cannot tell which model {name!r} is: a paper {m['type']} model's name {want}")
-    if not counts:
-        raise DmoError(f"cannot tell which model {name!r} is: it names no samples")
-    if kind == "expert":
-        if len(counts) != 1:
-            raise DmoError(f"cannot tell which model {name!r} is: an expert names one domain")
-        ((domain, n),) = counts.items()
+    if p.kind == "expert":
+        ((domain, n),) = p.counts.items()
         if budget is not None and n != budget:
             raise DmoError(f"model folder {name!r}: an expert of {n} samples, but the budget is {budget}")
-        return ModelName("expert", domain, tag=m["tag"], budget=n, domains_used=(domain,))
-    if kind == "trained" and len(counts) == 1:  # trained on one domain only: an expert, if on the whole budget
-        ((domain, n),) = counts.items()
+        return ModelName("expert", domain, tag=p.tag, budget=n, domains_used=(domain,))
+    if p.kind == "trained" and len(p.counts) == 1:  # trained on one domain only: an expert, if on the whole budget
+        ((domain, n),) = p.counts.items()
         if budget is not None and n != budget:
             raise DmoError(f"model folder {name!r}: trained on {n} samples of one domain, not the budget {budget}")
-        return ModelName("expert", domain, tag=m["tag"], domains_used=(domain,))
-    mixture = paper_mixture(counts, domains, budget, candidates, name)
-    seed = 0 if kind == "trained" else None
-    return ModelName(kind, mixture.id, mixture, seed, method, m["tag"], domains_used=tuple(sorted(counts)))
-
-
-def paper_mixture(
-    counts: Mapping[str, int],
-    domains: Sequence[str] | None,
-    budget: int | None,
-    candidates: Sequence[Mixture] = (),
-    name: str = "",
-) -> Mixture:
-    """The mixture a paper name's sample counts stand for (see the module docstring)."""
-    total = sum(counts.values())
-    if budget is not None and abs(total - budget) > len(counts) / 2:
-        raise DmoError(
-            f"model folder {name!r} names {total} samples in all, not the budget {budget} (give the right budget, or "
-            "rename the folder)"
-        )
-    if domains is not None and any(d not in domains for d in counts):
-        raise DmoError(f"unknown domain {next(d for d in counts if d not in domains)!r}: domains are {list(domains)}")
-    at = budget if budget is not None else total
-    found: dict[str, Mixture] = {}
-    for c in candidates:
-        if {d: n for d, n in c.counts(at).items() if n > 0} == dict(counts):
-            found.setdefault(c.id, c)
-    if len(found) == 1:
-        (c,) = found.values()
-        used = {d: w for d, w in c.as_dict().items() if w > 0}
-        return Mixture.from_mapping(used, list(domains) if domains is not None else None, tolerance=c.tolerance)
-    weights = {d: n / total for d, n in counts.items()}
-    if domains is not None:
-        return Mixture.from_mapping(weights, list(domains))
-    return Mixture.from_mapping(weights)
-
-
-def paper_mixtures() -> list[Mixture]:
-    """Every mixture the paper trained (:mod:`dmo.presets`): the names of its result folders stand for these."""
-    from dmo.presets import PRESETS
-
-    return [m for make in PRESETS.values() for m in make(True)]
+        return ModelName("expert", domain, tag=p.tag, domains_used=(domain,))
+    mixture = paper_mixture(p.counts, domains, budget, candidates, name)
+    seed = (p.seed or 0) if p.kind == "trained" else None
+    return ModelName(p.kind, mixture.id, mixture, seed, p.method, p.tag, domains_used=tuple(sorted(p.counts)))
 
 
 def _is_domain(name: str) -> bool:

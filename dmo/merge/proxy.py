@@ -193,12 +193,7 @@ def mixture_weights(
 
 
 def _local(ref: Any, what: str, manifest: Any) -> Path:
-    if ref.path is None:
-        raise DmoError(
-            f"{what} of manifest {manifest.name!r} is the hub id {ref}: dmo never downloads models; download it and "
-            "point the manifest at the local folder"
-        )
-    return Path(ref.path)
+    return Path(ref.local(f"{what} of manifest {manifest.name!r}"))
 
 
 def merge_manifest(

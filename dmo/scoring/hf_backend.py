@@ -67,7 +67,7 @@ class HFScorer(Scorer):
         device: str = "auto",
         metric_map: Mapping[str, MetricSpec] | None = None,  # a space's own entries over the shipped map
     ) -> None:
-        self.base = local_base(manifest)  # a hub id is refused here, in one line
+        self.base = local_base(manifest)  # a hub model is fetched here (once) or refused in one line
         self.manifest = manifest
         self.include_path = include_path
         self.limit = limit
@@ -106,10 +106,7 @@ class HFScorer(Scorer):
         return out
 
     def _expert_path(self, domain: str) -> Path:
-        ref = self.manifest.experts[domain]
-        if ref.path is None:
-            raise DmoError(f"expert {domain!r} ({ref}) is a hub id: download it and point the manifest at it")
-        return Path(ref.path)
+        return self.manifest.experts[domain].local(f"expert {domain!r}")
 
     def _bank(self, key: str, experts: dict[str, Path], **options: Any) -> ExpertBank:
         if key not in self._banks:

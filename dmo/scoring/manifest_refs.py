@@ -1,4 +1,5 @@
-"""What a scoring backend reads from an expert manifest: local folders only, and cheap identities for them."""
+"""What a scoring backend reads from an expert manifest: local folders (hub models fetched into the hub cache first,
+:meth:`dmo.manifest.ModelRef.local`), and cheap identities for them."""
 
 from __future__ import annotations
 
@@ -12,11 +13,7 @@ from dmo.scoring.base import Target
 
 
 def local_base(manifest: ExpertManifest) -> Path:
-    if manifest.base.path is None:
-        raise DmoError(
-            f"base model {manifest.base} is a hub id: download it and point the manifest's 'base' at the folder"
-        )
-    return Path(manifest.base.path)
+    return manifest.base.local("base model")
 
 
 def trained_path(manifest: ExpertManifest, target: Target) -> Path:
@@ -25,9 +22,7 @@ def trained_path(manifest: ExpertManifest, target: Target) -> Path:
     want = Mixture.from_mapping(target.mixture.as_dict(), manifest.domains).id
     for mixture, seed, ref in manifest.trained_mixtures():
         if seed == target.seed and mixture.id == want:
-            if ref.path is None:
-                raise DmoError(f"trained model {ref} is a hub id: download it first")
-            return Path(ref.path)
+            return ref.local(f"trained model of {mixture.id} seed {seed}")
     raise DmoError(f"no trained model for mixture {target.mixture.id} seed {target.seed} in the manifest")
 
 

@@ -107,7 +107,7 @@ class VLLMScorer(Scorer):
         llm_factory: Callable[..., Any] | None = None,
         metric_map: Mapping[str, MetricSpec] | None = None,
     ) -> None:
-        self.base = local_base(manifest)  # a hub id is refused here, in one line
+        self.base = local_base(manifest)  # a hub model is fetched here (once) or refused in one line
         # which adapters vLLM can serve depends on where the family keeps its vision tower and projector
         check_family(self.base)
         self.manifest = manifest
@@ -149,9 +149,7 @@ class VLLMScorer(Scorer):
         return out
 
     def _path(self, ref: Any, what: str) -> Path:
-        if ref.path is None:
-            raise DmoError(f"{what} ({ref}) is a hub id: dmo never downloads models; download it and point at it")
-        return Path(ref.path)
+        return Path(ref.local(what))
 
     def _rank_needed(self) -> int:
         """The rank of the largest adapter this study can serve: all experts' ranks summed, per module."""
@@ -160,9 +158,10 @@ class VLLMScorer(Scorer):
             for adapter in self._lora_experts.values():
                 for param, m in adapter.modules.items():
                     per_param[param] = per_param.get(param, 0) + m.rank
-        for _, _, ref in self.manifest.trained_mixtures():
-            if ref.path is not None and expert_kind(ref.path) == "lora" and _servable(load_lora(Path(ref.path))):
-                per_param["trained"] = max(per_param.get("trained", 0), adapter_rank(Path(ref.path)))
+        for mixture, seed, ref in self.manifest.trained_mixtures():
+            path = ref.local(f"trained model of {mixture.id} seed {seed}")
+            if expert_kind(path) == "lora" and _servable(load_lora(path)):
+                per_param["trained"] = max(per_param.get("trained", 0), adapter_rank(path))
         return max(per_param.values(), default=0)
 
     @cached_property
