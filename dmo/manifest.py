@@ -73,6 +73,14 @@ class ModelRef(Strict):
         except HubError as exc:
             raise type(exc)(f"{what}: {exc}") from None
 
+    @property
+    def identity(self) -> str:
+        """The model's name as an adapter trained on it records it (``base_model_name_or_path``): the folder, or the
+        hub id (and folder in it), never the hub cache's snapshot folder it is fetched into."""
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.hub}/{self.subfolder.strip('/')}" if self.subfolder else str(self.hub)
+
     def __str__(self) -> str:
         if self.path is not None:
             return str(self.path)

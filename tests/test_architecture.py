@@ -105,6 +105,8 @@ CORE = (
     "dmo.configfile",
     "dmo.manifest",
     "dmo.calibration",
+    "dmo.hub",
+    "dmo.paper_names",
 )
 #: (who, what it must not import, why)
 RULES = [

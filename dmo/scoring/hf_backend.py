@@ -102,7 +102,7 @@ class HFScorer(Scorer):
         out = {}
         for domain in self.manifest.experts:
             out[domain] = self._on_device(keep.adapter(load_lora(self._expert_path(domain), names=self._names)))
-        check_same_base(list(out.items()), str(self.base))
+        check_same_base(list(out.items()), self.manifest.base.identity)
         return out
 
     def _expert_path(self, domain: str) -> Path:

@@ -145,7 +145,7 @@ class VLLMScorer(Scorer):
         # what a merge keeps at the base is dropped here, as dmo merge does: both routes serve the same proxy
         keep = merge_filter(self.base, "lora")
         out = {d: keep.adapter(load_lora(self._path(ref, f"expert {d!r}"))) for d, ref in self.manifest.experts.items()}
-        check_same_base(list(out.items()), str(self.base))
+        check_same_base(list(out.items()), self.manifest.base.identity)
         return out
 
     def _path(self, ref: Any, what: str) -> Path:
