@@ -158,10 +158,12 @@ class VLLMScorer(Scorer):
             for adapter in self._lora_experts.values():
                 for param, m in adapter.modules.items():
                     per_param[param] = per_param.get(param, 0) + m.rank
-        for mixture, seed, ref in self.manifest.trained_mixtures():
-            path = ref.local(f"trained model of {mixture.id} seed {seed}")
-            if expert_kind(path) == "lora" and _servable(load_lora(path)):
-                per_param["trained"] = max(per_param.get("trained", 0), adapter_rank(path))
+        # local trained models only: a study needs no trained model, so none is fetched from the hub for this; one
+        # fetched later whose rank the engine cannot serve is written into the weights instead (route)
+        local = self.manifest.model_copy(update={"trained": [t for t in self.manifest.trained if t.path is not None]})
+        for _, _, ref in local.trained_mixtures():
+            if ref.path is not None and expert_kind(ref.path) == "lora" and _servable(load_lora(Path(ref.path))):
+                per_param["trained"] = max(per_param.get("trained", 0), adapter_rank(Path(ref.path)))
         return max(per_param.values(), default=0)
 
     @cached_property
@@ -272,7 +274,8 @@ class VLLMScorer(Scorer):
         if target.kind == "trained":
             path = trained_path(self.manifest, target)
             lora = self.lora and expert_kind(path) == "lora" and _servable(load_lora(path))
-            return "adapter" if lora else "write"
+            too_wide = lora and self.served_rank is not None and adapter_rank(path) > self.served_rank
+            return "adapter" if lora and not too_wide else "write"
         if not self.lora or self.manifest.kind != "lora" or not self._experts_servable:
             return "write"
         if target.kind == "expert":
