@@ -35,7 +35,7 @@ _Expert = TypeVar("_Expert", bound="ExpertRef")
 
 
 class ModelRef(Strict):
-    """A model or adapter: a local folder or a hub id (hub ids are only resolved when the user allows it)."""
+    """A model or adapter: a local folder, or a hub repository (or a folder in it), fetched when first needed."""
 
     #: a local folder (relative to the manifest)
     path: Path | None = None
