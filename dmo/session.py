@@ -144,8 +144,10 @@ class Session:
         for k in range(0, len(targets), step):
             group = list(targets[k : k + step])
             with contextlib.ExitStack() as claims:
-                for t in group:
-                    claims.enter_context(scoring_claim(folder, claim_key(self.scorer, t)))
+                # in the group's order (every process claims in the references' order: no two wait on each other),
+                # each key once (a second flock on one file blocks even within a process)
+                for key in dict.fromkeys(claim_key(self.scorer, t) for t in group):
+                    claims.enter_context(scoring_claim(folder, key))
                 try:
                     results = score_targets(
                         self.scorer, self.table, group, self.space.benchmarks, group=self.space.name or "",
@@ -281,8 +283,10 @@ def _score_worker(
     os.environ["DMO_RESULTS"] = results
     try:
         session = Session.open("", space=space)
-        for t in session.references(kinds)[index::workers]:
-            messages.put(("scored", index, session.score_each([t])))
+        share = session.references(kinds)[index::workers]
+        step = max(1, session.scorer.max_batch)
+        for k in range(0, len(share), step):
+            messages.put(("scored", index, session.score_each(share[k : k + step])))
     except DmoError as exc:
         messages.put(("error", index, str(exc)))
         _leave(messages, 2)
