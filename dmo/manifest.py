@@ -53,7 +53,7 @@ class ModelRef(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelRef:
-        _check_source(self.path, self.hub, self.revision, self.subfolder)
+        _check_source(self.path, self.hub, self.subfolder)
         return self
 
     def resolved(self: _Ref, root: Path) -> _Ref:
@@ -96,11 +96,11 @@ def _string_ref(value: Any) -> Any:
     return value
 
 
-def _check_source(path: Path | None, hub: str | None, revision: str | None, subfolder: str | None) -> None:
+def _check_source(path: Path | None, hub: str | None, subfolder: str | None) -> None:
     if (path is None) == (hub is None):
         raise ValueError("give exactly one of 'path' or 'hub'")
-    if path is not None and (revision is not None or subfolder is not None):
-        raise ValueError("'revision' and 'subfolder' go with 'hub', not with a local 'path'")
+    if path is not None and subfolder is not None:
+        raise ValueError("'subfolder' goes with 'hub'; for a local folder, name it in 'path'")
     if subfolder is not None and (not subfolder.strip("/") or ".." in Path(subfolder).parts):
         raise ValueError(f"subfolder {subfolder!r} must be a folder inside the repository")
 
@@ -146,7 +146,7 @@ class TrainedRef(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TrainedRef:
-        _check_source(self.path, self.hub, self.revision, self.subfolder)
+        _check_source(self.path, self.hub, self.subfolder)
         if self.mixture is None and self.seed is not None:
             raise ValueError("a collection of trained models (no 'mixture') reads each model's seed from its name")
         return self

@@ -136,7 +136,7 @@ def test_collections_validate_without_fetching(tmp_path: Path, monkeypatch: pyte
     assert m.trained[0].path == (tmp_path / "runs").resolve() and m.trained[1].subfolder == "x"
     bad = {
         "trained: {hub: a/b, seed: 1}": "reads each model's seed from its name",
-        "trained: {path: ./x, subfolder: y}": "'revision' and 'subfolder' go with 'hub'",
+        "trained: {path: ./x, subfolder: y}": "'subfolder' goes with 'hub'",
         "trained: {hub: a/b, subfolder: ../up}": "must be a folder inside the repository",
         "trained: [{mixture: {ocr: 1}, hub: a/b, path: ./c}]": "give exactly one of 'path' or 'hub'",
     }
