@@ -39,7 +39,7 @@ class ModelRef(Strict):
 
     #: a local folder (relative to the manifest)
     path: Path | None = None
-    #: a model hub id, ``org/name``
+    #: a hub repository, ``org/name``, fetched through huggingface_hub into its cache when first needed
     hub: str | None = None
     #: the hub revision (default: main)
     revision: str | None = None

@@ -45,7 +45,7 @@ SHELLS = {"bash", "sh", "shell", "console"}
 DMO = {"dmo", ".venv/bin/dmo", ".venv-vllm/bin/dmo"}
 PYTHONS = {"python", "python3", ".venv/bin/python", ".venv-vllm/bin/python"}
 #: programs outside dmo that the docs may show (their command lines are not checked)
-EXTERNAL = {"createdb", "mkdir", "export", "cd"}
+EXTERNAL = {"createdb", "mkdir", "export", "cd", "hf", "mv"}  # hf: huggingface_hub's command line
 #: ``python -m`` modules the docs may run
 MODULES = {"pytest", "mkdocs", "pip", "lmms_eval"}
 #: subcommands cheap enough to run for real
