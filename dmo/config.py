@@ -141,7 +141,8 @@ class ObjectiveSpec(Strict):
         if self.pareto is not None:
             if len(self.pareto) < 2:
                 raise ValueError("pareto needs at least two objectives (for one, use 'aggregate')")
-            given = self.model_fields_set & {"aggregate", "weights", "calibrate"}
+            given = [k for k, v in (("aggregate", self.aggregate != "mean"), ("weights", self.weights),
+                                     ("calibrate", self.calibrate is not None)) if v]  # fmt: skip
             if given:
                 raise ValueError(
                     f"pareto makes every entry an objective of its own: drop {', '.join(sorted(given))} "
