@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -82,7 +81,9 @@ def surface_points(surface: Any, benchmarks: Sequence[str]) -> np.ndarray:
     return np.array([[s[b] for b in benchmarks] for s in surface.scores.values()], float)
 
 
-def replay_values(surface: Any, space: SearchSpace, sampler: str, seed: int, budget: int, grid: str) -> list[list[float]]:
+def replay_values(
+    surface: Any, space: SearchSpace, sampler: str, seed: int, budget: int, grid: str
+) -> list[list[float]]:
     """The objective vectors of one multi-objective study replayed against the surface, in trial order."""
     import optuna
 
@@ -194,9 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "issue": 25,
         "rule": "highest median over seeds of the mean over surfaces of the relative hypervolume after the budget; "
         f"ties within {TIE} to the higher 10th percentile, then the fewer seconds per study; grid excluded",
-        "surfaces": [{"space": n, "resolution": r, "source": sf.source, "mixtures": len(sf.scores),
-                      "front": int(non_dominated(surface_points(sf, sp.benchmarks)).sum())}
-                     for (n, r), (sf, sp, _) in zip(SURFACES, surfaces)],  # fmt: skip
+        "surfaces": [
+            {
+                "space": n,
+                "resolution": r,
+                "source": sf.source,
+                "mixtures": len(sf.scores),
+                "front": int(non_dominated(surface_points(sf, sp.benchmarks)).sum()),
+            }
+            for (n, r), (sf, sp, _) in zip(SURFACES, surfaces)
+        ],
         "budget": args.budget,
         "seeds": args.seeds,
         "synthetic": args.synthetic,
@@ -207,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out = args.json or (None if args.synthetic else ROOT / "benchmarks" / "results" / "pareto_samplers.json")
     if out is not None:
-        out.write_text(json.dumps(doc, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+        out.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -48,7 +48,7 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
         return np.zeros(0, bool)
     ge = (p[:, None, :] >= p[None, :, :]).all(axis=2)  # ge[i, j]: row i is at least row j everywhere
     gt = (p[:, None, :] > p[None, :, :]).any(axis=2)
-    return ~(ge & gt).any(axis=0)
+    return np.asarray(~(ge & gt).any(axis=0), bool)
 
 
 def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:

@@ -192,8 +192,10 @@ def test_fidelity_rows_equal_an_independent_recomputation(seed: int) -> None:
     proxy = _by_mixture(df, "proxy")
     mixtures = sorted(proxy.index)
     trained = df[df["kind"] == "trained"]
-    per_seed = {m: objective_matrix(trained[trained["mixture"] == m].pivot(index="seed", columns="benchmark",
-                                                                           values="score")) for m in mixtures}  # fmt: skip
+    per_seed = {
+        m: objective_matrix(trained[trained["mixture"] == m].pivot(index="seed", columns="benchmark", values="score"))
+        for m in mixtures
+    }
     truth = np.array([per_seed[m].mean(axis=0) for m in mixtures])
     p = objective_matrix(proxy.loc[mixtures])
     weights = df[df["kind"] == "proxy"].drop_duplicates("mixture").set_index("mixture").loc[mixtures]
@@ -204,7 +206,8 @@ def test_fidelity_rows_equal_an_independent_recomputation(seed: int) -> None:
         f = front_fidelity(pick(truth), truth)
         row = table.loc[source]
         assert (row["precision"], row["recall"], row["hypervolume_ratio"]) == pytest.approx(
-            (f.precision, f.recall, f.hypervolume_ratio))
+            (f.precision, f.recall, f.hypervolume_ratio)
+        )
         # the seed bootstrap, redrawn mixture by mixture in the same order as the implementation draws it
         rng_b = np.random.default_rng(seed)
         draws = [rng_b.integers(0, len(per_seed[m]), size=(n_boot, len(per_seed[m]))) for m in mixtures]

@@ -143,8 +143,9 @@ def test_a_study_where_nothing_is_feasible_says_so(tmp_path: Path) -> None:
 
 
 def test_relative_thresholds_score_the_base_and_experts_once(tmp_path: Path) -> None:
-    sp = space("random", n=3, constraints=[{"benchmark": "b2", "min": "base"}, {"benchmark": "b1", "min": "expert - 0.9"},
-                                           {"benchmark": "b1", "min": 0.05}])  # fmt: skip
+    constraints = [{"benchmark": "b2", "min": "base"}, {"benchmark": "b1", "min": "expert - 0.9"},
+                   {"benchmark": "b1", "min": 0.05}]  # fmt: skip
+    sp = space("random", n=3, constraints=constraints)
     scorer = Tradeoff()
     paths = study_paths(sp, root=tmp_path)
     res = run_study(sp, scorer, paths, progress=False)

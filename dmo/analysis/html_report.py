@@ -228,8 +228,13 @@ def _front_section(df: pd.DataFrame, ok: pd.DataFrame, n_boot: int, seed: int) -
             items.append(
                 Figure(
                     f"The proxies' front of {len(benches)} benchmarks: {name}",
-                    parallel_png(benches, pv.loc[order].to_numpy(float), order, f"{name}: {len(order)} mixtures",
-                                 trained=tv.loc[order].to_numpy(float)),  # fmt: skip
+                    parallel_png(
+                        benches,
+                        pv.loc[order].to_numpy(float),
+                        order,
+                        f"{name}: {len(order)} mixtures",
+                        trained=tv.loc[order].to_numpy(float),
+                    ),
                     "One line per mixture on the proxies' front (no other proxy scores at least as well on every "
                     "benchmark and better on one), across the benchmarks, each axis scaled to the values drawn on it; "
                     "dashed: the same mixture's trained scores, where it was trained.",
@@ -240,7 +245,8 @@ def _front_section(df: pd.DataFrame, ok: pd.DataFrame, n_boot: int, seed: int) -
         fid = fid[(fid["group"] == group) & (fid["method"] == method)]
         if not fid.empty:
             head, rows = pareto_fidelity_rows(fid)
-            items.append(f"<h3>Front fidelity: {html.escape(name)}</h3>" + _table(head, rows, {"group", "method", "front of"}))
+            table = _table(head, rows, {"group", "method", "front of"})
+            items.append(f"<h3>Front fidelity: {html.escape(name)}</h3>" + table)
             items.append(f'<p class="note">{html.escape(PARETO_LEGEND)} ({n_boot} resamples, seed {seed}).</p>')
     return items
 

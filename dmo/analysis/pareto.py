@@ -351,8 +351,10 @@ def front_fidelity_table(
             samples = np.array([_figures(front_fidelity(picked[b], resamples[b])) for b in range(n_boot)])
             boot[(pair.group, pair.method, name)] = samples
             cis = [_ci(samples[:, j]) for j in range(3)]
-            rows.append(FidelityRow(pair.group, pair.method, name, n, fid.picks, fid.front,
-                                    fid.precision, *cis[0], fid.recall, *cis[1], fid.hypervolume_ratio, *cis[2]))  # fmt: skip
+            rows.append(
+                FidelityRow(pair.group, pair.method, name, n, fid.picks, fid.front, fid.precision, *cis[0],
+                            fid.recall, *cis[1], fid.hypervolume_ratio, *cis[2])
+            )  # fmt: skip
         ceiling = seed_ceiling(pair)
         if ceiling is not None:
             f, m = ceiling

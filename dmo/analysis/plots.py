@@ -241,6 +241,7 @@ def _staircase(ax, points: np.ndarray, color: str, label: str) -> None:
         xs += [x, x]
         ys += [ys[-1], y]
     ax.plot(xs, ys, color=color, linewidth=1.4, label=label, zorder=2)
+    ax.scatter(p[:, 0], p[:, 1], s=10, color=color, zorder=2)  # a front of one point is a point
 
 
 @dataclass
@@ -311,7 +312,7 @@ def parallel_png(
         ax.plot(xs, (p[i] - lo) / span, color=color, marker="o", markersize=3, linewidth=1.3, label=label)
         if t is not None and np.isfinite(t[i]).all():
             ax.plot(xs, (t[i] - lo) / span, color=color, linestyle="--", linewidth=1.0, alpha=0.8)
-    for j, x in enumerate(xs):
+    for j, x in enumerate(map(float, xs)):
         ax.axvline(x, color="0.6", linewidth=0.8, zorder=0)
         ax.text(x, -0.06, f"{lo[j]:.3f}", ha="center", va="top", fontsize=7)
         ax.text(x, 1.04, f"{hi[j]:.3f}", ha="center", va="bottom", fontsize=7)

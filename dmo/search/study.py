@@ -71,8 +71,8 @@ from dmo.search.tradeoffs import (
 __all__ = [
     "FIT_ATTR",
     "MIXTURE_ATTR",
-    "FrontTrial",
     "PROXY_VALUE_ATTR",
+    "FrontTrial",
     "StudyPaths",
     "StudyResult",
     "Tradeoffs",

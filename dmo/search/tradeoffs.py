@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
@@ -189,5 +190,5 @@ def progress_note(study: optuna.Study) -> str:
     if len(study.directions) > 1:
         from dmo.pareto import non_dominated
 
-        return f"front {int(non_dominated([t.values for t in done]).sum())}"
+        return f"front {int(non_dominated(np.array([t.values for t in done], float)).sum())}"
     return f"best {max(t.values[0] for t in done):.4f}"

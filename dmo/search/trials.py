@@ -33,14 +33,6 @@ from dmo.search.claims import claim_key, scoring_claim
 from dmo.search.ledger import Ledger, is_retry, lineage
 from dmo.search.optuna_private import BaseHeartbeat, quiet_experimental, study_storage, told_a_finished_trial, trial_id
 from dmo.search.storage import MAX_RETRY, Heartbeat, storage_errors
-from dmo.search.tradeoffs import (
-    Threshold,
-    objective_values,
-    progress_note,
-    record_constraints,
-    record_thresholds,
-    resolve_thresholds,
-)
 from dmo.search.study import (
     ABORTED_ATTR,
     CLAIM_WAIT_ATTR,
@@ -54,6 +46,14 @@ from dmo.search.study import (
     open_study,
     summarize,
     trial_mixture,
+)
+from dmo.search.tradeoffs import (
+    Threshold,
+    objective_values,
+    progress_note,
+    record_constraints,
+    record_thresholds,
+    resolve_thresholds,
 )
 
 __all__ = ["ScoreObjective", "preflight", "proxy_target", "run_study", "worker_name"]
