@@ -105,6 +105,7 @@ CORE = (
     "dmo.configfile",
     "dmo.manifest",
     "dmo.calibration",
+    "dmo.pareto",
 )
 #: (who, what it must not import, why)
 RULES = [
