@@ -120,6 +120,43 @@ def ridge_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float 
     return y.mean() + xn @ beta
 
 
+def ridge_loo_many(
+    x: np.ndarray, y: np.ndarray, anchor_x: np.ndarray | None = None, anchor_y: np.ndarray | None = None
+) -> np.ndarray:
+    """Leave-one-out predictions of :func:`ridge_predict` for many targets at once: column c of the result, row i, is
+    ``ridge_predict(x_fit, y_fit[:, c], x[i:i+1])[0]`` with the fit on the anchors plus every row but i (each column
+    choosing its own penalty). The factorisation of each fit's features is shared by all columns, which is what makes
+    a bootstrap of a leave-one-out regression affordable."""
+    x, y = np.asarray(x, float), np.asarray(y, float).reshape(len(x), -1)
+    ax = np.zeros((0, x.shape[1])) if anchor_x is None else np.asarray(anchor_x, float)
+    ay = np.zeros((0, y.shape[1])) if anchor_y is None else np.asarray(anchor_y, float).reshape(len(ax), -1)
+    n = len(x)
+    out = np.empty((n, y.shape[1]))
+    for i in range(n):
+        rest = np.arange(n) != i
+        xf, yf = np.vstack([ax, x[rest]]), np.vstack([ay, y[rest]])
+        xs, xn = _standardise(xf, x[i : i + 1])
+        mean = yf.mean(axis=0)
+        if xs.shape[1] == 0:
+            out[i] = mean
+            continue
+        u, sv, vt = np.linalg.svd(xs, full_matrices=False)
+        yc = yf - mean
+        uty = u.T @ yc
+        mse = np.empty((len(RIDGE_ALPHAS), y.shape[1]))
+        for j, alpha in enumerate(RIDGE_ALPHAS):
+            shrink = sv**2 / (sv**2 + alpha)
+            h = (u**2) @ shrink + 1.0 / len(yf)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mse[j] = np.mean(((yc - u @ (shrink[:, None] * uty)) / (1.0 - h)[:, None]) ** 2, axis=0)
+        finite = np.isfinite(mse)
+        best = np.where(finite.any(axis=0), np.argmin(np.where(finite, mse, np.inf), axis=0), len(RIDGE_ALPHAS) - 1)
+        alpha = RIDGE_ALPHAS[best]
+        beta = vt.T @ ((sv[:, None] / (sv[:, None] ** 2 + alpha[None, :])) * uty)
+        out[i] = mean + (xn @ beta)[0]
+    return out
+
+
 def min_trained(method: str) -> int:
     """How many trained mixtures (besides the experts) ``method`` needs."""
     if method not in MIN_TRAINED:

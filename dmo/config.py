@@ -7,10 +7,11 @@ are :mod:`dmo.manifest`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dmo.configfile import Strict, read_yaml, validate
 from dmo.errors import DmoError
@@ -120,8 +121,28 @@ class CalibrateSpec(Strict):
         return v
 
 
+class ObjectiveGroup(Strict):
+    """One objective of a multi-objective study made of several benchmarks: their weighted mean."""
+
+    name: str | None = None
+    weights: dict[str, float]
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("a weighted group needs 'weights: {benchmark: weight}'")
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"a weighted group's weights must be >= 0 with a positive sum, got {v}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name or "+".join(self.weights)
+
+
 class ObjectiveSpec(Strict):
-    """How per-benchmark scores become the one number the search maximises."""
+    """How per-benchmark scores become the number the search maximises, or with ``pareto`` the several numbers."""
 
     #: mean or min over the benchmarks, or a weighted mean (``weights``); a string ``objective: min`` is the same
     aggregate: Literal["mean", "min", "weighted"] = "mean"
@@ -129,6 +150,9 @@ class ObjectiveSpec(Strict):
     weights: dict[str, float] = {}
     #: Calibrate the proxy's scores before aggregating them (None: the proxy's own scores, as before).
     calibrate: CalibrateSpec | None = None
+    #: A multi-objective study: one objective (maximised) per entry, a benchmark (or a sub-score such as
+    #: ``pope_dmo/f1``) or a weighted group of benchmarks (None: one objective, the aggregate above).
+    pareto: list[str | ObjectiveGroup] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -139,9 +163,48 @@ class ObjectiveSpec(Strict):
     def _weights_given(self) -> ObjectiveSpec:
         if self.aggregate == "weighted" and not self.weights:
             raise ValueError("aggregate 'weighted' needs 'weights: {benchmark: weight}'")
+        if self.pareto is not None:
+            if len(self.pareto) < 2:
+                raise ValueError("pareto needs at least two objectives (for one, use 'aggregate')")
+            given = [k for k, v in (("aggregate", self.aggregate != "mean"), ("weights", self.weights),
+                                     ("calibrate", self.calibrate is not None)) if v]  # fmt: skip
+            if given:
+                raise ValueError(
+                    f"pareto makes every entry an objective of its own: drop {', '.join(sorted(given))} "
+                    "(a calibrated multi-objective study is not supported)"
+                )
+            names = self.objective_names()
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"pareto names an objective twice: {', '.join(twice)} (give groups a 'name')")
         return self
 
+    def objective_names(self) -> list[str]:
+        """One name per objective: the benchmark, or the group's name."""
+        if self.pareto is None:
+            return ["objective"]
+        return [e if isinstance(e, str) else e.label for e in self.pareto]
+
+    def objective_weights(self) -> list[dict[str, float]]:
+        """Per objective of a ``pareto`` study, its benchmarks and their weights (a benchmark alone: weight 1)."""
+        return [{e: 1.0} if isinstance(e, str) else dict(e.weights) for e in self.pareto or []]
+
+    def values(self, scores: dict[str, float]) -> list[float]:
+        """The objectives of a ``pareto`` study from per-benchmark scores, in the order of the entries."""
+        out = []
+        for name, weights in zip(self.objective_names(), self.objective_weights()):
+            missing = [b for b in weights if b not in scores]
+            if missing:
+                raise DmoError(f"objective {name!r} needs a score on {', '.join(missing)}, which is missing")
+            out.append(sum(w * scores[b] for b, w in weights.items()) / sum(weights.values()))
+        return out
+
     def __call__(self, scores: dict[str, float]) -> float:
+        if self.pareto is not None:
+            raise DmoError(
+                f"a multi-objective study (objective.pareto: {', '.join(self.objective_names())}) has no single "
+                "objective value: use one of its objectives"
+            )
         if not scores:
             raise DmoError("no benchmark scores to aggregate")
         if self.aggregate == "min":
@@ -154,10 +217,62 @@ class ObjectiveSpec(Strict):
         return sum(scores.values()) / len(scores)
 
 
+#: ``min: base``, ``min: base + 0.02``, ``min: expert - 0.05``, ``min: expert:ocr``
+_RELATIVE = re.compile(r"^\s*(base|expert(?::([A-Za-z0-9_.-]+))?)\s*(?:([+-])\s*(\d+(?:\.\d*)?|\.\d+))?\s*$")
+
+
+class ConstraintSpec(Strict):
+    """``{benchmark: X, min: 0.6}``: a mixture is feasible only if its proxy scores at least ``min`` on X. ``min`` is
+    a number, or relative: ``base`` (the base model's score on X), ``expert`` (the best of the space's experts on X),
+    ``expert:<domain>`` (that domain's expert), each optionally ``+`` or ``-`` a number."""
+
+    benchmark: str
+    min: float | str
+
+    @field_validator("min")
+    @classmethod
+    def _form(cls, v: float | str) -> float | str:
+        if isinstance(v, str) and not _RELATIVE.match(v):
+            raise ValueError(
+                f"min {v!r} is neither a number nor 'base', 'expert' or 'expert:<domain>' with an optional "
+                "'+ number' or '- number'"
+            )
+        return v
+
+    def reference(self) -> tuple[str, str | None, float]:
+        """(``absolute`` | ``base`` | ``expert``, the expert's domain or None for the best one, the offset); for
+        ``absolute`` the offset is the threshold itself."""
+        if not isinstance(self.min, str):
+            return "absolute", None, float(self.min)
+        m = _RELATIVE.match(self.min)
+        assert m is not None  # checked on loading
+        kind = "base" if m.group(1) == "base" else "expert"
+        offset = float(m.group(4)) * (-1 if m.group(3) == "-" else 1) if m.group(4) else 0.0
+        return kind, m.group(2), offset
+
+    def threshold(self, base: dict[str, float] | None, experts: dict[str, dict[str, float]]) -> float:
+        """The absolute threshold, given the base's and the experts' scores (per domain) on the benchmarks."""
+        kind, domain, offset = self.reference()
+        if kind == "absolute":
+            return offset
+        if kind == "base":
+            if base is None or self.benchmark not in base:
+                raise DmoError(f"constraint on {self.benchmark} (min: {self.min}) needs the base model's score on it")
+            return base[self.benchmark] + offset
+        known = {d: s[self.benchmark] for d, s in experts.items() if self.benchmark in s}
+        if domain is not None:
+            if domain not in known:
+                raise DmoError(f"constraint on {self.benchmark} (min: {self.min}) needs the {domain} expert's score")
+            return known[domain] + offset
+        if not known:
+            raise DmoError(f"constraint on {self.benchmark} (min: {self.min}) needs an expert's score on it")
+        return max(known.values()) + offset
+
+
 class SamplerSpec(Strict):
     """The study's sampler (a string ``sampler: tpe`` names it with the defaults)."""
 
-    #: a registered sampler; ``grid`` scores the space's candidates only
+    #: a registered sampler (``grid`` scores the space's candidates only); default: CMA-ES for one objective
     name: str = "cmaes"
     #: total trials of the study (``dmo study --n-trials`` overrides it)
     n_trials: int = Field(default=20, gt=0)
@@ -290,10 +405,85 @@ class SearchSpace(Strict):
     benchmarks: list[str] = []
     #: how the benchmark scores become the one number the study maximises
     objective: ObjectiveSpec = ObjectiveSpec()
+    #: scores a mixture's proxy must reach to be feasible (before ``sampler``, whose default depends on them)
+    constraints: list[ConstraintSpec] = []
     #: how the study proposes mixtures
-    sampler: SamplerSpec = SamplerSpec()
+    sampler: SamplerSpec = Field(default=SamplerSpec(), validate_default=True)
     #: how models are scored
     scoring: ScoringSpec = ScoringSpec()
+
+    @field_validator("objective")
+    @classmethod
+    def _objectives_scored(cls, v: ObjectiveSpec, info: ValidationInfo) -> ObjectiveSpec:
+        benchmarks = info.data.get("benchmarks")
+        if v.pareto is not None and benchmarks is not None:
+            for entry, weights in zip(v.pareto, v.objective_weights()):
+                unknown = [b for b in weights if b not in benchmarks]
+                if unknown:
+                    where = "" if isinstance(entry, str) else f"objective {entry.label!r}: "
+                    raise ValueError(
+                        f"pareto: {where}{', '.join(map(repr, unknown))} is not a benchmark of this space "
+                        f"({', '.join(benchmarks) or 'none listed'}): list it under 'benchmarks' or fix its name"
+                    )
+        return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints_scored(cls, v: list[ConstraintSpec], info: ValidationInfo) -> list[ConstraintSpec]:
+        benchmarks, domains = info.data.get("benchmarks"), info.data.get("domains")
+        for i, c in enumerate(v):
+            if benchmarks is not None and c.benchmark not in benchmarks:
+                raise ValueError(
+                    f"{i}: {c.benchmark!r} is not scored by this space ({', '.join(benchmarks) or 'no benchmarks'}): "
+                    "a constraint needs one of its benchmarks"
+                )
+            _, domain, _ = c.reference()
+            if domain is not None and domains is not None and domain not in domains:
+                raise ValueError(f"{i}: min {c.min!r} names domain {domain!r}, not one of {', '.join(domains)}")
+        return v
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _default_sampler(cls, v: Any, info: ValidationInfo) -> Any:
+        from dmo.search.samplers import default_sampler
+
+        objective, constraints = info.data.get("objective"), info.data.get("constraints")
+        if objective is None or constraints is None:
+            return v  # refused already
+        named = (
+            isinstance(v, str)
+            or (isinstance(v, dict) and "name" in v)
+            or (isinstance(v, SamplerSpec) and "name" in v.model_fields_set)
+        )
+        if named:
+            return v
+        name = default_sampler(objective.pareto is not None, bool(constraints))
+        if isinstance(v, SamplerSpec):
+            return v.model_copy(update={"name": name})
+        return {**(v or {}), "name": name}
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler_fits(cls, v: SamplerSpec, info: ValidationInfo) -> SamplerSpec:
+        from dmo.search.samplers import sampler_fits
+
+        objective, constraints = info.data.get("objective"), info.data.get("constraints")
+        if objective is not None and constraints is not None:
+            problem = sampler_fits(v.name, objective.pareto is not None, bool(constraints))
+            if problem:
+                raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _no_pruner_with_pareto(self) -> SearchSpace:
+        # Optuna cannot prune a multi-objective study (optuna#3450); spaces that have a pruner key refuse the pair
+        pruner = getattr(self, "pruner", None)
+        if self.objective.pareto is not None and pruner is not None and getattr(pruner, "name", pruner) != "none":
+            raise ValueError(
+                "a multi-objective study (objective.pareto) cannot be pruned (Optuna prunes one objective only): "
+                "remove 'pruner'"
+            )
+        return self
 
     @field_validator("domains")
     @classmethod

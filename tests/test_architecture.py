@@ -107,6 +107,7 @@ CORE = (
     "dmo.calibration",
     "dmo.hub",
     "dmo.paper_names",
+    "dmo.pareto",
 )
 #: (who, what it must not import, why)
 RULES = [

@@ -565,3 +565,43 @@ def test_heartbeat_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("DMO_HEARTBEAT_GRACE", "1")
     with pytest.raises(DmoError, match="must be longer"):
         Heartbeat.from_env()
+
+
+@pytest.mark.parametrize("kind", [pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
+def test_a_constrained_two_objective_study_on_two_workers_resumes(world, request, kind):
+    """`objective: {pareto: ...}` with `constraints` through `dmo study --workers 2`, then resumed: every trial has both
+    objectives and its feasibility, the budget is shared and nothing is scored twice."""
+    space = world / "space.yaml"
+    text = space.read_text().replace("sampler: {name: random", "sampler: {name: tpe")
+    space.write_text(text + "objective: {pareto: [b1, b2]}\nconstraints: [{benchmark: b2, min: 0.9}]\n")
+    storage = storage_url(kind, world, request.getfixturevalue("postgres") if kind == "postgres" else None)
+    name = f"mo-{kind}"
+
+    def run(n: int, workers: int, **extra: str) -> str:
+        code, out, err = finish([dmo(world, "study", "space.yaml", "--workers", str(workers), "--storage", storage,
+                                     "--study-name", name, "--n-trials", str(n), **extra)], timeout=300)[0]  # fmt: skip
+        assert code == 0, err
+        return " ".join(out.split())
+
+    out = run(10, 2, **with_barrier(world, 2))
+    assert "constraint: b2 >= 0.9000" in out and "front of study" in out and "10 new evaluations" in out, out
+    study = optuna.load_study(study_name=name, storage=make_storage(storage))
+    rows = [json.loads(line) for line in (world / "results" / "rp" / "scores.jsonl").read_text().splitlines()]
+    assert Counter(r["key"] for r in rows).most_common(1)[0][1] == 1, "a score was recorded twice"
+    done = [t for t in study.get_trials() if t.state == COMPLETE]
+    assert len(done) == 10 and len({t.user_attrs[MIXTURE_ATTR] for t in done}) == 10
+    assert len({t.user_attrs["worker"] for t in done}) == 2
+    for t in done:
+        scores = {r["benchmark"]: r["score"] for r in rows if r["mixture"] == t.user_attrs[MIXTURE_ATTR]}
+        assert t.values == pytest.approx([scores["b1"], scores["b2"]])
+        assert t.user_attrs["dmo_feasible"] == (scores["b2"] >= 0.9)
+    out = run(14, 1)
+    assert "4 new evaluations" in out
+    done = [t for t in study.get_trials() if t.state == COMPLETE]
+    assert len(done) == 14 and len({t.user_attrs[MIXTURE_ATTR] for t in done}) == 14
+    feasible = [t for t in done if t.user_attrs["dmo_feasible"]]
+    front = {t.number for t in feasible if not any(
+        all(b >= a for a, b in zip(t.values, o.values)) and o.values != t.values for o in feasible)}  # fmt: skip
+    assert {t.number for t in study.best_trials} == front
+    for number in front:
+        assert f" {number} " in f" {out} "

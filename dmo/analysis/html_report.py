@@ -146,6 +146,7 @@ def _ternary_section(ok: pd.DataFrame) -> list[Figure]:
         ]
         benches = sorted(part["benchmark"].unique())
         panels = []
+        fronts = {kind: _front_of(frame, benches) for kind, frame in (("proxy", part), ("trained", tr))}
         for b in [MEAN_SCORE, *benches] if len(benches) > 1 else benches:
             for kind, frame in (("proxy", part), ("trained", tr)):
                 pv = frame.pivot_table(index="mixture", columns="benchmark", values="score", aggfunc="mean")
@@ -155,17 +156,99 @@ def _ternary_section(ok: pd.DataFrame) -> list[Figure]:
                     continue
                 vals = pv[cols].mean(axis=1, skipna=False).dropna()
                 w = frame.drop_duplicates("mixture").set_index("mixture").loc[vals.index, w_cols].to_numpy(float)
-                panels.append(TernaryPanel(f"{kind}: {b} ({len(vals)} mixtures)", w, vals.to_numpy(float)))
+                marked = np.array([m in fronts[kind] for m in vals.index], bool)
+                panels.append(TernaryPanel(f"{kind}: {b} ({len(vals)} mixtures)", w, vals.to_numpy(float),
+                                           marked=marked))  # fmt: skip
         if any(len(p.values) for p in panels):
             figures.append(
                 Figure(
                     f"Scores on the simplex: {group} / {method}",
                     ternary_png(domains, panels, cols=2),
                     "Left: merged proxies (every mixture scored, study trials included); right: models trained on "
-                    "mixtures. Colour interpolated between the scored mixtures (dots); star = the highest score.",
+                    "mixtures. Colour interpolated between the scored mixtures (dots); star = the highest score; "
+                    "black rings: the mixtures on the front of all benchmarks (no other mixture of the panel's kind "
+                    "scores at least as well on every benchmark and better on one).",
                 )
             )
     return figures
+
+
+def _front_of(frame: pd.DataFrame, benches: list[str]) -> set[str]:
+    """The mixtures of ``frame`` (proxy or trained rows, the mean over seeds) on the front of ``benches``."""
+    from dmo.pareto import non_dominated
+
+    if frame.empty or len(benches) < 2:
+        return set()
+    pv = frame.pivot_table(index="mixture", columns="benchmark", values="score", aggfunc="mean")
+    if any(b not in pv.columns for b in benches):
+        return set()
+    vals = pv[benches].dropna()
+    return set(vals.index[non_dominated(vals.to_numpy(float))]) if len(vals) else set()
+
+
+def _front_section(df: pd.DataFrame, ok: pd.DataFrame, n_boot: int, seed: int) -> list[str | Figure]:
+    """Per proxy group with two or more benchmarks: the front of the benchmarks (2: proxy and trained scores with
+    both fronts; 3 or more: parallel coordinates of the proxies' front), and its fidelity table."""
+    from dmo.analysis.pareto import Objectives, front_fidelity_table
+    from dmo.analysis.plots import FrontPanel, front_png, parallel_png
+    from dmo.analysis.tables import PARETO_LEGEND, pareto_fidelity_rows
+
+    items: list[str | Figure] = []
+    trained = ok[ok["kind"] == "trained"]
+    t_mean = trained.pivot_table(index="mixture", columns="benchmark", values="score", aggfunc="mean")
+    for (group, method), part in ok[ok["kind"] == "proxy"].groupby(["group", "method"], sort=True):
+        benches = sorted(part["benchmark"].unique())
+        if len(benches) < 2:
+            continue
+        pv = part.pivot_table(index="mixture", columns="benchmark", values="score", aggfunc="mean")[benches].dropna()
+        if pv.empty:
+            continue
+        proxy_front = _front_of(part, benches)
+        both = [m for m in pv.index if m in t_mean.index and t_mean.loc[m].reindex(benches).notna().all()]
+        trained_front = _front_of(trained[trained["mixture"].isin(both)], benches)
+        tv = t_mean.reindex(index=pv.index, columns=benches)
+        name = f"{group} / {method}"
+        if len(benches) == 2:
+            panel = FrontPanel(
+                f"{name}: {len(pv)} proxies, {len(both)} trained", (benches[0], benches[1]), pv.to_numpy(float),
+                tv.to_numpy(float), np.array([m in proxy_front for m in pv.index]),
+                np.array([m in trained_front for m in pv.index]),
+            )  # fmt: skip
+            items.append(
+                Figure(
+                    f"Front of {benches[0]} and {benches[1]}: {name}",
+                    front_png([panel]),
+                    "Orange: merged proxies, blue: models trained on the mixtures (mean over seeds); a grey line joins "
+                    "one mixture's two points; the staircases are the two fronts (both objectives maximised); orange "
+                    "rings: the trained scores of the mixtures on the proxies' front.",
+                )
+            )
+        else:
+            order = sorted(proxy_front, key=lambda m: (-float(pv.at[m, benches[0]]), m))
+            items.append(
+                Figure(
+                    f"The proxies' front of {len(benches)} benchmarks: {name}",
+                    parallel_png(
+                        benches,
+                        pv.loc[order].to_numpy(float),
+                        order,
+                        f"{name}: {len(order)} mixtures",
+                        trained=tv.loc[order].to_numpy(float),
+                    ),
+                    "One line per mixture on the proxies' front (no other proxy scores at least as well on every "
+                    "benchmark and better on one), across the benchmarks, each axis scaled to the values drawn on it; "
+                    "dashed: the same mixture's trained scores, where it was trained.",
+                )
+            )
+        fid = front_fidelity_table(df[df["group"].isin([group]) | (df["kind"] != "proxy")], Objectives.each(benches),
+                                   n_boot=n_boot, seed=seed, method=str(method)).table  # fmt: skip
+        fid = fid[(fid["group"] == group) & (fid["method"] == method)]
+        if not fid.empty:
+            head, rows = pareto_fidelity_rows(fid)
+            table = _table(head, rows, {"group", "method", "front of"})
+            items.append(f"<h3>Front fidelity: {html.escape(name)}</h3>" + table)
+            items.append(f'<p class="note">{html.escape(PARETO_LEGEND)} ({n_boot} resamples, seed {seed}).</p>')
+    return items
 
 
 #: a weight counts as zero below this (mixture ids round weights to 4 digits)
@@ -264,6 +347,10 @@ def _study_section(history: pd.DataFrame) -> list[str | Figure]:
 
     items: list[str | Figure] = []
     for name, trials in history.groupby("study", sort=True):
+        objectives = [c for c in trials.columns if c.startswith(OBJECTIVE_COLUMN) and trials[c].notna().any()]
+        if len(objectives) > 1:
+            items += _multi_objective_study(str(name), trials, objectives)
+            continue
         done = trials[trials["value"].notna()].sort_values("number")
         if done.empty:
             items.append(f"<p>study <b>{html.escape(str(name))}</b>: no completed trial yet</p>")
@@ -278,7 +365,8 @@ def _study_section(history: pd.DataFrame) -> list[str | Figure]:
                 history_png(numbers, values, f"{name} ({len(done)} completed trials)"),
             )
         )
-        order = sorted(range(len(done)), key=lambda i: (-values[i], numbers[i]))[:TOP_TRIALS]
+        feasible = _feasible(done)
+        order = sorted(range(len(done)), key=lambda i: (not feasible[i], -values[i], numbers[i]))[:TOP_TRIALS]
         labels = [f"#{numbers[i]}  {values[i]:.4f}" for i in order]
         weights = np.array([mixtures[i].weights for i in order])
         items.append(
@@ -298,18 +386,73 @@ def _study_section(history: pd.DataFrame) -> list[str | Figure]:
                 )
             )
         score_cols = sorted(c for c in done.columns if c.startswith("score:") and done[c].notna().any())
-        head = ["rank", "trial", "objective", "mixture", *(c.removeprefix("score:") for c in score_cols)]
+        constrained = FEASIBLE_COLUMN in done.columns and done[FEASIBLE_COLUMN].notna().any()
+        head = ["rank", "trial", "objective", *(["feasible"] if constrained else []), "mixture",
+                *(c.removeprefix("score:") for c in score_cols)]  # fmt: skip
         rows = [
             [
                 str(r + 1),
                 str(numbers[i]),
                 f"{values[i]:.4f}",
+                *(["yes" if feasible[i] else "no"] if constrained else []),
                 str(done["mixture"].iloc[i]),
                 *(_fmt(_value(done[c].iloc[i]), signed=False) for c in score_cols),
             ]
             for r, i in enumerate(order)
         ]
         items.append(f"<h3>Study {html.escape(str(name))}: best trials</h3>" + _table(head, rows, {"mixture"}))
+    return items
+
+
+#: the study table's columns (dmo.search.history): one per objective of a multi-objective study, and feasibility
+OBJECTIVE_COLUMN = "objective:"
+FEASIBLE_COLUMN = "feasible"
+
+
+def _feasible(trials: pd.DataFrame) -> list[bool]:
+    if FEASIBLE_COLUMN not in trials.columns:
+        return [True] * len(trials)
+    # True, False, or NaN for a trial of an unconstrained study
+    return [not (isinstance(v, (bool, np.bool_)) and not v) for v in trials[FEASIBLE_COLUMN].tolist()]
+
+
+def _multi_objective_study(name: str, trials: pd.DataFrame, columns: list[str]) -> list[str | Figure]:
+    """A multi-objective study: its trials and its feasible front (2 objectives: in the plane; more: parallel
+    coordinates of the front), and the front as a table."""
+    from dmo.analysis.plots import FrontPanel, front_png, parallel_png
+    from dmo.pareto import non_dominated
+
+    done = trials.dropna(subset=columns).sort_values("number")
+    if done.empty:
+        return [f"<p>study <b>{html.escape(name)}</b>: no completed trial yet</p>"]
+    names = [c.removeprefix(OBJECTIVE_COLUMN) for c in columns]
+    values = done[columns].to_numpy(float)
+    feasible = np.array(_feasible(done), bool)
+    front = np.zeros(len(done), bool)
+    if feasible.any():
+        front[np.flatnonzero(feasible)[non_dominated(values[feasible])]] = True
+    infeasible = int((~feasible).sum())
+    note = f"; {infeasible} infeasible trial(s) left out of the front" if infeasible else ""
+    items: list[str | Figure] = []
+    if len(columns) == 2:
+        panel = FrontPanel(f"{name}: {len(done)} trials, {int(front.sum())} on the front", (names[0], names[1]),
+                           values, np.full_like(values, np.nan), front, np.zeros(len(done), bool))  # fmt: skip
+        items.append(Figure(f"Study {name}: trials and front", front_png([panel]),
+                            f"One dot per completed trial (its proxy's objectives); the staircase is the study's "
+                            f"front{note}."))  # fmt: skip
+    elif front.any():
+        idx = sorted(np.flatnonzero(front), key=lambda i: (-values[i, 0], int(done["number"].iloc[i])))
+        labels = [f"#{int(done['number'].iloc[i])} {done['mixture'].iloc[i]}" for i in idx]
+        items.append(Figure(f"Study {name}: its front", parallel_png(names, values[idx], labels, name),
+                            f"One line per trial on the study's front, across its objectives{note}."))  # fmt: skip
+    idx = sorted(np.flatnonzero(front), key=lambda i: (-values[i, 0], int(done["number"].iloc[i])))
+    head = ["trial", "mixture", *names]
+    rows = [[str(int(done["number"].iloc[i])), str(done["mixture"].iloc[i]), *(f"{v:.4f}" for v in values[i])]
+            for i in idx]  # fmt: skip
+    if rows:
+        items.append(f"<h3>Study {html.escape(name)}: front</h3>" + _table(head, rows, {"mixture"}))
+    else:
+        items.append(f"<p>study <b>{html.escape(name)}</b>: no feasible trial{html.escape(note)}</p>")
     return items
 
 
@@ -392,6 +535,9 @@ def build_report(
     ternary = _ternary_section(ok)
     if ternary:
         sections.append(Section("Three-domain spaces on the simplex", list(ternary)))
+    front = _front_section(df, ok, n_boot, seed)
+    if front:
+        sections.append(Section("Trade-offs: the front of the benchmarks", front))
     edges = _edges_section(ok, expert_at_vertex)
     if edges:
         sections.append(Section("Proxy and trained score along the simplex edges", list(edges)))

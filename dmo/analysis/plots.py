@@ -110,6 +110,8 @@ class TernaryPanel:
     weights: np.ndarray  # (n, 3), in the order of the figure's domains
     values: np.ndarray
     interpolate: bool = True  # colour the simplex between the dots (a heat map), not only the dots
+    #: mixtures to ring (a front's), in the order of ``weights``; None: none
+    marked: np.ndarray | None = None
 
 
 def ternary_png(domains: Sequence[str], panels: Sequence[TernaryPanel], cols: int = 2, suptitle: str = "") -> bytes:
@@ -135,6 +137,9 @@ def ternary_png(domains: Sequence[str], panels: Sequence[TernaryPanel], cols: in
             except (ValueError, RuntimeError):  # collinear or duplicate points: dots only
                 mappable = None
         dots = ax.scatter(x, y, c=v, cmap="viridis", vmin=vmin, vmax=vmax, s=22, edgecolor="black", linewidth=0.4)
+        if p.marked is not None and np.any(p.marked):
+            m = np.asarray(p.marked, bool)
+            ax.scatter(x[m], y[m], s=70, facecolor="none", edgecolor="black", linewidth=1.1, zorder=3)
         best = int(np.argmax(v))
         ax.scatter([x[best]], [y[best]], marker="*", s=180, color="tab:red", edgecolor="white", linewidth=0.8)
         fig.colorbar(mappable or dots, ax=ax, shrink=0.7)
@@ -225,4 +230,96 @@ def edges_png(panels: Sequence[EdgePanel], cols: int, suptitle: str = "") -> byt
         axes[0].legend(fontsize=7, loc="best")
     if suptitle:
         fig.suptitle(suptitle)
+    return png(fig)
+
+
+def _staircase(ax, points: np.ndarray, color: str, label: str) -> None:
+    """A 2-objective front (maximised) as the boundary of the region it dominates."""
+    p = points[np.argsort(-points[:, 0], kind="stable")]
+    xs, ys = [p[0, 0]], [p[0, 1]]
+    for x, y in p[1:]:
+        xs += [x, x]
+        ys += [ys[-1], y]
+    ax.plot(xs, ys, color=color, linewidth=1.4, label=label, zorder=2)
+    ax.scatter(p[:, 0], p[:, 1], s=10, color=color, zorder=2)  # a front of one point is a point
+
+
+@dataclass
+class FrontPanel:
+    """Two objectives of one set of mixtures: proxy scores and, where trained, trained scores (NaN rows: not trained),
+    and which mixtures are on the proxies' front and on the trained front."""
+
+    title: str
+    names: tuple[str, str]
+    proxy: np.ndarray  # (n, 2)
+    trained: np.ndarray  # (n, 2), NaN where a mixture has no trained score
+    proxy_front: np.ndarray  # (n,) bool
+    trained_front: np.ndarray  # (n,) bool, among the trained ones
+
+
+def front_png(panels: Sequence[FrontPanel], suptitle: str = "") -> bytes:
+    """Per panel, proxy and trained scores of every mixture in the plane of two objectives, with both fronts; a grey
+    line joins a mixture's proxy and trained point; the trained scores of the proxy's front are ringed."""
+    fig, axes = _grid(len(panels), 2, 5.2, 4.4)
+    for ax, p in zip(axes, panels):
+        prox, tr = np.asarray(p.proxy, float), np.asarray(p.trained, float)
+        pf, tf = np.asarray(p.proxy_front, bool), np.asarray(p.trained_front, bool)
+        has = np.isfinite(tr).all(axis=1)
+        for a, b in zip(prox[has], tr[has]):
+            ax.plot([a[0], b[0]], [a[1], b[1]], color="0.8", linewidth=0.6, zorder=0)
+        ax.scatter(prox[:, 0], prox[:, 1], s=18, color="tab:orange", alpha=0.6, label="proxy", zorder=1)
+        if has.any():
+            ax.scatter(tr[has, 0], tr[has, 1], s=22, color="tab:blue", alpha=0.7, label="trained", zorder=1)
+        if pf.any():
+            _staircase(ax, prox[pf], "tab:orange", "proxy front")
+        if (tf & has).any():
+            _staircase(ax, tr[tf & has], "tab:blue", "trained front")
+        ring = pf & has
+        if ring.any():
+            ax.scatter(tr[ring, 0], tr[ring, 1], s=80, facecolor="none", edgecolor="tab:orange", linewidth=1.3,
+                       label="trained score of a proxy-front mixture", zorder=3)  # fmt: skip
+        ax.set_xlabel(p.names[0])
+        ax.set_ylabel(p.names[1])
+        ax.set_title(p.title, fontsize=10)
+        ax.grid(alpha=0.3)
+    if axes:
+        axes[0].legend(fontsize=7, loc="best")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return png(fig)
+
+
+def parallel_png(
+    names: Sequence[str],
+    proxy: np.ndarray,
+    labels: Sequence[str],
+    title: str,
+    trained: np.ndarray | None = None,
+) -> bytes:
+    """Parallel coordinates of a front of three or more objectives: one line per mixture across the objectives
+    (each axis scaled to the range of the values drawn on it, its ends labelled), the proxy's scores solid and, where
+    given and finite, the same mixture's trained scores dashed in the same colour."""
+    p = np.asarray(proxy, float).reshape(len(labels), len(names))
+    t = None if trained is None else np.asarray(trained, float).reshape(p.shape)
+    both = p if t is None else np.vstack([p, t[np.isfinite(t).all(axis=1)]])
+    lo, hi = both.min(axis=0), both.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    fig = Figure(figsize=(max(6.0, 1.9 * len(names)), 4.6), layout="constrained")
+    ax = fig.subplots()
+    xs = np.arange(len(names))
+    for i, label in enumerate(labels):
+        color = f"C{i % 10}"
+        ax.plot(xs, (p[i] - lo) / span, color=color, marker="o", markersize=3, linewidth=1.3, label=label)
+        if t is not None and np.isfinite(t[i]).all():
+            ax.plot(xs, (t[i] - lo) / span, color=color, linestyle="--", linewidth=1.0, alpha=0.8)
+    for j, x in enumerate(map(float, xs)):
+        ax.axvline(x, color="0.6", linewidth=0.8, zorder=0)
+        ax.text(x, -0.06, f"{lo[j]:.3f}", ha="center", va="top", fontsize=7)
+        ax.text(x, 1.04, f"{hi[j]:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs, list(names), fontsize=8)
+    ax.set_ylim(-0.15, 1.12)
+    ax.set_yticks([])
+    ax.set_title(title + ("  (solid: proxy, dashed: trained)" if t is not None else ""), fontsize=10)
+    if len(labels) <= 12:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return png(fig)

@@ -275,3 +275,107 @@ def render_compare(console: Console, frame: pd.DataFrame, fmt: str = "table") ->
         "under-rates the mixture); exp-mix = the expert-mix baseline sum_i w_i * score(expert_i); bold = best "
         "trained, yellow = the proxy's pick, green = both."
     )
+
+
+# ------------------------------------------------------------------------------------------------- dmo pareto
+
+#: What the fidelity figures mean, printed under the table.
+PARETO_LEGEND = (
+    "n = mixtures with both scores; picks = the front picked; front = the trained front; "
+    "precision = share of the picks on the trained front; recall = share of the trained front picked; "
+    "hypervolume = trained hypervolume of the picks / of the trained front (reference: per objective the worst "
+    "trained score minus 10% of the range); [95% CI]: bootstrap over training seeds; seed ceiling: one seed's front "
+    "judged by the other seeds."
+)
+
+
+def pareto_front_rows(front: pd.DataFrame, names: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the proxies' front: mixture, proxy objectives, trained objectives, on the trained front."""
+    head = ["group", "method", "mixture", *(f"proxy {n}" for n in names), *(f"trained {n}" for n in names),
+            "on trained front"]  # fmt: skip
+    rows = []
+    for r in front.to_dict("records"):
+        on = r.get("on_trained_front")
+        rows.append(
+            [str(r["group"]), str(r["method"]), str(r["mixture"]),
+             *(_num(r[f"proxy:{n}"]) for n in names), *(_num(r[f"trained:{n}"]) for n in names),
+             "-" if on is None or (isinstance(on, float) and math.isnan(on)) else ("yes" if on else "no")]
+        )  # fmt: skip
+    return head, rows
+
+
+def pareto_fidelity_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    head = ["group", "method", "front of", "n", "picks", "front", "precision [95% CI]", "recall [95% CI]",
+            "hypervolume [95% CI]"]  # fmt: skip
+
+    def cell(x: float, lo: float, hi: float) -> str:
+        if math.isnan(x):
+            return "-"
+        return f"{x:.2f}" if math.isnan(lo) else f"{x:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    rows = [
+        [str(r.group), str(r.method), str(r.source), str(r.n), str(r.picks), str(r.front),
+         cell(r.precision, r.precision_lo, r.precision_hi), cell(r.recall, r.recall_lo, r.recall_hi),
+         cell(r.hypervolume_ratio, r.hypervolume_ratio_lo, r.hypervolume_ratio_hi)]
+        for r in table.itertuples()
+    ]  # fmt: skip
+    return head, rows
+
+
+def render_pareto(
+    console: Console, front: pd.DataFrame, fidelity: pd.DataFrame, names: list[str], fmt: str = "table"
+) -> None:
+    """The proxies' front and, where trained mixtures exist, its fidelity; CSV: two blocks, JSON: one object."""
+    if fmt not in FORMATS:
+        raise DmoError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "json":
+        import json
+
+        text = json.dumps(
+            {"objectives": names, "front": json.loads(front.to_json(orient="records")),
+             "fidelity": json.loads(fidelity.to_json(orient="records"))}, indent=2,
+        )  # fmt: skip
+        console.print(text, highlight=False, soft_wrap=True)
+        return
+    if fmt == "csv":
+        console.print(front.to_csv(index=False), highlight=False, soft_wrap=True)
+        console.print(fidelity.to_csv(index=False), end="", highlight=False, soft_wrap=True)
+        return
+    if front.empty:
+        console.print(f"no proxy has a score on every objective ({', '.join(names)})")
+        return
+    head, rows = pareto_front_rows(front, names)
+    f_head, f_rows = pareto_fidelity_rows(fidelity)
+    if fmt == "markdown":
+        console.print(markdown_table(head, rows), highlight=False, soft_wrap=True)
+        if f_rows:
+            console.print("\n" + markdown_table(f_head, f_rows), highlight=False, soft_wrap=True)
+        return
+    for (group, method), part in front.groupby(["group", "method"], sort=False):
+        t = Table(title=escape(f"{group} / {method}: the proxies' front ({len(part)} mixtures)"), title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+        for h in head[2:]:
+            if h == "mixture":
+                t.add_column(h, overflow="fold", min_width=16)
+            else:
+                t.add_column(escape(h.replace(" ", "\n", 1)), justify="right", no_wrap=True)
+        for cells in pareto_front_rows(part, names)[1]:
+            t.add_row(*map(escape, cells[2:]))
+        console.print(t)
+    if not f_rows:
+        console.print("no mixture has both a proxy and a trained score on every objective: no fidelity figures")
+        return
+    t = Table(title="front fidelity: the proxy's front against the trained front", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+    drop = [i for i in (0, 1) if len({r[i] for r in f_rows}) == 1]  # one space, one method: said in the title
+    if drop:
+        t.title = escape(f"{t.title} - " + ", ".join(f"{f_head[i]} {f_rows[0][i]}" for i in drop))
+    keep = [i for i in range(len(f_head)) if i not in drop]
+    for i in keep:
+        h = f_head[i]
+        left = h in ("group", "method", "front of")
+        t.add_column(escape(h.replace(" [", "\n[")), justify="left" if left else "right", overflow="fold")
+    for cells in f_rows:
+        t.add_row(*(escape(cells[i].replace(" [", "\n[")) for i in keep))
+    console.print(t)
+    console.print(PARETO_LEGEND, highlight=False)

@@ -19,6 +19,9 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "tiny-2d
 
 
 def print_study_result(console: Console, session: Session, result: StudyResult) -> None:
+    if result.tradeoffs is not None:
+        print_tradeoffs(console, session, result)
+        return
     if result.best is None:
         console.print("no completed trial yet")
         return
@@ -42,6 +45,42 @@ def print_scored(console: Console, session: Session, scored: Scored) -> None:
     for line in scored.failed:
         console.print(f"[bold yellow]failed:[/] {escape(line)}", highlight=False, soft_wrap=True)
     console.print(f"results table: {session.table.path}", highlight=False, soft_wrap=True)
+
+
+def print_tradeoffs(console: Console, session: Session, result: StudyResult) -> None:
+    """A multi-objective study's front, or a constrained study's best feasible trial, and its constraints."""
+    t = result.tradeoffs
+    assert t is not None
+    name = result.study.study_name
+    counts = f"{result.evaluated} new evaluations, {len(result.study.trials)} trials"
+    for c in t.constraints:
+        console.print(f"constraint: {c}", highlight=False)
+    if t.note:
+        console.print(("[bold yellow]" if not t.feasible else "") + escape(t.note), highlight=False)
+    if len(t.objectives) > 1:
+        if t.front:
+            console.print(
+                f"front of study [bold]{name}[/]: {len(t.front)} non-dominated feasible mixture(s) ({counts})",
+                highlight=False,
+            )
+            head = ["#", "mixture", *t.objectives]
+            rows = [[str(f.number), f.mixture.id, *(f"{v:.4f}" for v in f.values)] for f in t.front]
+            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+            console.print("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)), highlight=False)
+            for r in rows:
+                console.print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)), highlight=False)
+        elif t.feasible + t.infeasible == 0:
+            console.print("no completed trial yet")
+    elif result.best is not None:
+        console.print(
+            f"best feasible mixture of study [bold]{name}[/]: [bold green]{result.best.id}[/] "
+            f"(objective {result.best_value:.4f}; {counts})"
+        )
+        for b, s in sorted(result.best_scores.items()):
+            console.print(f"  {b}: {s:.4f}")
+    elif t.feasible + t.infeasible == 0:
+        console.print("no completed trial yet")
+    console.print(f"results table: {session.table.path}")
 
 
 def run_demo(

@@ -260,6 +260,66 @@ def suggest(
 
 
 @app.command()
+def pareto(
+    results: Annotated[Path, typer.Argument(help="A results folder (results/<space>) or its scores.jsonl.")],
+    space_file: Annotated[
+        Path | None,
+        typer.Option("--space", help="Take the objectives from this space's objective.pareto (else its benchmarks)."),
+    ] = None,
+    objective: Annotated[
+        list[str] | None, typer.Option(help="A benchmark as one objective (repeatable; default: every benchmark).")
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="Only proxies of this merge method.")] = None,
+    calibration: Annotated[
+        str | None, typer.Option(help="Also the front of this calibration of the proxy (regression, residual, ...).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
+    n_boot: Annotated[int, typer.Option(help="Seed-bootstrap resamples for the 95% CIs.", min=1)] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """The proxies' non-dominated mixtures, and how well they recover the trained models' front, with baselines."""
+    from dmo.analysis.pareto import front_fidelity_table, proxy_front
+    from dmo.analysis.tables import render_pareto
+
+    frame = _results_frame(results)
+    objectives = _pareto_objectives(frame, space_file, objective)
+    if calibration is not None:
+        from dmo.calibration import check_score_calibration
+
+        check_score_calibration(calibration)
+    front = proxy_front(frame, objectives, method=method)
+    fidelity = front_fidelity_table(frame, objectives, n_boot=n_boot, seed=seed, calibration=calibration,
+                                    method=method).table  # fmt: skip
+    render_pareto(console, front, fidelity, list(objectives.names), fmt)
+
+
+def _pareto_objectives(frame, space_file: Path | None, objective: list[str] | None):
+    from dmo.analysis.pareto import Objectives
+
+    scored = sorted(frame.loc[frame["kind"] == "proxy", "benchmark"].dropna().unique())
+    if space_file is not None and objective:
+        raise DmoError("give the objectives either by --space or by --objective, not both")
+    if space_file is not None:
+        from dmo.config import load_space
+
+        sp = load_space(space_file)
+        if sp.objective.pareto is not None:
+            objectives = Objectives(tuple(sp.objective.objective_names()), tuple(sp.objective.objective_weights()))
+        else:
+            objectives = Objectives.each(sp.benchmarks)
+    else:
+        objectives = Objectives.each(objective or scored)
+    unknown = [b for b in objectives.benchmarks if b not in scored]
+    if unknown:
+        raise DmoError(
+            f"no proxy in the results table is scored on {', '.join(unknown)} (scored: {', '.join(scored) or 'none'})"
+        )
+    if len(objectives.names) < 2:
+        raise DmoError(f"a front needs at least two objectives, got {', '.join(objectives.names) or 'none'}")
+    return objectives
+
+
+@app.command()
 def report(
     results: Annotated[Path, typer.Argument(help="A results folder (results/<space>) or its scores.jsonl.")],
     output: Annotated[Path | None, typer.Option(help="HTML file to write (default: RESULTS/report.html).")] = None,

@@ -10,11 +10,16 @@ import pandas as pd
 
 from dmo.search.storage import StorageError, make_storage, redact, storage_errors
 from dmo.search.study import MIXTURE_ATTR
+from dmo.search.tradeoffs import CONSTRAINED_ATTR, OBJECTIVES_ATTR, is_feasible
 
-__all__ = ["HISTORY_COLUMNS", "study_history"]
+__all__ = ["FEASIBLE_COLUMN", "HISTORY_COLUMNS", "OBJECTIVE_PREFIX", "study_history"]
 
-#: One row per completed trial, plus ``score:<benchmark>`` columns; ``domains`` is comma-joined.
+#: One row per completed trial, plus ``score:<benchmark>`` columns; ``domains`` is comma-joined. A multi-objective
+#: study's rows have no ``value`` (NaN) and one ``objective:<name>`` column per objective; a constrained study's rows
+#: say whether the trial is ``feasible``.
 HISTORY_COLUMNS = ["study", "number", "value", "mixture", "domains"]
+OBJECTIVE_PREFIX = "objective:"
+FEASIBLE_COLUMN = "feasible"
 
 
 def study_history(storage: str) -> tuple[pd.DataFrame, str | None]:
@@ -37,14 +42,22 @@ def study_history(storage: str) -> tuple[pd.DataFrame, str | None]:
         done = [
             t
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value) and t.user_attrs.get(MIXTURE_ATTR)
+            if t.values is not None and all(math.isfinite(v) for v in t.values) and t.user_attrs.get(MIXTURE_ATTR)
         ]
         if not done:
             rows.append({"study": name, "number": -1, "value": math.nan, "mixture": "", "domains": domains})
+        # a multi-objective study: no single value, one column per objective instead
+        objectives = study.user_attrs.get(OBJECTIVES_ATTR) if len(study.directions) > 1 else None
+        constrained = bool(study.user_attrs.get(CONSTRAINED_ATTR))
         for t in done:
             scores = {k: v for k, v in t.user_attrs.items() if k.startswith("score:")}
+            extra: dict[str, object] = {}
+            if objectives:
+                extra = {f"{OBJECTIVE_PREFIX}{o}": v for o, v in zip(objectives, t.values)}
+            if constrained:
+                extra[FEASIBLE_COLUMN] = is_feasible(t)
             rows.append(
-                {"study": name, "number": t.number, "value": t.value, "mixture": t.user_attrs[MIXTURE_ATTR],
-                 "domains": domains, **scores}
+                {"study": name, "number": t.number, "value": math.nan if objectives else t.values[0],
+                 "mixture": t.user_attrs[MIXTURE_ATTR], "domains": domains, **scores, **extra}
             )  # fmt: skip
     return pd.DataFrame(rows, columns=None if rows else HISTORY_COLUMNS), None

@@ -33,6 +33,7 @@ from dmo.progress import progress_bar
 from dmo.scoring.base import Scorer
 from dmo.search.storage import Heartbeat
 from dmo.search.study import StudyResult, open_study, study_paths, summarize, worker_index_from_env
+from dmo.search.tradeoffs import resolve_thresholds
 from dmo.search.trials import ScoreObjective, preflight, proxy_target, run_study
 
 __all__ = ["WorkerSpec", "run_workers"]
@@ -106,6 +107,7 @@ def run_workers(
     preflight(space, scorer, proxy_target(space))
     if open_objective is not None:
         open_objective(space, scorer)
+    resolve_thresholds(space, scorer, paths.table)  # a constraint's reference that cannot be scored stops us here
     hb = Heartbeat.from_env()
     study = open_study(space, paths, heartbeat=hb)  # creates the study and enqueues a grid, once, here
     spec = WorkerSpec(

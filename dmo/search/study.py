@@ -39,35 +39,49 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.exceptions import DuplicatedStudyError
-from optuna.study import StudyDirection
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from dmo.config import SearchSpace
 from dmo.errors import DmoError
 from dmo.mixture import Mixture
+from dmo.pareto import non_dominated
 from dmo.paths import SpaceFolder, safe_name
 from dmo.results import ResultsTable
 from dmo.search.samplers import make_sampler
 from dmo.search.simplex import from_box, param_names, to_box
 from dmo.search.storage import Heartbeat, make_storage, redact, storage_errors
+from dmo.search.tradeoffs import (
+    FEASIBLE_ATTR,
+    OBJECTIVES_ATTR,
+    STUDY_CONSTRAINTS_ATTR,
+    is_feasible,
+    is_tradeoff_study,
+    record_tradeoffs,
+    sampler_constraints,
+    study_directions,
+)
 
 __all__ = [
     "FIT_ATTR",
     "MIXTURE_ATTR",
     "PROXY_VALUE_ATTR",
+    "FrontTrial",
     "StudyPaths",
     "StudyResult",
+    "Tradeoffs",
     "enqueue_candidates",
     "open_study",
     "space_hash",
     "study_paths",
     "summarize",
+    "summarize_tradeoffs",
     "trial_mixture",
     "worker_index_from_env",
     "worker_seed",
@@ -98,6 +112,10 @@ def space_hash(space: SearchSpace) -> str:
     relevant = space.model_dump(mode="json", exclude={"sampler", "name"})
     if relevant["objective"].get("calibrate") is None:  # spaces from before calibration keep their studies
         relevant["objective"].pop("calibrate", None)
+    if relevant["objective"].get("pareto") is None:  # and spaces from before multi-objective studies and constraints
+        relevant["objective"].pop("pareto", None)
+    if not relevant.get("constraints"):
+        relevant.pop("constraints", None)
     relevant["candidates"] = [m.id for m in space.candidates()]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -136,12 +154,12 @@ def open_study(
     storage = make_storage(paths.storage, hb, threads)
     with storage_errors(paths.storage):
         try:
-            storage.create_new_study([StudyDirection.MAXIMIZE], paths.study_name)
+            storage.create_new_study(study_directions(space), paths.study_name)
             created = True
         except DuplicatedStudyError:
             created = False
         seed = worker_seed(space.sampler.seed, worker_index, created)
-        sampler = make_sampler(space.sampler.name, seed, space.sampler.params)
+        sampler = make_sampler(space.sampler.name, seed, space.sampler.params, sampler_constraints(space))
         study = optuna.load_study(study_name=paths.study_name, storage=storage, sampler=sampler)
         if created:
             study.set_user_attr(INIT_ATTR, "started")
@@ -177,6 +195,7 @@ def _initialise(study: optuna.Study, space: SearchSpace) -> None:
         study.set_user_attr("space_hash", want)
         study.set_user_attr("domains", list(space.domains))
         study.set_user_attr("benchmarks", list(space.benchmarks))
+        record_tradeoffs(study, space)
     elif attrs["space_hash"] != want:
         return  # refused by the caller, without touching the study
     if space.sampler.name == "grid":
@@ -231,9 +250,71 @@ class StudyResult:
     best_value: float | None
     best_scores: dict[str, float]
     evaluated: int
+    #: a multi-objective or constrained study (:func:`summarize_tradeoffs`): its front, feasibility and constraints
+    tradeoffs: Tradeoffs | None = None
+
+
+@dataclass
+class FrontTrial:
+    """A non-dominated feasible trial of a multi-objective study."""
+
+    number: int
+    mixture: Mixture
+    values: list[float]
+    scores: dict[str, float]
+
+
+@dataclass
+class Tradeoffs:
+    objectives: list[str]
+    #: the non-dominated feasible trials of a multi-objective study, best first on the first objective
+    front: list[FrontTrial] = field(default_factory=list)
+    #: the constraints as recorded by the study's creator (e.g. ``dmo_tiny_ocr >= 0.4100 (base + 0.02)``)
+    constraints: list[str] = field(default_factory=list)
+    feasible: int = 0
+    infeasible: int = 0
+
+    @property
+    def note(self) -> str:
+        """What a user must know about feasibility, or an empty string."""
+        if not self.constraints or self.feasible + self.infeasible == 0:
+            return ""
+        if self.feasible == 0:
+            return f"no trial is feasible: all {self.infeasible} completed trials violate a constraint"
+        return f"{self.feasible} feasible trial(s), {self.infeasible} infeasible (kept, marked {FEASIBLE_ATTR}=False)"
+
+
+def summarize_tradeoffs(study: optuna.Study, evaluated: int = 0) -> StudyResult:
+    """The summary of a multi-objective or constrained study: only feasible trials can be best or on the front."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    domains = study.user_attrs.get("domains")
+    names = list(study.user_attrs.get(OBJECTIVES_ATTR) or ["objective"])
+    constraints = list(study.user_attrs.get(STUDY_CONSTRAINTS_ATTR) or [])
+    ok = [t for t in complete if is_feasible(t)]
+    out = Tradeoffs(names, constraints=constraints, feasible=len(ok), infeasible=len(complete) - len(ok))
+
+    def scores(t: FrozenTrial) -> dict[str, float]:
+        return {k.removeprefix("score:"): v for k, v in t.user_attrs.items() if k.startswith("score:")}
+
+    if not ok:
+        return StudyResult(study, None, None, {}, evaluated, out)
+    if len(study.directions) > 1:
+        values = np.array([t.values for t in ok], float)
+        front = [ok[i] for i in np.flatnonzero(non_dominated(values))]
+        front.sort(key=lambda t: (-t.values[0], t.number))
+        out.front = [
+            FrontTrial(t.number, Mixture.parse(t.user_attrs[MIXTURE_ATTR], domains), list(t.values), scores(t))
+            for t in front
+        ]
+        return StudyResult(study, None, None, {}, evaluated, out)
+    best = max(ok, key=lambda t: (t.values[0], -t.number))
+    mixture = Mixture.parse(best.user_attrs[MIXTURE_ATTR], domains)
+    return StudyResult(study, mixture, best.values[0], scores(best), evaluated, out)
 
 
 def summarize(study: optuna.Study, evaluated: int = 0) -> StudyResult:
+    if is_tradeoff_study(study):
+        return summarize_tradeoffs(study, evaluated)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return StudyResult(study, None, None, {}, evaluated)

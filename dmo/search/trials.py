@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +46,14 @@ from dmo.search.study import (
     open_study,
     summarize,
     trial_mixture,
+)
+from dmo.search.tradeoffs import (
+    Threshold,
+    objective_values,
+    progress_note,
+    record_constraints,
+    record_thresholds,
+    resolve_thresholds,
 )
 
 __all__ = ["ScoreObjective", "preflight", "proxy_target", "run_study", "worker_name"]
@@ -157,23 +165,29 @@ def run_study(
     heartbeat: Heartbeat | None = None,
     batch: int = 1,
     objective: ScoreObjective | None = None,
+    thresholds: Sequence[Threshold] | None = None,
 ) -> StudyResult:
     """Run (or resume, or join) the space's study until it holds ``n_trials`` finished trials.
 
     For a grid, until every candidate has run. Safe to run in any number of processes at once on one storage.
     ``batch``: trials this process runs at once, their targets scored in one backend call (:mod:`dmo.search.batcher`).
     ``objective``: what a trial maximises (default: ``space.objective`` of the proxy's scores); every process on
-    one study must use the same one.
+    one study must use the same one. ``thresholds``: the space's constraints resolved (default: resolved here,
+    :func:`dmo.search.tradeoffs.resolve_thresholds`).
     """
     if batch < 1:
         raise DmoError(f"--batch must be at least 1, got {batch}")
     hb = heartbeat or Heartbeat.from_env()
     make_target = make_proxy or proxy_target(space)
     preflight(space, scorer, make_target)
+    if thresholds is None:
+        thresholds = resolve_thresholds(space, scorer, paths.table)
     study = open_study(space, paths, worker_index=worker_index, heartbeat=hb, threads=batch > 1)
+    record_thresholds(study, thresholds)
     worker = _TrialLoop(
         study, space, scorer, paths, n_trials or space.sampler.n_trials, make_target, hb, batch, objective
     )
+    worker.thresholds = list(thresholds)
     with storage_errors(paths.storage):
         worker.run(progress)
     return summarize(study, worker.evaluated)
@@ -207,6 +221,7 @@ class _TrialLoop:
         self.name = worker_name()
         self.evaluated = 0
         self.quiet = _QuietTrials()
+        self.thresholds: list[Threshold] = []  # the space's constraints, resolved
 
     def ledger(self) -> Ledger:
         return Ledger.read(self.study.get_trials(deepcopy=False), self.hb.grace)
@@ -336,7 +351,7 @@ class _TrialLoop:
         rank = sum(1 for lin in ledger.live if lin < own)
         return None if rank < self.target else f"the budget of {self.target} trials is taken"
 
-    def _batched_objective(self, trial: optuna.Trial) -> float:
+    def _batched_objective(self, trial: optuna.Trial) -> float | list[float]:
         assert self.batcher is not None
         with self.batcher.trial():
             try:
@@ -348,7 +363,7 @@ class _TrialLoop:
                 self._errors.append(exc)
                 raise
 
-    def objective(self, trial: optuna.Trial) -> float:
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
         reason = self.surplus_reason(trial)
         if reason is not None:
             self.quiet.numbers.add(trial.number)
@@ -377,6 +392,10 @@ class _TrialLoop:
             if errors:
                 trial.set_user_attr("errors", errors)
                 raise optuna.TrialPruned(f"benchmarks failed: {', '.join(sorted(errors))}")
+            if self.thresholds:
+                record_constraints(trial, self.thresholds, scores)
+            if self.space.objective.pareto is not None:
+                return objective_values(self.space, mixture, scores)
             if self.value is None:
                 value = self.space.objective(scores)
             else:  # calibrated: the proxy's own aggregate stays on the trial, for comparison
@@ -418,11 +437,7 @@ class _progress:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
-        try:
-            best = f"best {study.best_value:.4f}"
-        except ValueError:
-            best = ""
-        self.bar.update(self.task, advance=1, best=best)
+        self.bar.update(self.task, advance=1, best=progress_note(study))
 
     def __exit__(self, *exc: Any) -> None:
         self.bar.stop()
