@@ -152,7 +152,10 @@ def record(base: Any, resolution: int, name: str, progress: bool = True) -> Reco
         out.append(res)
         done += 1
         if progress and (k % 10 == 0 or k == len(refs) + len(proxies) - 1):
-            print(f"  {name}: {k + 1}/{len(refs) + len(proxies)} scored ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            print(
+                f"  {name}: {k + 1}/{len(refs) + len(proxies)} scored ({time.perf_counter() - t0:.0f} s)",
+                file=sys.stderr,
+            )
     per_item, per_call = _costs(session, store, name, totals)
     arrays = {b: np.array([r.values[b] for r in out], dtype=float) for b in space.benchmarks}
     rec = Recording(
@@ -362,7 +365,9 @@ def estimates(rec: Recording, space: Any) -> dict[str, Any]:
     full = rec.objective[test_idx]
 
     def obj(means: dict[str, np.ndarray]) -> np.ndarray:
-        return np.array([space.objective({b: float(means[b][i]) for b in rec.benchmarks}) for i in range(len(test_idx))])
+        return np.array(
+            [space.objective({b: float(means[b][i]) for b in rec.benchmarks}) for i in range(len(test_idx))]
+        )
 
     p, s = obj(plain), obj(strat)
     boot = np.random.default_rng(1)
@@ -411,9 +416,8 @@ def decide(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     lats = list(results)
 
     def key(o: str) -> tuple[float, ...]:
-        return tuple(results[lat]["options"][f"{o}|cmaes"]["items_median"] for lat in lats) + (
-            results[lats[0]]["options"][f"{o}|cmaes"]["items_worst"],
-        )
+        medians = [results[lat]["options"][f"{o}|cmaes"]["items_median"] for lat in lats]
+        return (*medians, results[lats[0]]["options"][f"{o}|cmaes"]["items_worst"])
 
     closest = min(ratios, key=lambda o: max(ratios[o]))
     estimator = all(results[lat]["estimates"]["difference_ci"][0] > 0 for lat in results)
@@ -446,7 +450,8 @@ def render(results: dict[str, dict[str, Any]], decision: dict[str, Any]) -> str:
         for row in res["options"].values():
             lines.append(
                 f"| {row['option']} | {row['sampler']} | {row['reached']}/{row['runs']} | "
-                f"{num(row['items_median'])} ({num(row['full_proxies_median'], '{:.1f}')}) | {num(row['items_worst'])} | "
+                f"{num(row['items_median'])} ({num(row['full_proxies_median'], '{:.1f}')}) | "
+                f"{num(row['items_worst'])} | "
                 f"{num(row['seconds_median'])} | {row['regret_quarter']:.4f} | {row['regret_reference']:.4f} | "
                 f"{row['trials_median']:g} | {row['pruned_share']:.0%} |"
             )

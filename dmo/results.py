@@ -82,8 +82,8 @@ class ScoreRow:
         partial = self.items is not None and self.items_total is not None and self.items < self.items_total
         if partial != (self.status == "partial") and self.status != "failed":
             raise DmoError(
-                f"a score of {self.mixture} on {self.benchmark} over {self.items} of {self.items_total} items must have "
-                f"status {'partial' if partial else 'ok'}, not {self.status!r}"
+                f"a score of {self.mixture} on {self.benchmark} over {self.items} of {self.items_total} items must "
+                f"have status {'partial' if partial else 'ok'}, not {self.status!r}"
             )
 
 
@@ -195,7 +195,9 @@ def to_frame(records: list[dict[str, Any]], latest: bool = True) -> pd.DataFrame
         df = df.assign(_id=ident)
         # a partial score never hides the full one of the same model and benchmark, whichever came last
         full = set(zip(df["_id"][df["status"] == "ok"], df["benchmark"][df["status"] == "ok"]))
-        stale = (df["status"] == "partial") & pd.Series([k in full for k in zip(df["_id"], df["benchmark"])], index=df.index)
+        stale = (df["status"] == "partial") & pd.Series(
+            [k in full for k in zip(df["_id"], df["benchmark"])], index=df.index
+        )
         df = df[~stale].drop_duplicates(subset=["_id", "benchmark"], keep="last").drop(columns="_id")
     weight_cols = sorted(c for c in df.columns if c.startswith("w_"))
     rest = [c for c in df.columns if c not in BASE_COLUMNS and c not in weight_cols]

@@ -210,7 +210,9 @@ class Scorer(abc.ABC):
             "backend, or drop scoring.stages and the pruner"
         )
 
-    def evaluate_items_many(self, targets: Sequence[Target], items: Mapping[str, Sequence[int]]) -> list[ItemEvaluation]:
+    def evaluate_items_many(
+        self, targets: Sequence[Target], items: Mapping[str, Sequence[int]]
+    ) -> list[ItemEvaluation]:
         """:meth:`evaluate_items` for several targets (the same items); ``max_batch > 1`` backends do better."""
         return [self.evaluate_items(t, items) for t in targets]
 

@@ -290,9 +290,7 @@ class HFScorer(Scorer):
         lmm = self.lmm
         lmm.set_proxy(self._live[1], fp)
         try:
-            return ItemEvaluation(
-                evaluate_items(lmm, items, self.include_path, self.limit, metric_map=self.metric_map)
-            )
+            return ItemEvaluation(evaluate_items(lmm, items, self.include_path, self.limit, metric_map=self.metric_map))
         except DmoError:
             raise
         except Exception as exc:  # recorded as failed rows, with the reason
@@ -322,4 +320,3 @@ class HFScorer(Scorer):
             except Exception as exc:  # recorded as a failed row, with the reason
                 errors[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return Evaluation(scores, errors=errors)
-

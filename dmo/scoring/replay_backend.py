@@ -221,7 +221,10 @@ class ReplayScorer(Scorer):
         )
 
     def _nearest(
-        self, target: Target, benchmarks: Sequence[str], _missing: Callable[[_Recorded | None, Sequence[str]], list[str]]
+        self,
+        target: Target,
+        benchmarks: Sequence[str],
+        _missing: Callable[[_Recorded | None, Sequence[str]], list[str]],
     ) -> tuple[_Recorded, float] | None:
         assert target.mixture is not None
         want = target.mixture.as_dict()

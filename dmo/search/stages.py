@@ -21,6 +21,7 @@ always holds a full score.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +42,8 @@ __all__ = [
     "PARTIAL_ATTR",
     "PARTIAL_STEP",
     "PRUNERS",
-    "StagedScoring",
     "StagePruned",
+    "StagedScoring",
     "check_pruner_compatible",
     "check_stages",
     "make_pruner",
@@ -83,9 +84,11 @@ def check_stages(stages: Sequence[float]) -> list[float]:
     bad = [f for f in out if not (0 < f <= 1) or math.isnan(f)]
     if bad:
         raise DmoError(f"scoring.stages has {bad[0]}: each stage is a fraction of the items in (0, 1]")
-    for a, b in zip(out, out[1:]):
+    for a, b in itertools.pairwise(out):
         if b <= a:
-            raise DmoError(f"scoring.stages {out} is not increasing ({a} then {b}): list growing fractions, e.g. [0.25, 1]")
+            raise DmoError(
+                f"scoring.stages {out} is not increasing ({a} then {b}): list growing fractions, e.g. [0.25, 1]"
+            )
     if out[-1] != 1:
         raise DmoError(f"scoring.stages {out} ends at {out[-1]}: the last stage must be 1 (every item)")
     return out

@@ -32,8 +32,8 @@ from dmo.scoring.items import ItemScores, ItemStore, score_items
 from dmo.search.batcher import Batcher
 from dmo.search.claims import claim_key, scoring_claim
 from dmo.search.ledger import Ledger, is_retry, lineage
-from dmo.search.stages import ITEMS_ATTR, PARTIAL_ATTR, StagedScoring, StagePruned, make_pruner, stages_of
 from dmo.search.optuna_private import BaseHeartbeat, quiet_experimental, study_storage, told_a_finished_trial, trial_id
+from dmo.search.stages import ITEMS_ATTR, PARTIAL_ATTR, StagedScoring, StagePruned, make_pruner, stages_of
 from dmo.search.storage import MAX_RETRY, Heartbeat, storage_errors
 from dmo.search.study import (
     ABORTED_ATTR,
@@ -374,9 +374,9 @@ class _TrialLoop:
             waited = lambda: trial.set_user_attr(CLAIM_WAIT_ATTR, True)  # noqa: E731
             with scoring_claim(self.paths.folder, claim_key(self.scorer, target), on_wait=waited):
                 if self.staged is not None:
-                    value = lambda partial: self._stage_value(mixture, partial)  # noqa: E731
+                    stage_value = lambda partial: self._stage_value(mixture, partial)  # noqa: E731
                     try:
-                        result = self.staged.run(trial, target, self._score_items, value)
+                        result = self.staged.run(trial, target, self._score_items, stage_value)
                     except StagePruned as pruned:
                         _keep_partial(trial, pruned.result)
                         raise

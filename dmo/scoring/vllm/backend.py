@@ -443,7 +443,9 @@ class VLLMScorer(Scorer):
     def evaluate_items(self, target: Target, items: Mapping[str, Sequence[int]]) -> ItemEvaluation:
         return self.evaluate_items_many([target], items)[0]
 
-    def evaluate_items_many(self, targets: Sequence[Target], items: Mapping[str, Sequence[int]]) -> list[ItemEvaluation]:
+    def evaluate_items_many(
+        self, targets: Sequence[Target], items: Mapping[str, Sequence[int]]
+    ) -> list[ItemEvaluation]:
         """Score several targets on some items; a written proxy stays in the engine until another one is written, so
         its next stage costs no write."""
         from dmo.scoring.evaluate import refuse_loss_items
