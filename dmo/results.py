@@ -210,7 +210,9 @@ def partial_as_scores(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     partial = df["status"] == "partial"
     if not partial.any():
         return df, 0
-    seed = df["seed"].map(lambda v: "" if v is None or v != v else str(v))
+    import pandas as pd
+
+    seed = df["seed"].map(lambda v: "" if pd.isna(v) else str(int(v)))
     ident = df["kind"].astype(str) + "|" + df["mixture"].astype(str) + "|" + seed + "|" + df["benchmark"].astype(str)
     full = set(ident[df["status"] == "ok"])
     use = partial & ~ident.isin(full)
