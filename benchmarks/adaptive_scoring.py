@@ -216,7 +216,7 @@ def replay(rec: Recording, space: Any, option: str, sampler: str, seed: int) -> 
     from dmo.scoring.base import Target
     from dmo.scoring.items import ItemScores
     from dmo.search.samplers import make_sampler
-    from dmo.search.stages import StagedScoring, StagePruned, item_weights, make_pruner
+    from dmo.search.stages import StagedScoring, StagePruned, make_pruner
     from dmo.search.study import trial_mixture
 
     pruner, params, stages = OPTIONS[option]
@@ -231,7 +231,7 @@ def replay(rec: Recording, space: Any, option: str, sampler: str, seed: int) -> 
         direction="maximize", sampler=make_sampler(sampler, seed), pruner=make_pruner(sp, rec.totals)
     )
     orders = {b: list(range(n)) for b, n in rec.totals.items()}  # positions: the recording is in item order
-    staged = StagedScoring(list(stages), rec.totals, orders, pruner, sp.objective, item_weights(sp, rec.totals))
+    staged = StagedScoring.for_space(sp, orders, sp.objective)
     seen: dict[int, dict[str, int]] = {}
     used = calls = 0
     run = Run([], [], [])

@@ -78,7 +78,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def staged_space(root: Path, recorded: Path, pruner: str = "wilcoxon", sampler: str = "random", n: int = 24,
-                 stages: str = "[0.125, 0.25, 0.5, 1]", params: str = "{p_threshold: 0.2}") -> Path:  # fmt: skip
+                 stages: str = "[0.125, 0.25, 0.5, 1]", params: str = "{p_threshold: 0.2, block: 4}") -> Path:  # fmt: skip
     for d in ("base", "ea", "eb", "ec"):
         (root / "models" / d).mkdir(parents=True, exist_ok=True)
     (root / "experts.yaml").write_text(
@@ -192,13 +192,13 @@ def test_wilcoxon_reports_average_to_a_complete_trials_value(recorded: Path, tmp
 def test_a_wilcoxon_study_prunes_keeps_partial_rows_and_never_scores_an_item_twice(
     tmp_path: Path, recorded: Path
 ) -> None:
-    space = load_space(staged_space(tmp_path, recorded))
+    space = load_space(staged_space(tmp_path, recorded, n=16))
     paths = study_paths(space, root=tmp_path / "results")
     scorer = Counting(recorded, nearest=True)
     result = run_study(space, scorer, paths, progress=False)
     study = study_of(paths)
     states = Counter(t.state for t in study.trials)
-    assert states[PRUNED] >= 3 and states[COMPLETE] >= 2 and states[PRUNED] + states[COMPLETE] == 24, states
+    assert states[PRUNED] >= 3 and states[COMPLETE] >= 2 and states[PRUNED] + states[COMPLETE] == 16, states
     assert max(scorer.asked.values()) == 1 and not scored_twice(paths.folder)
     df = ResultsTable(paths.table.path).frame()
     for t in study.get_trials(states=(PRUNED,)):
@@ -217,8 +217,8 @@ def test_a_wilcoxon_study_prunes_keeps_partial_rows_and_never_scores_an_item_twi
     assert best.value == pytest.approx(np.mean(full["score"].astype(float)), abs=1e-12)
     # resumed to a larger budget: the earlier trials' items are read, never scored again
     scorer2 = Counting(recorded, nearest=True)
-    run_study(space, scorer2, paths, n_trials=34, progress=False)
-    assert len(study_of(paths).get_trials(states=(PRUNED, COMPLETE))) == 34
+    run_study(space, scorer2, paths, n_trials=22, progress=False)
+    assert len(study_of(paths).get_trials(states=(PRUNED, COMPLETE))) == 22
     assert not scored_twice(paths.folder) and not set(scorer2.asked) & set(scorer.asked)
 
 
@@ -295,6 +295,7 @@ def test_correlate_uses_full_scores_only_and_says_so(tmp_path: Path) -> None:
         ({"pruner": "wilcox"}, "unknown pruner 'wilcox': choose one of none, wilcoxon"),
         ({"pruner": {"name": "hyperband", "params": {"eta": 3}}}, "pruner 'hyperband'.*check pruner.params"),
         ({"pruner": "wilcoxon", "objective": {"calibrate": "isotonic"}}, "calibrated objective is not a mean"),
+        ({"pruner": {"name": "wilcoxon", "params": {"block": 0}}}, "pruner.params.block is 0"),
     ],
 )
 def test_bad_stages_and_pruners_are_one_line(extra: dict, message: str) -> None:

@@ -5,9 +5,11 @@ A space with ``scoring: {stages: [0.125, 0.25, 0.5, 1]}`` (or a ``pruner`` and t
 trial's proxy in stages over the fixed item order of :mod:`dmo.scoring.items`. After each stage but the last the trial
 reports to Optuna and asks :meth:`optuna.Trial.should_prune`:
 
-* ``wilcoxon`` (:class:`optuna.pruners.WilcoxonPruner`): one report per item (or per ``block`` of items), the step
-  being the item's place in the study's list of items, so that the test pairs the trial's items with the best trial's
-  scores on the same items. Each item's value is weighted so that a fully scored trial's mean value is its objective;
+* ``wilcoxon`` (:class:`optuna.pruners.WilcoxonPruner`): one report per block of consecutive items of the order
+  (``pruner.params.block`` items; default: a benchmark's items / 50, at least 1, so a trial writes about 50 reports a
+  benchmark to the storage), the step being the block's place in the study's list of blocks, so that the test pairs
+  the trial's blocks with the best trial's scores on the same items. Item values are weighted so that a fully scored
+  trial's mean report is its objective;
 * ``successive_halving``, ``hyperband``, ``median``: one report per stage, the objective of the stage's partial
   scores at step = items scored so far;
 * ``none``: never stops a proxy (the stages only save work when a proxy is promoted later).
@@ -60,6 +62,10 @@ PARTIAL_ATTR = "partial:"
 #: The step of a pruned ``wilcoxon`` trial's last report: the objective of its partial scores. Beyond every item's
 #: step, so it is the trial's value (Optuna values a pruned trial by its last step) and is paired with nothing.
 PARTIAL_STEP = 2**31 - 1
+
+#: ``wilcoxon`` reports about this many blocks of items per benchmark unless ``pruner.params.block`` says otherwise:
+#: every report is a write to the study's storage (milliseconds each on SQLite).
+REPORTS_PER_BENCHMARK = 50
 
 #: name -> what the pruner reports (``items``: per item or block; ``stages``: per stage)
 PRUNERS: dict[str, str] = {
@@ -114,6 +120,12 @@ def check_pruner_compatible(space: SearchSpace) -> None:
         raise DmoError(
             "pruner 'wilcoxon' compares items, but a calibrated objective is not a mean of items: use "
             "successive_halving, hyperband or median, or drop objective.calibrate"
+        )
+    block = space.pruner.params.get("block")
+    if block is not None and (name != "wilcoxon" or isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise DmoError(
+            f"pruner.params.block is {block!r}: the items one wilcoxon report covers, a whole number >= 1 (other "
+            "pruners report once a stage)"
         )
     _make(name, dict(space.pruner.params), {"b": 100}, list(stages_of(space) or DEFAULT_STAGES))
 
@@ -197,7 +209,8 @@ class StagedScoring:
     objective: Callable[[dict[str, float]], float]
     #: wilcoxon: factor of each benchmark's item scores (:func:`item_weights`) and items per report
     weights: dict[str, float] = field(default_factory=dict)
-    block: int = 1
+    #: wilcoxon: items per report, per benchmark
+    blocks: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def for_space(
@@ -206,12 +219,11 @@ class StagedScoring:
         stages = stages_of(space)
         assert stages is not None
         totals = {b: len(orders[b]) for b in space.benchmarks}
-        block = int(space.pruner.params.get("block", 1))
-        if block < 1:
-            raise DmoError(f"pruner.params.block is {block}: give how many items one report covers (>= 1)")
+        block = space.pruner.params.get("block")  # checked with the space (check_pruner_compatible)
+        blocks = {b: block or max(1, math.ceil(n / REPORTS_PER_BENCHMARK)) for b, n in totals.items()}
         return cls(
             stages, totals, {b: list(orders[b]) for b in space.benchmarks}, space.pruner.name, objective,
-            item_weights(space, totals), block,
+            item_weights(space, totals), blocks,
         )  # fmt: skip
 
     def run(
@@ -255,13 +267,13 @@ class StagedScoring:
             return
         offset = 0
         for b, n in self.totals.items():  # the space's order of benchmarks: a step names one item in every trial
-            values, w = result.values[b], self.weights[b]
-            for start in range(0, len(values), self.block):
-                chunk = values[start : start + self.block]
-                step = offset + start // self.block
+            values, w, block = result.values[b], self.weights[b], self.blocks.get(b, 1)
+            for start in range(0, len(values), block):
+                chunk = values[start : start + block]
+                step = offset + start // block
                 # a block is reported once whole (or at the end of the benchmark), so its value never changes
-                if step in reported or (len(chunk) < self.block and start + len(chunk) < n):
+                if step in reported or (len(chunk) < block and start + len(chunk) < n):
                     continue
                 trial.report(w * sum(chunk) / len(chunk), step)
                 reported.add(step)
-            offset += math.ceil(n / self.block)
+            offset += math.ceil(n / block)
