@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import optuna
 import pytest
+from test_distributed import postgres  # noqa: F401 (the fixture: a fresh database on the test server)
 
 from dmo.config import load_space, parse_space
 from dmo.errors import DmoError
@@ -77,8 +78,15 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder.scores
 
 
-def staged_space(root: Path, recorded: Path, pruner: str = "wilcoxon", sampler: str = "random", n: int = 24,
-                 stages: str = "[0.125, 0.25, 0.5, 1]", params: str = "{p_threshold: 0.2, block: 4}") -> Path:  # fmt: skip
+def staged_space(
+    root: Path,
+    recorded: Path,
+    pruner: str = "wilcoxon",
+    sampler: str = "random",
+    n: int = 24,
+    stages: str = "[0.125, 0.25, 0.5, 1]",
+    params: str = "{p_threshold: 0.2, block: 4}",
+) -> Path:
     for d in ("base", "ea", "eb", "ec"):
         (root / "models" / d).mkdir(parents=True, exist_ok=True)
     (root / "experts.yaml").write_text(
@@ -281,6 +289,51 @@ def test_correlate_uses_full_scores_only_and_says_so(tmp_path: Path) -> None:
     assert out.returncode == 0 and "counted as scores (--partial)" in out.stderr and "a-1+b-0" in out.stdout
     with pytest.raises(DmoError, match="must have status partial"):
         ScoreRow("proxy", "x", "b1", 0.5, items=3, items_total=40)
+
+
+WORKER = textwrap.dedent("""\
+    import sys
+    from dmo.config import load_space
+    from dmo.scoring.replay_backend import ReplayScorer
+    from dmo.search.study import study_paths
+    from dmo.search.trials import run_study
+
+    space_file, storage, index = sys.argv[1:4]
+    space = load_space(space_file)
+    own = space.scoring.backend_options()
+    run_study(space, ReplayScorer(own.table, nearest=True), study_paths(space, storage), progress=False,
+              worker_index=int(index))
+    """)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
+def test_two_workers_on_one_staged_study_score_no_item_twice(
+    kind: str, tmp_path: Path, recorded: Path, request: pytest.FixtureRequest
+) -> None:
+    folder = tmp_path / "results" / "st"
+    url = request.getfixturevalue("postgres") if kind == "postgres" else f"sqlite:///{folder / 'study.db'}"
+    space = staged_space(tmp_path, recorded, n=20)
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "DMO_RESULTS": str(tmp_path / "results")}
+    folder.mkdir(parents=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), str(space), url, str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-2000:]
+    study = optuna.load_study(study_name="st.random", storage=make_storage(url))
+    assert len(study.get_trials(states=(PRUNED, COMPLETE))) == 20 and study.get_trials(states=(PRUNED,))
+    assert {t.user_attrs.get("worker") for t in study.trials} and not scored_twice(folder)
+    assert study.best_trial.state == COMPLETE
 
 
 # ------------------------------------------------------------------------------------------------ bad input
