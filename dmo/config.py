@@ -296,6 +296,28 @@ class SamplerSpec(Strict):
         return {"name": value} if isinstance(value, str) else value
 
 
+class PrunerSpec(Strict):
+    """``pruner: wilcoxon`` or ``{name: hyperband, params: {...}}``: which Optuna pruner may stop a proxy between its
+    scoring stages (dmo/search/stages.py); ``none`` scores every proxy in full."""
+
+    name: str = "none"
+    params: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from dmo.search.stages import pruner_names
+
+        if v not in pruner_names():
+            raise ValueError(f"unknown pruner {v!r}: choose one of {', '.join(pruner_names())}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
 class ScoringSpec(Strict):
     """The options common to every backend (what :class:`dmo.scoring.base.ScoringContext` carries), and, under the
     chosen backend's name, that backend's own options, checked by the model of its registry entry
@@ -325,6 +347,23 @@ class ScoringSpec(Strict):
     #: Folders of one's own lmms-eval task YAMLs, put on lmms-eval's include path (relative paths start from the space
     #: file's folder); earlier folders win over later ones and over lmms-eval's built-in tasks of the same name.
     tasks: list[Path] = []
+    #: Stagewise scoring (dmo/search/stages.py): the fractions of each benchmark's items a proxy is scored on, in
+    #: stages, increasing and ending at 1 (a study's pruner may stop a proxy after any stage but the last); None: in
+    #: one go, or the default schedule when the space has a pruner.
+    stages: list[float] | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        from dmo.search.stages import check_stages
+
+        try:
+            return check_stages(v)
+        except DmoError as exc:
+            raise ValueError(str(exc)) from None
+
     #: Metric-map entries of one's own, ``{benchmark: {metric, filter, divide_by}}`` as in dmo/scoring/metrics.yaml,
     #: merged over the shipped map (an entry here replaces the shipped one of the same benchmark).
     metrics: dict[str, dict[str, Any]] = {}
@@ -410,6 +449,8 @@ class SearchSpace(Strict):
     #: how the study proposes mixtures
     sampler: SamplerSpec = Field(default=SamplerSpec(), validate_default=True)
     #: how models are scored
+    #: stop unpromising proxies early (a staged space: ``scoring.stages``)
+    pruner: PrunerSpec = PrunerSpec()
     scoring: ScoringSpec = ScoringSpec()
 
     @field_validator("objective")
@@ -504,6 +545,16 @@ class SearchSpace(Strict):
     @model_validator(mode="after")
     def _check_mixtures(self) -> SearchSpace:
         self.candidates()  # validates every explicit mixture against the domains now, not mid-study
+        return self
+
+    @model_validator(mode="after")
+    def _check_pruner(self) -> SearchSpace:
+        from dmo.search.stages import check_pruner_compatible
+
+        try:
+            check_pruner_compatible(self)
+        except DmoError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def candidates(self) -> list[Mixture]:

@@ -68,6 +68,16 @@ class SpaceFolder:
         return f"sqlite:///{self.study_db.resolve()}"
 
     @property
+    def item_order(self) -> Path:
+        """Each benchmark's fixed, seeded order of its items (dmo.scoring.items)."""
+        return self.root / "item_order.json"
+
+    @property
+    def items(self) -> Path:
+        """Per-item scores, one row per model, benchmark and scoring call (dmo.scoring.items)."""
+        return self.root / "items.jsonl"
+
+    @property
     def claims(self) -> Path:
         return self.root / ".claims"
 

@@ -7,6 +7,11 @@ last line, which readers skip. Reading gives a pandas DataFrame with one ``w_<do
 The table doubles as the score cache: a row's ``key`` hashes everything that determines the score
 (model fingerprint, benchmark, limit, generation settings, scorer version); a key already present with
 ``status == "ok"`` is never evaluated again.
+
+A proxy scored on part of a benchmark's items (a stage of a study with ``scoring.stages``, see
+:mod:`dmo.scoring.items`) gets a row with ``status == "partial"``: its ``items`` say how many items it covers, of
+``items_total``. Such a row is never a cached score, and every reader that keeps ``status == "ok"`` rows (correlate,
+compare, the report, calibration) leaves it out; :func:`partial_as_scores` is how a reader is told otherwise.
 """
 
 from __future__ import annotations
@@ -64,17 +69,26 @@ class ScoreRow:
     group: str = ""
     method: str = ""
     seed: int | None = None
-    status: Literal["ok", "failed"] = "ok"
+    status: Literal["ok", "failed", "partial"] = "ok"
     error: str = ""
     source: str = ""
     fingerprint: str = ""
     key: str = ""
     seconds: float | None = None
+    #: items of the benchmark this score covers, of ``items_total`` (None: scored in full, without item scores)
+    items: int | None = None
+    items_total: int | None = None
     time: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise DmoError(f"result kind must be one of {KINDS}, got {self.kind!r}")
+        partial = self.items is not None and self.items_total is not None and self.items < self.items_total
+        if partial != (self.status == "partial") and self.status != "failed":
+            raise DmoError(
+                f"a score of {self.mixture} on {self.benchmark} over {self.items} of {self.items_total} items must "
+                f"have status {'partial' if partial else 'ok'}, not {self.status!r}"
+            )
 
 
 def cache_key(**parts: Any) -> str:
@@ -104,7 +118,11 @@ class ResultsTable:
             fh.close()
 
     def append(self, rows: Iterable[ScoreRow]) -> None:
-        lines = "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in rows)
+        self.append_records(asdict(r) for r in rows)
+
+    def append_records(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append plain JSON records (rows of another table kept the same way, e.g. per-item scores)."""
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
         if not lines:
             return
         with self._locked("a") as fh:
@@ -178,7 +196,35 @@ def to_frame(records: list[dict[str, Any]], latest: bool = True) -> pd.DataFrame
         has_key = df["key"].fillna("").astype(str).str.len() > 0
         seed = df["seed"].map(lambda v: "" if pd.isna(v) else str(int(v)))
         ident = df["key"].where(has_key, df["kind"] + "|" + df["mixture"] + "|" + seed)
-        df = df.assign(_id=ident).drop_duplicates(subset=["_id", "benchmark"], keep="last").drop(columns="_id")
+        df = df.assign(_id=ident)
+        # a partial score never hides the full one of the same model and benchmark, whichever came last
+        full = set(zip(df["_id"][df["status"] == "ok"], df["benchmark"][df["status"] == "ok"]))
+        stale = (df["status"] == "partial") & pd.Series(
+            [k in full for k in zip(df["_id"], df["benchmark"])], index=df.index
+        )
+        df = df[~stale].drop_duplicates(subset=["_id", "benchmark"], keep="last").drop(columns="_id")
     weight_cols = sorted(c for c in df.columns if c.startswith("w_"))
     rest = [c for c in df.columns if c not in BASE_COLUMNS and c not in weight_cols]
     return df[BASE_COLUMNS[:3] + weight_cols + BASE_COLUMNS[3:] + rest].reset_index(drop=True)
+
+
+def partial_as_scores(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The frame with its partial rows (proxies scored on part of their items) counted as scores, for a reader told
+    to use them; and how many there were. A full row of the same model and benchmark wins over a partial one."""
+    partial = df["status"] == "partial"
+    if not partial.any():
+        return df, 0
+    import pandas as pd
+
+    seed = df["seed"].map(lambda v: "" if pd.isna(v) else str(int(v)))
+    ident = df["kind"].astype(str) + "|" + df["mixture"].astype(str) + "|" + seed + "|" + df["benchmark"].astype(str)
+    full = set(ident[df["status"] == "ok"])
+    use = partial & ~ident.isin(full)
+    out = df.copy()
+    out.loc[use, "status"] = "ok"
+    return out, int(use.sum())
+
+
+def partial_rows(df: pd.DataFrame) -> int:
+    """How many (model, benchmark) scores of the frame cover only part of their items (left out as partial)."""
+    return int((df["status"] == "partial").sum()) if "status" in df else 0

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from dmo.calibration import CalibrationPoints
+    from dmo.scoring.items import ItemStore
 
 
 #: what ``dmo score --targets`` may name: the references of a space (everything that is not a proxy)
@@ -141,6 +142,7 @@ class Session:
         # in groups, so that a backend that can score several targets together (vllm: one engine batch for several
         # LoRA-served models) does; each group is recorded as soon as it is scored
         step = max(1, self.scorer.max_batch)
+        store = self._item_store()
         for k in range(0, len(targets), step):
             group = list(targets[k : k + step])
             with contextlib.ExitStack() as claims:
@@ -149,10 +151,17 @@ class Session:
                 for key in dict.fromkeys(claim_key(self.scorer, t) for t in group):
                     claims.enter_context(scoring_claim(folder, key))
                 try:
-                    results = score_targets(
-                        self.scorer, self.table, group, self.space.benchmarks, group=self.space.name or "",
-                        on_evaluate=count,
-                    )  # fmt: skip
+                    if store is None:
+                        results = score_targets(
+                            self.scorer, self.table, group, self.space.benchmarks, group=self.space.name or "",
+                            on_evaluate=count,
+                        )  # fmt: skip
+                    else:  # a staged space keeps every model's item scores, in the one item order
+                        from dmo.scoring.items import score_items
+
+                        items = score_items(self.scorer, self.table, store, group, store.totals,
+                                            group=self.space.name or "", on_evaluate=count)  # fmt: skip
+                        results = [(i.means, i.errors) for i in items]
                 except TargetRefused:  # one by one, to keep the others
                     results = []
                     for t in group:
@@ -169,6 +178,15 @@ class Session:
             advance(len(group))
         return done
 
+    def _item_store(self) -> ItemStore | None:
+        from dmo.scoring.items import ItemStore
+        from dmo.search.stages import stages_of
+
+        if not stages_of(self.space):
+            return None
+        assert self.space.name is not None
+        return ItemStore.open(SpaceFolder.for_space(self.space.name), self.scorer, self.space.benchmarks)
+
     def run_study(
         self,
         n_trials: int | None = None,
@@ -184,6 +202,49 @@ class Session:
             self.space, self.scorer, paths, n_trials=n_trials, progress=progress, batch=study_batch(self.scorer, batch),
             objective=objective or self.objective(),
         )  # fmt: skip
+
+    def rescore_pruned(
+        self, storage: str | None = None, study_name: str | None = None, progress: bool = True
+    ) -> list[tuple[str, float | None, float]]:
+        """Score in full the proxies the space's study pruned, each continuing from its last scored item (item
+        scores are never computed twice); returns (mixture, partial value, full value) per pruned mixture. The
+        trials stay pruned in the study (Optuna's finished trials do not change); the full scores go to the results
+        table, where every reader finds them."""
+        import optuna
+
+        from dmo.scoring.items import score_items
+        from dmo.search.stages import ITEMS_ATTR
+        from dmo.search.storage import make_storage, storage_errors
+        from dmo.search.study import MIXTURE_ATTR
+
+        paths = study_paths(self.space, storage, study_name)
+        with storage_errors(paths.storage):
+            try:
+                study = optuna.load_study(study_name=paths.study_name, storage=make_storage(paths.storage))
+            except KeyError:
+                raise DmoError(
+                    f"no study {paths.study_name!r} in {paths.storage}: pass the --study-name (and --storage) of the "
+                    "study whose pruned proxies to score"
+                ) from None
+            pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+        mixtures: dict[str, float | None] = {}
+        for t in pruned:
+            if ITEMS_ATTR in t.user_attrs and MIXTURE_ATTR in t.user_attrs:
+                mixtures.setdefault(t.user_attrs[MIXTURE_ATTR], t.value)
+        from dmo.scoring.items import ItemStore
+
+        store = ItemStore.open(paths.folder, self.scorer, self.space.benchmarks)
+        make, out = proxy_target(self.space), []
+        with progress_bar(enabled=progress) as bar:
+            task = bar.add_task("pruned proxies, in full", total=len(mixtures))
+            for label, partial in mixtures.items():
+                target = make(Mixture.parse(label, self.space.domains))
+                (res,) = score_items(self.scorer, self.table, store, [target], store.totals, self.space.name or "")
+                if res.errors:
+                    raise DmoError(f"scoring {label} in full failed: {next(iter(res.errors.values()))}")
+                out.append((label, partial, float(self.space.objective(res.means))))
+                bar.advance(task)
+        return out
 
 
 @dataclass

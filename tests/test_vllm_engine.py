@@ -362,3 +362,45 @@ def test_a_study_runs_for_every_registered_merge_method(world: SimpleNamespace, 
     refused = {m: o for m, o in outcomes.items() if isinstance(o, str)}
     assert set(refused) <= {"fisher", "fisher_nn"}, refused  # only the methods that need Fisher weights
     assert all("fisher" in text and "\n" not in text for text in refused.values()), refused
+
+
+def test_item_scores_are_hf_s_and_a_written_proxy_stays_in_the_engine_between_stages(
+    engine: VLLMScorer, hf: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-item scores of the same proxies on the same item order: the engine's (over two stages) are the hf
+    backend's (in one call), item by item, and average to the engine's full score; the written proxy's second stage
+    writes nothing."""
+    from dmo.scoring.items import item_order
+    from dmo.scoring.metrics import task_of
+
+    totals = {b: engine.item_count(b) for b in BENCHMARKS}
+    assert totals == {b: hf.item_count(b) for b in BENCHMARKS} and min(totals.values()) >= 8
+    orders = {b: item_order(task_of(b), n) for b, n in totals.items()}
+    first = {b: o[: len(o) // 4] for b, o in orders.items()}
+    rest = {b: o[len(o) // 4 :] for b, o in orders.items()}
+    for target, route in (
+        (proxy({"general": 0.5, "ocr": 0.5}, "ties", density=0.5), "write"),
+        (proxy({"general": 0.3, "ocr": 0.7}), "adapter"),
+    ):
+        assert engine.route(target) == route
+        a = engine.evaluate_items(target, first)
+        calls: list[str] = []
+        llm = engine.lmm.llm
+
+        def recorded(method: str, *args: Any, _real: Any = llm.collective_rpc, _calls: list = calls, **kw: Any) -> Any:
+            _calls.append(method)
+            return _real(method, *args, **kw)
+
+        real = llm.collective_rpc
+        monkeypatch.setattr(llm, "collective_rpc", recorded)
+        b = engine.evaluate_items(target, rest)
+        monkeypatch.setattr(llm, "collective_rpc", real)
+        assert "dmo_write" not in calls, calls  # the proxy stayed in the engine between its stages
+        assert not a.errors and not b.errors, (a.errors, b.errors)
+        reference = hf.evaluate_items(target, orders)
+        full = engine.evaluate(target, BENCHMARKS).scores
+        for bench in BENCHMARKS:
+            mine = {**a.scores[bench], **b.scores[bench]}
+            assert mine == reference.scores[bench], f"{route}: {bench}"
+            assert set(mine) == set(range(totals[bench]))
+            assert abs(sum(mine.values()) / len(mine) - full[bench]) < 1e-12

@@ -507,12 +507,19 @@ def build_report(
         f"{n} {kind}"
         for kind, n in ok.drop_duplicates(["kind", "mixture", "seed"])["kind"].value_counts().sort_index().items()
     )
-    failed = int((df["status"] != "ok").sum())
+    failed = int((df["status"] == "failed").sum())
+    partial = int((df["status"] == "partial").sum())
     overview = Section(
         "Overview",
         [
             f"<p>Results table <code>{html.escape(str(path))}</code>: {len(ok)} scores "
             f"({html.escape(counts or 'none')} models){f', {failed} failed evaluations' if failed else ''}.</p>"
+            + (
+                f"<p>Full scores only: {partial} partial scores (proxies a pruner stopped, scored on part of their "
+                "items) are left out of every table and figure; <code>dmo rescore</code> scores them in full.</p>"
+                if partial
+                else ""
+            )
         ],
     )
     sections.append(overview)

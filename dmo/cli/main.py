@@ -175,6 +175,30 @@ def score(
 
 
 @app.command()
+def rescore(
+    space_file: Annotated[Path, typer.Argument(metavar="SPACE", help="Search space YAML of the study.")],
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite).")] = None,
+    study_name: Annotated[str | None, typer.Option(help="Default: <space>.<sampler>.")] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="The study's sampler, if not the space's (its default name).")
+    ] = None,
+) -> None:
+    """Score in full the proxies a study's pruner stopped, continuing from their last scored item."""
+    from rich.table import Table
+
+    from dmo.session import Session
+
+    session = Session.open(space_file, sampler=sampler)
+    rows = session.rescore_pruned(storage=storage, study_name=study_name)
+    table = Table(title=f"{len(rows)} pruned proxies scored in full", title_justify="left")
+    for col in ("mixture", "partial value", "full value"):
+        table.add_column(col, justify="left" if col == "mixture" else "right")
+    for label, partial, full in sorted(rows, key=lambda r: -r[2]):
+        table.add_row(label, "-" if partial is None else f"{partial:.4f}", f"{full:.4f}")
+    console.print(table)
+
+
+@app.command()
 def correlate(
     results: Annotated[Path, typer.Argument(help="A results folder (results/<space>) or its scores.jsonl.")],
     fmt: Annotated[str, typer.Option("--format", help="table, markdown, csv or json.")] = "table",
@@ -189,6 +213,7 @@ def correlate(
             "benchmarks/proxy_fidelity.py chose, DEFAULT_CALIBRATION in dmo/calibration.py)."
         ),
     ] = None,
+    partial: Annotated[bool, typer.Option("--partial", help=_PARTIAL_HELP)] = False,
 ) -> None:
     """Rank correlation of proxy scores with trained-mixture scores, per benchmark, with baselines."""
     from dmo.analysis.correlate import correlate as run
@@ -197,20 +222,32 @@ def correlate(
 
     check_score_calibration(calibration or DEFAULT_CALIBRATION)
     table = run(
-        _results_frame(results), n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k,
+        _results_frame(results, partial), n_boot=n_boot, seed=seed, n_perm=n_perm, k=top_k,
         calibration=calibration or DEFAULT_CALIBRATION,
     )  # fmt: skip
     render_correlation(console, table, fmt)
 
 
-def _results_frame(results: Path):
+_PARTIAL_HELP = "Count partial scores (proxies a pruner stopped, on part of their items) as scores."
+
+
+def _results_frame(results: Path, partial: bool = False):
     from dmo.paths import scores_path
-    from dmo.results import ResultsTable
+    from dmo.results import ResultsTable, partial_as_scores, partial_rows
 
     path = scores_path(results)
     if not path.exists():
         raise DmoError(f"no results table at {path}: run 'dmo study' or 'dmo demo' first")
-    return ResultsTable(path).frame()
+    frame = ResultsTable(path).frame()
+    if partial:
+        frame, n = partial_as_scores(frame)
+        if n:
+            err.print(f"note: {n} partial scores counted as scores (--partial): each is the mean of a proxy's first "
+                      "items only, not its full score", highlight=False)  # fmt: skip
+    elif n := partial_rows(frame):
+        err.print(f"note: full scores only; {n} partial scores (proxies a pruner stopped) are left out: --partial "
+                  "counts them, 'dmo rescore SPACE' scores them in full", highlight=False)  # fmt: skip
+    return frame
 
 
 @app.command()
@@ -221,12 +258,14 @@ def compare(
     all_mixtures: Annotated[
         bool, typer.Option("--all", help="Also list mixtures that have only a proxy or only a trained score.")
     ] = False,
+    partial: Annotated[bool, typer.Option("--partial", help=_PARTIAL_HELP)] = False,
 ) -> None:
     """Proxy and trained score side by side per mixture and benchmark, sorted, with ranks."""
     from dmo.analysis.compare import compare as run
     from dmo.analysis.tables import render_compare
 
-    render_compare(console, run(_results_frame(results), benchmark=benchmark, include_all=all_mixtures), fmt)
+    frame = _results_frame(results, partial)
+    render_compare(console, run(frame, benchmark=benchmark, include_all=all_mixtures), fmt)
 
 
 @app.command()

@@ -66,6 +66,16 @@ class Evaluation:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class ItemEvaluation:
+    """A backend's answer for some items of one target: each item's score (by its document id in the benchmark's
+    evaluation split), per benchmark, and errors for the benchmarks that failed."""
+
+    scores: dict[str, dict[int, float]]
+    metrics: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
 class TargetRefused(DmoError):
     """A backend cannot score this one target (a replay: it was not recorded); it may still score others."""
 
@@ -184,6 +194,27 @@ class Scorer(abc.ABC):
 
     def check(self, benchmarks: Sequence[str]) -> None:  # noqa: B027 (a default that accepts everything)
         """Refuse, with a DmoError, benchmarks this backend cannot score (before any study opens)."""
+
+    def item_count(self, benchmark: str) -> int:
+        """How many items (documents) ``benchmark`` scores, ``limit`` applied: the items a stage scores part of."""
+        raise DmoError(
+            f"the {self.name or type(self).__name__} backend does not score single items: use the hf, vllm or replay "
+            "backend, or drop scoring.stages and the pruner"
+        )
+
+    def evaluate_items(self, target: Target, items: Mapping[str, Sequence[int]]) -> ItemEvaluation:
+        """Score ``target`` on these items only (document ids per benchmark); each item's score, whose mean over
+        all of a benchmark's items is its score."""
+        raise DmoError(
+            f"the {self.name or type(self).__name__} backend does not score single items: use the hf, vllm or replay "
+            "backend, or drop scoring.stages and the pruner"
+        )
+
+    def evaluate_items_many(
+        self, targets: Sequence[Target], items: Mapping[str, Sequence[int]]
+    ) -> list[ItemEvaluation]:
+        """:meth:`evaluate_items` for several targets (the same items); ``max_batch > 1`` backends do better."""
+        return [self.evaluate_items(t, items) for t in targets]
 
     def evaluate_many(self, targets: Sequence[Target], benchmarks: Sequence[str]) -> list[Evaluation]:
         """Score several targets in one call; backends with ``max_batch > 1`` do better than this loop."""

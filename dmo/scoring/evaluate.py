@@ -168,7 +168,9 @@ def _flatten_paths(value: Any) -> Iterator[str]:
             yield from _flatten_paths(v)
 
 
-def _simple_evaluate(lmm: Any, benchmarks: Sequence[str], task_manager: Any, limit: int | None) -> dict | None:
+def _simple_evaluate(
+    lmm: Any, benchmarks: Sequence[Any], task_manager: Any, limit: int | None, log_samples: bool = False
+) -> dict | None:
     from lmms_eval.evaluator import simple_evaluate
 
     # lmms-eval reseeds python, numpy and torch on every call (as its CLI does, so answers match a CLI run);
@@ -183,7 +185,7 @@ def _simple_evaluate(lmm: Any, benchmarks: Sequence[str], task_manager: Any, lim
                 task_manager=task_manager,
                 use_cache=None,  # lmms-eval's response cache keys the model by str(model); dmo caches scores itself
                 cache_requests=False,
-                log_samples=False,
+                log_samples=log_samples,
                 bootstrap_iters=0,  # no stderr: dmo needs the point score, and bootstrapping is slow
                 verbosity="ERROR",
                 process_docs_parallel=1,  # scoring a few short answers is faster than starting threads
@@ -252,3 +254,155 @@ def _quiet_lmms_eval() -> Iterator[None]:
 def _silent_bar(bar: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs["disable"] = True
     return bar(*args, **kwargs)
+
+
+def evaluate_items(
+    lmm: Any,
+    items: Mapping[str, Sequence[int]],
+    include_path: IncludePath,
+    limit: int | None = None,
+    *,
+    metric_map: Mapping[str, MetricSpec] | None = None,
+) -> dict[str, dict[int, float]]:
+    """Evaluate ``lmm`` on some items of each benchmark only: ``{benchmark: {document id: item score}}``.
+
+    An item's score is its metric value, divided as the benchmark's score is; the benchmark's score is the mean of
+    its items' scores, so a benchmark whose metric lmms-eval aggregates otherwise (an F1, a mean over categories) is
+    refused. The task's evaluation split is cut to the asked documents (in document order) before lmms-eval builds its
+    requests, so nothing else is generated; ``limit`` bounds the document ids as it bounds a full run.
+    """
+    benchmarks = list(items)
+    if not benchmarks:
+        raise DmoError("no benchmarks given: name at least one lmms-eval task to evaluate")
+    specs = {b: metric_spec(b, metric_map) for b in benchmarks}
+    wanted: dict[str, set[int]] = {}
+    for b in benchmarks:
+        wanted.setdefault(task_of(b), set()).update(int(d) for d in items[b])
+    tasks = list(wanted)
+    task_manager = task_manager_for(tasks, include_path)
+    with _quiet_lmms_eval():
+        _check_local_data(task_manager, tasks)
+        loaded = _leaf_task_objects(task_manager, tasks)
+        chosen = {}
+        for name, task in loaded.items():
+            n = _doc_count(task, limit)
+            ids = sorted(wanted[name])
+            if ids and (ids[0] < 0 or ids[-1] >= n):
+                raise DmoError(f"benchmark {name!r} has {n} items (documents 0..{n - 1}): item {ids[-1]} is not one")
+            _check_mean(name, task, [s for b, s in specs.items() if task_of(b) == name])
+            _select_docs(task, ids)
+            chosen[name] = ids
+        results = _simple_evaluate(lmm, list(loaded.values()), task_manager, None, log_samples=True)
+    if results is None:
+        raise DmoError("lmms-eval returned no results: run dmo's evaluation in a single process")
+    out: dict[str, dict[int, float]] = {}
+    for b in benchmarks:
+        task, spec = task_of(b), specs[b]
+        per_doc = _sample_values(b, results.get("samples", {}).get(task, []), spec, _filter_names(loaded[task]))
+        ids = chosen[task]
+        out[b] = {ids[pos]: value for pos, value in per_doc.items()}
+        lost = sorted(set(int(d) for d in items[b]) - set(out[b]))
+        if lost:
+            raise DmoError(f"lmms-eval returned no score for item {lost[0]} of {b!r}")
+        out[b] = {int(d): out[b][int(d)] for d in items[b]}
+    return out
+
+
+def count_items(benchmark: str, include_path: IncludePath, limit: int | None = None) -> int:
+    """How many items (documents of the evaluation split) a benchmark scores, ``limit`` applied."""
+    task = task_of(benchmark)
+    task_manager = task_manager_for([task], include_path)
+    with _quiet_lmms_eval():
+        _check_local_data(task_manager, [task])
+        loaded = _leaf_task_objects(task_manager, [task])
+    return _doc_count(loaded[task], limit)
+
+
+def _leaf_task_objects(task_manager: Any, tasks: Sequence[str]) -> dict[str, Any]:
+    from lmms_eval.tasks import get_task_dict
+
+    found = get_task_dict(list(tasks), task_manager)
+    out = {}
+    for name in tasks:
+        task = found.get(name)
+        if task is None or isinstance(task, dict) or not hasattr(task, "eval_docs"):
+            raise DmoError(
+                f"benchmark {name!r} is a group of tasks: item-level scoring (scoring.stages) needs single tasks; "
+                "list its tasks as benchmarks instead"
+            )
+        out[name] = task
+    return out
+
+
+def _doc_count(task: Any, limit: int | None) -> int:
+    n = len(task.eval_docs)
+    return min(n, limit) if limit else n
+
+
+def _split(task: Any) -> str:
+    return task.config.test_split if task.has_test_docs() else task.config.validation_split
+
+
+def _select_docs(task: Any, ids: Sequence[int]) -> None:
+    """Cut the task's evaluation split to these documents: lmms-eval then builds requests for them only (the model
+    reads documents through the same, cut dataset, so a request's document id is its position in ``ids``)."""
+    split = _split(task)
+    task.dataset[split] = task.dataset[split].select(list(ids))
+    if task.dataset_no_image is not task.dataset:
+        task.dataset_no_image[split] = task.dataset_no_image[split].select(list(ids))
+
+
+def _check_mean(name: str, task: Any, specs: Sequence[MetricSpec]) -> None:
+    aggregation = task.aggregation() or {}
+    for spec in specs:
+        for key in spec.keys:
+            fn = aggregation.get(key)
+            if getattr(fn, "__name__", "") != "mean":
+                raise DmoError(
+                    f"benchmark {name!r} aggregates {key!r} by {getattr(fn, '__name__', fn)!r}, not a mean of its "
+                    "items: score it without stages (drop scoring.stages and the pruner)"
+                )
+
+
+def _filter_names(task: Any) -> list[str]:
+    filters = task.config.filter_list
+    return [str(f.get("name", "none")) for f in filters] if filters else ["none"]
+
+
+def _sample_values(
+    benchmark: str, samples: Sequence[Mapping[str, Any]], spec: MetricSpec, filters: Sequence[str]
+) -> dict[int, float]:
+    """Each document's score from lmms-eval's logged samples (one run of the documents per filter, in order)."""
+    if spec.filter not in filters:
+        raise DmoError(f"benchmark {benchmark!r} has no filter {spec.filter!r} (its filters: {list(filters)})")
+    which = filters.index(spec.filter)
+    seen: dict[int, int] = {}
+    out: dict[int, float] = {}
+    for sample in samples:
+        pos = int(sample["doc_id"])
+        k = seen.get(pos, 0)
+        seen[pos] = k + 1
+        if k != which:
+            continue
+        total = 0.0
+        for key in spec.keys:
+            value = sample.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DmoError(
+                    f"benchmark {benchmark!r} gives item scores of {key!r} as {type(value).__name__}, not numbers: "
+                    "score it without stages (drop scoring.stages and the pruner)"
+                )
+            total += float(value)
+        out[pos] = total / spec.divide_by
+    return out
+
+
+def refuse_loss_items(benchmark: str) -> None:
+    """A ``loss:<domain>`` benchmark has no items to score in stages: refused in one line."""
+    from dmo.scoring.loss import split_benchmarks
+
+    if split_benchmarks([benchmark])[1]:
+        raise DmoError(
+            f"{benchmark!r} is a validation loss, which has no items to score in stages: drop scoring.stages and the "
+            "pruner, or the loss benchmark"
+        )

@@ -29,8 +29,8 @@ from dmo.merge.names import KeyMap
 from dmo.merge.plans import open_input_checkpoint
 from dmo.merge.proxy import robust_adapter
 from dmo.merge.registry import get_method, merge_deltas
-from dmo.scoring.base import Evaluation, Scorer, ScoringContext, Target
-from dmo.scoring.evaluate import evaluate
+from dmo.scoring.base import Evaluation, ItemEvaluation, Scorer, ScoringContext, Target
+from dmo.scoring.evaluate import count_items, evaluate, evaluate_items, refuse_loss_items
 from dmo.scoring.lmms_model import DmoLMM, load_pretrained
 from dmo.scoring.loss import METRIC as LOSS_METRIC
 from dmo.scoring.loss import ValidationLoss, score_of, split_benchmarks
@@ -78,6 +78,7 @@ class HFScorer(Scorer):
         self._inputs: dict[str, dict[str, torch.Tensor]] = {}  # Fisher weights per expert (fisher, fisher_nn)
         self._banks: dict[str, ExpertBank] = {}  # full experts (with or without Fisher inputs), full trained models
         self.loss = ValidationLoss(manifest, limit, batch_size)  # loss:<domain> benchmarks
+        self._live: tuple[str, dict[str, torch.Tensor] | None] | None = None  # the last proxy's delta, between stages
 
     @cached_property
     def lmm(self) -> DmoLMM:
@@ -269,6 +270,29 @@ class HFScorer(Scorer):
                         dict.fromkeys(losses, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                     )
             return result
+        finally:
+            lmm.clear_proxy()
+
+    def item_count(self, benchmark: str) -> int:
+        refuse_loss_items(benchmark)
+        return count_items(benchmark, self.include_path, self.limit)
+
+    def evaluate_items(self, target: Target, items: Mapping[str, Sequence[int]]) -> ItemEvaluation:
+        for b in items:
+            refuse_loss_items(b)
+        fp = self.fingerprint(target)
+        if self._live is None or self._live[0] != fp:  # a proxy's next stage reuses its merged delta
+            self._live = None
+            self._live = (fp, self._delta(target))
+        lmm = self.lmm
+        lmm.set_proxy(self._live[1], fp)
+        try:
+            return ItemEvaluation(evaluate_items(lmm, items, self.include_path, self.limit, metric_map=self.metric_map))
+        except DmoError:
+            raise
+        except Exception as exc:  # recorded as failed rows, with the reason
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return ItemEvaluation({}, errors=dict.fromkeys(items, why))
         finally:
             lmm.clear_proxy()
 

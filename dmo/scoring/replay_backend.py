@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.results import ResultsTable
 from dmo.scoring.backends import ReplayOptions
-from dmo.scoring.base import Evaluation, Scorer, ScoringContext, Target, TargetRefused
+from dmo.scoring.base import Evaluation, ItemEvaluation, Scorer, ScoringContext, Target, TargetRefused
 
 
 @dataclass
@@ -40,6 +40,8 @@ class _Recorded:
     weights: dict[str, float] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
+    #: per-item scores (by document id) per benchmark, from the recorded ``items.jsonl`` beside the table
+    items: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 class ReplayScorer(Scorer):
@@ -91,6 +93,7 @@ class ReplayScorer(Scorer):
             entry.scores[bench] = float(score)  # file order: the newest row wins
             entry.metrics[bench] = str(rec.get("metric") or "")
             self.benchmarks.add(bench)
+        self._read_items(path.parent)
         if not self.benchmarks:
             raise DmoError(f"replay table {path} holds no successful scores: record some first")
         #: target label -> (recorded mixture id, distance) for every proxy answered by a neighbour.
@@ -124,6 +127,46 @@ class ReplayScorer(Scorer):
             {b: entry.scores[b] for b in benchmarks}, metrics={b: entry.metrics.get(b, "") for b in benchmarks}
         )
 
+    def _read_items(self, folder: Path) -> None:
+        """The recorded per-item scores and item counts (``items.jsonl``, ``item_order.json``), where recorded."""
+        from dmo.paths import SpaceFolder
+        from dmo.scoring.items import ItemOrders, ItemTable
+
+        space = SpaceFolder(folder)
+        self.item_totals = {t: int(e["items"]) for t, e in ItemOrders(space.item_order).read().items()}
+        if not space.items.exists():
+            return
+        digest = hashlib.sha256(space.items.read_bytes()).hexdigest()[:16]
+        self.digest = hashlib.sha256(f"{self.digest}:{digest}".encode()).hexdigest()[:16]
+        for rec in ItemTable(space.items).rows():
+            label, bench = str(rec.get("mixture", "")), str(rec.get("benchmark", ""))
+            if rec.get("kind") == "proxy":
+                key: Any = (str(rec.get("method") or ""), label)
+                entry = self._proxies.setdefault(key, _Recorded(label, dict(rec.get("weights") or {})))
+            else:
+                key = (str(rec.get("kind")), label, rec.get("seed"))
+                entry = self._models.setdefault(key, _Recorded(label))
+            entry.items.setdefault(bench, {}).update({int(d): float(v) for d, v in (rec.get("items") or {}).items()})
+            self.benchmarks.add(bench)
+
+    def item_count(self, benchmark: str) -> int:
+        task = benchmark.split("/", 1)[0]
+        if task not in self.item_totals:
+            raise DmoError(
+                f"replay table {self.path} has no item order for {benchmark!r} beside it (item_order.json): record "
+                "the benchmark with scoring.stages, or replay without stages"
+            )
+        return self.item_totals[task]
+
+    def evaluate_items(self, target: Target, items: Mapping[str, Sequence[int]]) -> ItemEvaluation:
+        self.check(list(items))
+        self.calls.append(target.label)
+        entry = self._lookup(target, list(items), lambda e, _: _missing_items(e, items))
+        return ItemEvaluation(
+            {b: {int(d): entry.items[b][int(d)] for d in ids} for b, ids in items.items()},
+            metrics={b: entry.metrics.get(b, "") for b in items},
+        )
+
     # ---------------------------------------------------------------------------------------------- lookups
 
     #: Targets answered in one call: any number (a table look-up), so studies with ``--batch`` can be replayed.
@@ -137,7 +180,13 @@ class ReplayScorer(Scorer):
                 out.append(Mixture.from_mapping(entry.weights, domains, tolerance=1e-5))
         return out
 
-    def _lookup(self, target: Target, benchmarks: Sequence[str]) -> _Recorded:
+    def _lookup(
+        self,
+        target: Target,
+        benchmarks: Sequence[str],
+        missing_of: Callable[[_Recorded | None, Sequence[str]], list[str]] | None = None,
+    ) -> _Recorded:
+        _missing = missing_of or _missing_scores
         if target.kind != "proxy":
             key = (target.kind, target.label, target.seed)
             entry = self._models.get(key)
@@ -154,7 +203,7 @@ class ReplayScorer(Scorer):
         if not _missing(exact, benchmarks):
             assert exact is not None
             return exact
-        near = self._nearest(target, benchmarks)
+        near = self._nearest(target, benchmarks, _missing)
         if self.nearest and near is not None:
             entry, distance = near
             self.matches[target.label] = (entry.label, distance)
@@ -171,7 +220,12 @@ class ReplayScorer(Scorer):
             f"on {list(benchmarks)}; {hint}"
         )
 
-    def _nearest(self, target: Target, benchmarks: Sequence[str]) -> tuple[_Recorded, float] | None:
+    def _nearest(
+        self,
+        target: Target,
+        benchmarks: Sequence[str],
+        _missing: Callable[[_Recorded | None, Sequence[str]], list[str]],
+    ) -> tuple[_Recorded, float] | None:
         assert target.mixture is not None
         want = target.mixture.as_dict()
         best: tuple[float, str, _Recorded] | None = None
@@ -184,7 +238,13 @@ class ReplayScorer(Scorer):
         return None if best is None else (best[2], best[0])
 
 
-def _missing(entry: _Recorded | None, benchmarks: Sequence[str]) -> list[str]:
+def _missing_scores(entry: _Recorded | None, benchmarks: Sequence[str]) -> list[str]:
     if entry is None:
         return list(benchmarks)
     return [b for b in benchmarks if b not in entry.scores]
+
+
+def _missing_items(entry: _Recorded | None, items: Mapping[str, Sequence[int]]) -> list[str]:
+    if entry is None:
+        return list(items)
+    return [b for b, ids in items.items() if any(int(d) not in entry.items.get(b, {}) for d in ids)]

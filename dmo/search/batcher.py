@@ -19,6 +19,7 @@ from typing import Any
 
 from dmo.results import ResultsTable
 from dmo.scoring.base import Scorer, Target, score_targets
+from dmo.scoring.items import ItemScores, ItemStore, score_items
 
 #: How long a trial's target waits for the others of its batch before it is scored with whatever has arrived.
 GATHER_SECONDS = 2.0
@@ -27,7 +28,9 @@ GATHER_SECONDS = 2.0
 @dataclass
 class _Request:
     target: Target
-    result: tuple[dict[str, float], dict[str, str]] | None = None
+    #: a stage of a staged trial: items per benchmark (None: the whole benchmarks, the plain path)
+    sizes: dict[str, int] | None = None
+    result: Any = None
     error: BaseException | None = None
     done: bool = field(default=False)
 
@@ -43,7 +46,9 @@ class Batcher:
         group: str = "",
         on_evaluate: Callable[[Target], None] | None = None,
         gather_seconds: float = GATHER_SECONDS,
+        store: ItemStore | None = None,
     ) -> None:
+        self.store = store
         self.scorer, self.table, self.benchmarks = scorer, table, list(benchmarks)
         self.group, self.on_evaluate, self.gather_seconds = group, on_evaluate, gather_seconds
         self._cond = threading.Condition()
@@ -70,7 +75,16 @@ class Batcher:
 
     def score(self, target: Target) -> tuple[dict[str, float], dict[str, str]]:
         """(scores, errors) of ``target``, scored together with the targets of the other trials in flight."""
-        request = _Request(target)
+        result: tuple[dict[str, float], dict[str, str]] = self._wait(_Request(target))
+        return result
+
+    def score_items(self, target: Target, sizes: dict[str, int]) -> ItemScores:
+        """A stage of ``target`` (``sizes`` items per benchmark), scored with the other trials in flight at the same
+        stage (:func:`dmo.scoring.items.score_items`)."""
+        result: ItemScores = self._wait(_Request(target, dict(sizes)))
+        return result
+
+    def _wait(self, request: _Request) -> Any:
         with self._cond:
             self._pending.append(request)
             self._cond.notify_all()
@@ -91,15 +105,29 @@ class Batcher:
         batch, self._pending = self._pending, []
         self._scoring = True
         self._cond.release()
+        # requests of one stage go to the backend together: the plain ones, and those of each stage size apart
+        stages: dict[tuple[tuple[str, int], ...] | None, list[_Request]] = {}
+        for r in batch:
+            stages.setdefault(None if r.sizes is None else tuple(sorted(r.sizes.items())), []).append(r)
         try:
-            results: list[Any] = score_targets(
-                self.scorer, self.table, [r.target for r in batch], self.benchmarks, self.group, self.on_evaluate
-            )
-            for r, res in zip(batch, results):
-                r.result = res
+            for sizes, requests in stages.items():
+                targets = [r.target for r in requests]
+                results: list[Any]
+                if sizes is None:
+                    results = score_targets(
+                        self.scorer, self.table, targets, self.benchmarks, self.group, self.on_evaluate
+                    )
+                else:
+                    assert self.store is not None, "a staged trial needs the batcher's item store"
+                    results = score_items(
+                        self.scorer, self.table, self.store, targets, dict(sizes), self.group, self.on_evaluate
+                    )
+                for r, res in zip(requests, results):
+                    r.result = res
         except BaseException as exc:
             for r in batch:
-                r.error = exc
+                if r.result is None:
+                    r.error = exc
         finally:
             self._cond.acquire()
             for r in batch:

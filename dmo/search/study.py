@@ -109,7 +109,9 @@ log = logging.getLogger("dmo.study")
 
 def space_hash(space: SearchSpace) -> str:
     """What a study's results depend on; the sampler and the trial count may change between runs."""
-    relevant = space.model_dump(mode="json", exclude={"sampler", "name"})
+    # the pruner and the stage schedule decide how much of a proxy is scored, not what a full score is
+    relevant = space.model_dump(mode="json", exclude={"sampler", "name", "pruner"})
+    relevant["scoring"].pop("stages", None)
     if relevant["objective"].get("calibrate") is None:  # spaces from before calibration keep their studies
         relevant["objective"].pop("calibrate", None)
     if relevant["objective"].get("pareto") is None:  # and spaces from before multi-objective studies and constraints
@@ -143,6 +145,7 @@ def open_study(
     worker_index: int | None = None,
     heartbeat: Heartbeat | None = None,
     threads: bool = False,
+    pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
     """Create the study, or join it once its creator has set it up, if it was made for the same space.
 
@@ -160,7 +163,7 @@ def open_study(
             created = False
         seed = worker_seed(space.sampler.seed, worker_index, created)
         sampler = make_sampler(space.sampler.name, seed, space.sampler.params, sampler_constraints(space))
-        study = optuna.load_study(study_name=paths.study_name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=paths.study_name, storage=storage, sampler=sampler, pruner=pruner)
         if created:
             study.set_user_attr(INIT_ATTR, "started")
             _initialise(study, space)

@@ -28,10 +28,12 @@ from dmo.errors import DmoError
 from dmo.mixture import Mixture
 from dmo.progress import progress_bar
 from dmo.scoring.base import Scorer, Target, score_target
+from dmo.scoring.items import ItemScores, ItemStore, score_items
 from dmo.search.batcher import Batcher
 from dmo.search.claims import claim_key, scoring_claim
 from dmo.search.ledger import Ledger, is_retry, lineage
 from dmo.search.optuna_private import BaseHeartbeat, quiet_experimental, study_storage, told_a_finished_trial, trial_id
+from dmo.search.stages import ITEMS_ATTR, PARTIAL_ATTR, StagedScoring, StagePruned, make_pruner, stages_of
 from dmo.search.storage import MAX_RETRY, Heartbeat, storage_errors
 from dmo.search.study import (
     ABORTED_ATTR,
@@ -182,10 +184,13 @@ def run_study(
     preflight(space, scorer, make_target)
     if thresholds is None:
         thresholds = resolve_thresholds(space, scorer, paths.table)
-    study = open_study(space, paths, worker_index=worker_index, heartbeat=hb, threads=batch > 1)
+    # a staged space: each benchmark's item order (drawn once, kept with the results) and the pruner, before the study
+    store = ItemStore.open(paths.folder, scorer, space.benchmarks) if stages_of(space) else None
+    pruner = make_pruner(space, store.totals) if store is not None else None
+    study = open_study(space, paths, worker_index=worker_index, heartbeat=hb, threads=batch > 1, pruner=pruner)
     record_thresholds(study, thresholds)
     worker = _TrialLoop(
-        study, space, scorer, paths, n_trials or space.sampler.n_trials, make_target, hb, batch, objective
+        study, space, scorer, paths, n_trials or space.sampler.n_trials, make_target, hb, batch, objective, store
     )
     worker.thresholds = list(thresholds)
     with storage_errors(paths.storage):
@@ -207,13 +212,20 @@ class _TrialLoop:
         hb: Heartbeat,
         batch: int = 1,
         objective: ScoreObjective | None = None,
+        store: ItemStore | None = None,
     ) -> None:
         self.study, self.space, self.scorer, self.paths = study, space, scorer, paths
         self.value = objective
         self.batch = batch
         self.batcher = (
-            Batcher(scorer, paths.table, space.benchmarks, space.name or "", self._count) if batch > 1 else None
+            Batcher(scorer, paths.table, space.benchmarks, space.name or "", self._count, store=store)
+            if batch > 1
+            else None
         )
+        self.store = store
+        self.staged: StagedScoring | None = None
+        if store is not None:  # the value a stage reports: the study's objective of the partial scores
+            self.staged = StagedScoring.for_space(space, store.orders, space.objective)
         self.grid = space.sampler.name == "grid"
         self.target = target
         self.make_target = make_target
@@ -376,7 +388,15 @@ class _TrialLoop:
             target = self.make_target(mixture)
             waited = lambda: trial.set_user_attr(CLAIM_WAIT_ATTR, True)  # noqa: E731
             with scoring_claim(self.paths.folder, claim_key(self.scorer, target), on_wait=waited):
-                if self.batcher is not None:
+                if self.staged is not None:
+                    stage_value = lambda partial: self._stage_value(mixture, partial)  # noqa: E731
+                    try:
+                        result = self.staged.run(trial, target, self._score_items, stage_value)
+                    except StagePruned as pruned:
+                        _keep_partial(trial, pruned.result)
+                        raise
+                    scores, errors = result.means, result.errors
+                elif self.batcher is not None:
                     scores, errors = self.batcher.score(target)
                 else:
                     scores, errors = score_target(
@@ -419,6 +439,27 @@ class _TrialLoop:
 
     def _count(self, _: Target) -> None:
         self.evaluated += 1
+
+    def _score_items(self, target: Target, sizes: dict[str, int]) -> ItemScores:
+        """One stage of a trial's proxy: through the batch of this process's trials, or alone."""
+        if self.batcher is not None:
+            return self.batcher.score_items(target, sizes)
+        assert self.store is not None
+        group = self.space.name or ""
+        return score_items(self.scorer, self.paths.table, self.store, [target], sizes, group, self._count)[0]
+
+    def _stage_value(self, mixture: Mixture, scores: dict[str, float]) -> float:
+        """What a stage reports: the study's objective of the partial scores (a calibrated one reads the mixture)."""
+        if self.value is None:
+            return self.space.objective(scores)
+        return self.value(mixture, scores)
+
+
+def _keep_partial(trial: optuna.Trial, result: ItemScores) -> None:
+    """A pruned trial keeps its partial scores and how many items each covers (never as ``score:`` attributes)."""
+    for b, s in result.means.items():
+        trial.set_user_attr(f"{PARTIAL_ATTR}{b}", s)
+    trial.set_user_attr(ITEMS_ATTR, result.covered())
 
 
 class _progress:

@@ -36,7 +36,7 @@ from dmo.merge.proxy import VLLM_MAX_LORA_RANK, adapter_proxy
 from dmo.merge.registry import get_method
 from dmo.paths import cache_dir
 from dmo.scoring.backends import VLLMOptions
-from dmo.scoring.base import Evaluation, Scorer, ScoringContext, Target
+from dmo.scoring.base import Evaluation, ItemEvaluation, Scorer, ScoringContext, Target
 from dmo.scoring.loss import METRIC as LOSS_METRIC
 from dmo.scoring.loss import ValidationLoss, score_of, split_benchmarks
 from dmo.scoring.manifest_refs import folder_id, local_base, trained_path
@@ -431,7 +431,39 @@ class VLLMScorer(Scorer):
 
     def evaluate_many(self, targets: Sequence[Target], benchmarks: Sequence[str]) -> list[Evaluation]:
         """Score several targets; those served as adapters are generated together, in one engine batch."""
-        results: dict[int, Evaluation] = {}
+        return self._in_groups(
+            targets, lambda proxies: self._run(proxies, benchmarks),
+            lambda error: Evaluation({}, errors=dict.fromkeys(benchmarks, error)),
+        )  # fmt: skip
+
+    def item_count(self, benchmark: str) -> int:
+        from dmo.scoring.evaluate import count_items, refuse_loss_items
+
+        refuse_loss_items(benchmark)
+        return count_items(benchmark, self.include_path, self.limit)
+
+    def evaluate_items(self, target: Target, items: Mapping[str, Sequence[int]]) -> ItemEvaluation:
+        return self.evaluate_items_many([target], items)[0]
+
+    def evaluate_items_many(
+        self, targets: Sequence[Target], items: Mapping[str, Sequence[int]]
+    ) -> list[ItemEvaluation]:
+        """Score several targets on some items; a written proxy stays in the engine until another one is written, so
+        its next stage costs no write."""
+        from dmo.scoring.evaluate import refuse_loss_items
+
+        for b in items:
+            refuse_loss_items(b)
+        return self._in_groups(
+            targets, lambda proxies: self._run_items(proxies, items),
+            lambda error: ItemEvaluation({}, errors=dict.fromkeys(items, error)),
+        )  # fmt: skip
+
+    def _in_groups(
+        self, targets: Sequence[Target], run: Callable[[list[tuple[str, Any]]], list[Any]], failed: Callable[[str], Any]
+    ) -> list[Any]:
+        """``run`` over the targets in groups (adapter-served ones together), the engine restarted once if it dies."""
+        results: dict[int, Any] = {}
         adapters = [i for i, t in enumerate(targets) if self.route(t) == "adapter"]
         groups = [adapters[k : k + self.max_loras] for k in range(0, len(adapters), self.max_loras)]
         groups += [[i] for i, t in enumerate(targets) if i not in adapters]
@@ -439,7 +471,7 @@ class VLLMScorer(Scorer):
             for attempt in (1, 2):
                 try:
                     proxies = [self._switch(targets[i]) for i in group]
-                    evals = self._run(proxies, benchmarks)
+                    evals = run(proxies)
                     break
                 except DmoError:
                     raise
@@ -451,7 +483,7 @@ class VLLMScorer(Scorer):
                         self._written, self._written_bank = "unknown", None
                         error = one_line(exc)
                         log.warning("scoring %s failed: %s", ", ".join(targets[i].label for i in group), error)
-                        evals = [Evaluation({}, errors=dict.fromkeys(benchmarks, error)) for _ in group]
+                        evals = [failed(error) for _ in group]
                         break
                     if attempt == 2:
                         raise DmoError(
@@ -462,6 +494,19 @@ class VLLMScorer(Scorer):
                     self._restart()
             results |= dict(zip(group, evals))
         return [results[i] for i in range(len(targets))]
+
+    def _run_items(self, proxies: list[tuple[str, Any]], items: Mapping[str, Sequence[int]]) -> list[ItemEvaluation]:
+        from dmo.scoring.evaluate import evaluate_items
+
+        lmm = self.lmm
+        lmm.set_proxies(proxies)
+        out = []
+        for i in range(len(proxies)):
+            lmm.active = i
+            out.append(
+                ItemEvaluation(evaluate_items(lmm, items, self.include_path, self.limit, metric_map=self.metric_map))
+            )
+        return out
 
     def _run(self, proxies: list[tuple[str, Any]], benchmarks: Sequence[str]) -> list[Evaluation]:
         tasks, losses = split_benchmarks(benchmarks)
