@@ -349,6 +349,7 @@ def test_two_workers_on_one_staged_study_score_no_item_twice(
         ({"pruner": {"name": "hyperband", "params": {"eta": 3}}}, "pruner 'hyperband'.*check pruner.params"),
         ({"pruner": "wilcoxon", "objective": {"calibrate": "isotonic"}}, "calibrated objective is not a mean"),
         ({"pruner": {"name": "wilcoxon", "params": {"block": 0}}}, "pruner.params.block is 0"),
+        ({"pruner": "median", "benchmarks": BENCHMARKS, "objective": {"pareto": BENCHMARKS}}, "multi-objective study"),
     ],
 )
 def test_bad_stages_and_pruners_are_one_line(extra: dict, message: str) -> None:
