@@ -124,7 +124,9 @@ class CalibrateSpec(Strict):
 class ObjectiveGroup(Strict):
     """One objective of a multi-objective study made of several benchmarks: their weighted mean."""
 
+    #: the objective's label in tables and plots (default: its benchmarks joined by ``+``)
     name: str | None = None
+    #: per benchmark, its weight in the group's mean
     weights: dict[str, float]
 
     @field_validator("weights")
@@ -226,7 +228,9 @@ class ConstraintSpec(Strict):
     a number, or relative: ``base`` (the base model's score on X), ``expert`` (the best of the space's experts on X),
     ``expert:<domain>`` (that domain's expert), each optionally ``+`` or ``-`` a number."""
 
+    #: the benchmark (one of the space's) whose proxy score is bounded
     benchmark: str
+    #: the bound: a number, or ``base`` / ``expert`` / ``expert:<domain>``, optionally ``+`` or ``-`` a number
     min: float | str
 
     @field_validator("min")
@@ -300,7 +304,9 @@ class PrunerSpec(Strict):
     """``pruner: wilcoxon`` or ``{name: hyperband, params: {...}}``: which Optuna pruner may stop a proxy between its
     scoring stages (dmo/search/stages.py); ``none`` scores every proxy in full."""
 
+    #: a registered pruner: wilcoxon, successive_halving, hyperband, median, or none
     name: str = "none"
+    #: keyword arguments of the Optuna pruner, over dmo's defaults
     params: dict[str, Any] = {}
 
     @field_validator("name")
@@ -448,9 +454,9 @@ class SearchSpace(Strict):
     constraints: list[ConstraintSpec] = []
     #: how the study proposes mixtures
     sampler: SamplerSpec = Field(default=SamplerSpec(), validate_default=True)
-    #: how models are scored
     #: stop unpromising proxies early (a staged space: ``scoring.stages``)
     pruner: PrunerSpec = PrunerSpec()
+    #: how models are scored
     scoring: ScoringSpec = ScoringSpec()
 
     @field_validator("objective")

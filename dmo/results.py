@@ -46,7 +46,7 @@ COLUMNS: dict[str, str] = {
     "benchmark": "the benchmark: an lmms-eval task, <task>/<sub-score>, or loss:<domain>",
     "metric": "the result key the score was read from (see the metric map)",
     "score": "the score in [0, 1], higher is better (empty when the row failed)",
-    "status": "ok or failed",
+    "status": "ok, failed, or partial (a staged score over a prefix of the benchmark's items: never a full score)",
     "error": "the one-line reason of a failed row",
     "source": "what produced the score: the scoring backend's name, or the ingested file",
     "fingerprint": "what identifies the scored weights",
@@ -54,6 +54,8 @@ COLUMNS: dict[str, str] = {
     "scored again",
     "seconds": "time taken to score it",
     "time": "when the row was written (UTC, ISO 8601)",
+    "items": "items of the benchmark the score covers (empty: scored in full without item scores)",
+    "items_total": "items of the benchmark in all (empty: scored in full without item scores)",
 }
 BASE_COLUMNS = list(COLUMNS)
 
