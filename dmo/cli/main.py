@@ -79,7 +79,7 @@ def spaces_show(file: Annotated[Path, typer.Argument(help="A search space YAML f
         table.add_row(str(i), *(f"{w:.4g}" for w in m.weights), m.id)
     console.print(table)
     objective = (
-        f"pareto [{', '.join(space.objective.objective_names())}]"
+        f"pareto ({', '.join(space.objective.objective_names())})"
         if space.objective.pareto is not None
         else space.objective.aggregate
     )
