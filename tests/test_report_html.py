@@ -114,13 +114,15 @@ def test_report_is_one_self_contained_html_with_valid_pngs(results, monkeypatch)
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing fetched from elsewhere
     pngs = _pngs(text)
-    # scatter + ternary maps; per study (grid, tpe): history, best weights, trials on the simplex
-    assert len(pngs) == 2 + 2 * 3
+    # scatter + ternary maps + the front of the benchmarks; per study (grid, tpe): history, best weights, trials on
+    # the simplex
+    assert len(pngs) == 3 + 2 * 3
     for blob in pngs:
         _check_png(blob)
     titles = re.findall(r'alt="([^"]+)"', text)
     assert any(t.startswith("Proxy vs trained score") for t in titles)
     assert any(t.startswith("Scores on the simplex") for t in titles)
+    assert any(t.startswith("The proxies&#x27; front of") or t.startswith("Front of ") for t in titles)
     for name in ("s3.grid", "s3.tpe"):
         assert f"Study {name}: optimisation history" in titles
         assert f"Study {name}: weights of the" in text

@@ -19,7 +19,13 @@ from dmo.errors import DmoError
 from dmo.scoring.base import Evaluation, Scorer, Target
 from dmo.search.history import study_history
 from dmo.search.study import MIXTURE_ATTR, space_hash, study_paths
-from dmo.search.tradeoffs import FEASIBLE_ATTR, STUDY_CONSTRAINTS_ATTR, VIOLATIONS_ATTR
+from dmo.search.tradeoffs import (
+    FEASIBLE_ATTR,
+    SET_ON_TRIAL,
+    STUDY_CONSTRAINTS_ATTR,
+    VIOLATIONS_ATTR,
+    trial_constraints,
+)
 from dmo.search.trials import run_study
 
 DOMAINS = ["counting", "general", "ocr"]
@@ -227,3 +233,16 @@ def test_bad_trade_off_input_is_one_line_before_the_study_opens(tmp_path: Path, 
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_the_constraints_func_for_optuna_4_reads_the_violations_each_trial_recorded(tmp_path: Path) -> None:
+    sp = space("random", n=3, constraints=[{"benchmark": "b2", "min": 0.5}, {"benchmark": "b1", "min": 0.1}])
+    res = run_study(sp, Tradeoff(), study_paths(sp, root=tmp_path), progress=False)
+    for t in res.study.get_trials(states=(COMPLETE,)):
+        s = scores_of(t)
+        want = [0.5 - s["b2"], 0.1 - s["b1"]]
+        assert trial_constraints(t, 2) == pytest.approx(want)
+        if SET_ON_TRIAL:  # Optuna 5: the same values, set on the trial for its samplers
+            assert list(t.constraints.values()) == pytest.approx(want)
+    unscored = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED)
+    assert trial_constraints(unscored, 2) == [1.0, 1.0]  # pruned before scoring: violates every constraint

@@ -78,11 +78,17 @@ def spaces_show(file: Annotated[Path, typer.Argument(help="A search space YAML f
     for i, m in enumerate(cands):
         table.add_row(str(i), *(f"{w:.4g}" for w in m.weights), m.id)
     console.print(table)
+    objective = (
+        f"pareto ({', '.join(space.objective.objective_names())})"
+        if space.objective.pareto is not None
+        else space.objective.aggregate
+    )
+    constraints = "".join(f"  constraint: {c.benchmark} >= {c.min}" for c in space.constraints)
     console.print(
         f"experts: {space.experts or '-'}  merge: {space.merge.method}  sampler: {space.sampler.name} "
-        f"({space.sampler.n_trials} trials)  objective: {space.objective.aggregate}"
+        f"({space.sampler.n_trials} trials)  objective: {objective}"
         f"{f' (calibrated: {space.objective.calibrate.method})' if space.objective.calibrate else ''}  "
-        f"benchmarks: {', '.join(space.benchmarks) or '-'}"
+        f"benchmarks: {', '.join(space.benchmarks) or '-'}{constraints}"
     )
 
 
