@@ -181,7 +181,9 @@ def test_the_default_sampler_and_the_hash_of_spaces_without_tradeoffs() -> None:
                                "benchmarks": ["b1"], "constraints": [{"benchmark": "b1", "min": 0.1}]})  # fmt: skip
     assert constrained.sampler.name == "tpe"
     # a space without pareto or constraints keeps the hash it had before they existed (its studies stay valid)
-    old = plain.model_dump(mode="json", exclude={"sampler", "name", "constraints"})
+    # (pruner and stages are left out of the hash too: they decide how much of a proxy is scored)
+    old = plain.model_dump(mode="json", exclude={"sampler", "name", "constraints", "pruner"})
+    old["scoring"].pop("stages")
     old["objective"].pop("calibrate")
     old["objective"].pop("pareto")
     old["candidates"] = [m.id for m in plain.candidates()]
