@@ -10,7 +10,8 @@ Rules, fixed before the runs:
 
 - **Surfaces**: the tiny world's linear proxies on its 3-domain lattice at resolution 1/16 (153 mixtures) and its
   4-domain lattice at resolution 1/8 (165 mixtures), scored once through the normal cached path
-  (``search_efficiency.record_surface``). The objectives are the space's benchmarks, one each (3 and 4).
+  (``search_efficiency.record_surface``; ``--tables`` reads the same proxies' full scores from the recording of
+  ``benchmarks/adaptive_scoring.py`` instead, which scores every item of every benchmark). The objectives are the space's benchmarks, one each (3 and 4).
 - **Samplers**: the multi-objective samplers of the registry that model what they have seen (TPE, NSGA-II) and the
   two that do not (random, QMC), with dmo's defaults. **GP is left out for its cost**: one 30-trial GP study with 3
   or 4 objectives took 540 s and 870 s on the synthetic surfaces of ``--synthetic`` (one seed, this 2-core machine
@@ -173,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--synthetic", action="store_true", help="search_efficiency's analytic surfaces instead")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--tables",
+        type=Path,
+        help="a results folder holding one results folder per surface, adaptive-<space>/ as "
+        "benchmarks/adaptive_scoring.py records them: the same linear proxies, every item, read instead of re-scored",
+    )
     args = ap.parse_args(argv)
     se = _search_efficiency()
     surfaces = []
@@ -181,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
         if args.synthetic:
             sf = se.synthetic_surface(space, resolution, seed=len(space.domains))
+        elif args.tables:
+            sf = se.surface_from_table(args.tables / f"adaptive-{name}" / "scores.jsonl", space, resolution)
         else:
             sf = se.record_surface(space, resolution)
         grid = "paper-" + name.removeprefix("tiny-")
