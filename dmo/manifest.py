@@ -29,6 +29,9 @@ from dmo.errors import DmoError
 from dmo.mixture import Mixture, check_domain_name
 from dmo.paths import safe_name
 
+#: How an expert or a trained mixture was fine-tuned: a LoRA adapter or every weight.
+FinetuneKind = Literal["lora", "full"]
+
 # resolved() keeps the subclass: an ExpertRef stays one
 _Ref = TypeVar("_Ref", bound="ModelRef")
 _Expert = TypeVar("_Expert", bound="ExpertRef")
@@ -170,7 +173,7 @@ class ExpertManifest(Strict):
     #: the base model the experts were fine-tuned from
     base: ModelRef
     #: how the experts were trained: LoRA adapters or full fine-tunes
-    kind: Literal["lora", "full"] = "lora"
+    kind: FinetuneKind = "lora"
     budget: int | None = Field(default=None, gt=0, description="training samples per expert")
     #: one expert per domain, ``{domain: reference}``
     experts: dict[str, ExpertRef]

@@ -22,7 +22,8 @@ from dmo.presets import PAPER_BUDGET
 if TYPE_CHECKING:
     from dmo.groundtruth.data_mix import Strategy
     from dmo.groundtruth.llamafactory import Planned
-    from dmo.groundtruth.recipe import Method, Recipe
+    from dmo.groundtruth.recipe import Recipe
+    from dmo.manifest import FinetuneKind
 
 data_app = typer.Typer(help="Training sets of data mixtures, in LLaMA-Factory's dataset format.", no_args_is_help=True)
 train_app = typer.Typer(
@@ -297,7 +298,7 @@ def _strategy(text: str) -> Strategy:
     raise DmoError(f"unknown mixing strategy {text!r}: choose exact or interleave")
 
 
-def _method(text: str) -> Method:
+def _method(text: str) -> FinetuneKind:
     """A --method value, checked."""
     if text == "lora":
         return "lora"

@@ -54,12 +54,11 @@ from dmo.groundtruth.runs import Run, RunFolder, expert_run, is_complete, mixtur
 from dmo.mixture import Mixture
 from dmo.paths import safe_name
 
-Method = Literal["lora", "full"]
-
 # ------------------------------------------------------------------------------------------------ validation
 
 _VALIDATOR = r"""
 import json, os, sys
+from dmo.manifest import FinetuneKind
 payload = json.load(sys.stdin)
 configs, dataset_info = payload["configs"], payload.get("dataset_info")
 results = {}

@@ -9,14 +9,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from dmo.errors import DmoError
+from dmo.manifest import FinetuneKind
 from dmo.presets import PAPER_BUDGET
-
-Method = Literal["lora", "full"]
 
 # ------------------------------------------------------------------------------------------------ the defaults
 #: The DMO paper's training recipe, the one place it is written down: its LLaMA-Factory config
@@ -131,7 +130,7 @@ class Recipe:
 
     base: str
     template: str
-    method: Method = "lora"
+    method: FinetuneKind = "lora"
     budget: int = PAPER_BUDGET
     global_batch: int = PAPER_GLOBAL_BATCH
     per_device_batch: int = PAPER_PER_DEVICE_BATCH

@@ -6,15 +6,13 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from dmo.atomic import file_lock, write_text
 from dmo.errors import DmoError
 from dmo.groundtruth.runs import Run, RunFolder
-
-Method = Literal["lora", "full"]
 
 # ------------------------------------------------------------------------------------------------ registration
 

@@ -20,8 +20,6 @@ from dmo.groundtruth.data_mix import MixRecord
 from dmo.groundtruth.recipe import LORA_FILES, PLAN, Recipe
 from dmo.paths import safe_name
 
-Method = Literal["lora", "full"]
-
 # ------------------------------------------------------------------------------------------------ runs and plans
 
 

@@ -7,13 +7,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 from dmo.atomic import atomic_file, write_text
 from dmo.errors import DmoError
 from dmo.groundtruth.runs import Run, RunFolder
-
-Method = Literal["lora", "full"]
 
 # ------------------------------------------------------------------------------------------------ SLURM
 

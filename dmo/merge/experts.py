@@ -13,12 +13,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dmo.errors import DmoError
+from dmo.manifest import FinetuneKind
 from dmo.merge.checkpoint import (
     Checkpoint,
 )
@@ -59,7 +60,7 @@ class Expert:
         return f"expert {self.name!r}"
 
 
-def expert_kind(folder: str | os.PathLike[str]) -> Literal["lora", "full"]:
+def expert_kind(folder: str | os.PathLike[str]) -> FinetuneKind:
     """``"lora"`` for a PEFT adapter folder (``adapter_config.json``), ``"full"`` otherwise."""
     return "lora" if (Path(folder) / "adapter_config.json").is_file() else "full"
 

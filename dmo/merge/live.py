@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dmo.errors import DmoError
+from dmo.manifest import FinetuneKind
 from dmo.merge.checkpoint import Checkpoint
 from dmo.merge.experts import check_weights, close_experts, expert_kind, map_names, merge_filter, open_experts
 from dmo.merge.plans import open_input_checkpoint
@@ -79,7 +80,7 @@ class ExpertBank:
         store: Store = "device",
         allow_bin: bool = False,
         extra: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
-        kind: Literal["lora", "full"] | None = None,
+        kind: FinetuneKind | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
     ) -> ExpertBank:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from dmo.errors import DmoError
+from dmo.manifest import FinetuneKind
 from dmo.merge.checkpoint import Checkpoint
 from dmo.merge.experts import ParamFilter, check_weights, expert_kind, map_names, merge_filter
 from dmo.merge.lora import ADAPTER_WEIGHTS, LoraAdapter, LoraModule, concat_adapter, load_lora, write_adapter
@@ -66,7 +67,7 @@ def write_lora_proxy(
     method: str = "linear",
     params: Mapping[str, Any] | None = None,
     base: str | os.PathLike[str] | None = None,
-    kind: Literal["lora", "full"] = "lora",
+    kind: FinetuneKind = "lora",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     overwrite: bool = False,

@@ -53,13 +53,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dmo.atomic import atomic_dir
 from dmo.errors import DmoError
+from dmo.manifest import FinetuneKind
 from dmo.merge.checkpoint import (
     Checkpoint,
     ShardWriter,
@@ -520,7 +521,7 @@ class MergeOptions:
 
     method: str = "linear"
     params: Mapping[str, Any] = field(default_factory=dict)
-    kind: Literal["lora", "full"] | None = None
+    kind: FinetuneKind | None = None
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
     dtype: str | torch.dtype | None = None
