@@ -11,7 +11,8 @@ Rules, fixed before the runs:
 - **Surfaces**: the tiny world's linear proxies on its 3-domain lattice at resolution 1/16 (153 mixtures) and its
   4-domain lattice at resolution 1/8 (165 mixtures), scored once through the normal cached path
   (``search_efficiency.record_surface``; ``--tables`` reads the same proxies' full scores from the recording of
-  ``benchmarks/adaptive_scoring.py`` instead, which scores every item of every benchmark). The objectives are the space's benchmarks, one each (3 and 4).
+  ``benchmarks/adaptive_scoring.py`` instead, which scores every item of every benchmark). The objectives are the
+  space's benchmarks, one each (3 and 4).
 - **Samplers**: the multi-objective samplers of the registry that model what they have seen (TPE, NSGA-II) and the
   two that do not (random, QMC), with dmo's defaults. **GP is left out for its cost**: one 30-trial GP study with 3
   or 4 objectives took 540 s and 870 s on the synthetic surfaces of ``--synthetic`` (one seed, this 2-core machine
