@@ -47,7 +47,11 @@ def world_build(
     small: Annotated[bool, typer.Option(help="The small test configuration (seconds, not minutes).")] = False,
     root: Annotated[Path | None, typer.Option(help="Build here instead of the cache folder.")] = None,
     world: Annotated[
-        str, typer.Option(help="Which world: 'current' (the default, format 5), 'v5' (the same) or 'v6' (format 6).")
+        str,
+        typer.Option(
+            help="Which world: 'current' (the default, format 5), 'v5' (the same) "
+            "or 'v6' (format 6, where every benchmark moves)."
+        ),
     ] = "current",
 ) -> None:
     """Build the tiny world, or reuse it from the cache (keyed by a hash of its configuration)."""
