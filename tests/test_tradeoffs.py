@@ -11,13 +11,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from test_distributed import postgres  # noqa: F401 (the fixture: a fresh database on the test server)
 
 from dmo.config import parse_space
 from dmo.errors import DmoError
 from dmo.scoring.base import Evaluation, Scorer, Target
 from dmo.search.history import study_history
-from dmo.search.storage import make_storage
 from dmo.search.study import MIXTURE_ATTR, space_hash, study_paths
 from dmo.search.tradeoffs import (
     FEASIBLE_ATTR,
@@ -251,64 +249,3 @@ def test_the_constraints_func_for_optuna_4_reads_the_violations_each_trial_recor
             assert list(t.constraints.values()) == pytest.approx(want)
     unscored = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED)
     assert trial_constraints(unscored, 2) == [1.0, 1.0]  # pruned before scoring: violates every constraint
-
-
-# ------------------------------------------------------------------------------------ many workers, one storage
-
-TRADEOFF_WORKER = """\
-import json, sys
-sys.path.insert(0, sys.argv[4])
-from test_tradeoffs import Tradeoff, space
-from dmo.search.study import study_paths
-from dmo.search.trials import run_study
-from test_distributed import postgres  # noqa: F401 (the fixture: a fresh database on the test server)
-
-storage, index, calls = sys.argv[1:4]
-sp = space("tpe", n=14, constraints=[{"benchmark": "b2", "min": "base"}])
-scorer = Tradeoff()
-run_study(sp, scorer, study_paths(sp, storage), progress=False, worker_index=int(index))
-open(calls, "w").write(json.dumps(scorer.calls))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", [pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
-def test_two_workers_share_a_constrained_two_objective_study_and_resume_it(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    url = request.getfixturevalue("postgres") if kind == "postgres" else f"sqlite:///{tmp_path / 'study.db'}"
-    monkeypatch.setenv("DMO_RESULTS", str(tmp_path / "results"))  # the workers' results table, for the resume
-    (tmp_path / "worker.py").write_text(TRADEOFF_WORKER)
-    env = {**os.environ, "DMO_RESULTS": str(tmp_path / "results")}
-    here = str(Path(__file__).parent)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(tmp_path / "worker.py"), url, str(i), str(tmp_path / f"calls{i}.json"), here],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, stderr = p.communicate(timeout=600)
-        assert p.returncode == 0, stderr[-2000:]
-    calls = [c for i in range(2) for c in yaml.safe_load((tmp_path / f"calls{i}.json").read_text())]
-    proxies = [c for c in calls if c not in ("base", *DOMAINS)]
-    assert len(proxies) == len(set(proxies)) == 14  # the budget is the study's, and no mixture is scored twice
-
-    sp = space("tpe", n=14, constraints=[{"benchmark": "b2", "min": "base"}])
-    paths = study_paths(sp, url)
-    study = optuna.load_study(study_name=paths.study_name, storage=make_storage(url))
-    done = study.get_trials(states=(COMPLETE,))
-    assert len(done) == 14 and len({t.user_attrs.get("worker") for t in done}) == 2  # both workers ran trials
-    for t in done:  # every trial marked by the base's b2 (0.3), whichever worker ran it
-        assert t.user_attrs[FEASIBLE_ATTR] == (scores_of(t)["b2"] >= BASE["b2"])
-    # resumed by one more process with a larger budget: only the new trials are scored, the base is read back
-    again = Tradeoff()
-    res = run_study(sp, again, paths, n_trials=17, progress=False)
-    assert len(res.study.get_trials(states=(COMPLETE,))) == 17 and len(again.calls) == 3 and "base" not in again.calls
-    feasible = [t for t in res.study.get_trials(states=(COMPLETE,)) if t.user_attrs[FEASIBLE_ATTR]]
-    want = {t.number for t in feasible if not dominated(t.values, [o.values for o in feasible])}
-    assert res.tradeoffs is not None and {f.number for f in res.tradeoffs.front} == want
