@@ -58,7 +58,6 @@ from dmo.paths import safe_name
 
 _VALIDATOR = r"""
 import json, os, sys
-from dmo.manifest import FinetuneKind
 payload = json.load(sys.stdin)
 configs, dataset_info = payload["configs"], payload.get("dataset_info")
 results = {}
