@@ -124,31 +124,19 @@ class ExpertRef(ModelRef):
         return out.model_copy(update={"fisher": (root / self.fisher.expanduser()).resolve()})
 
 
-class TrainedRef(Strict):
+class TrainedRef(ModelRef):
     """A model trained on an actual mixture (the ground truth a proxy is compared with): with ``mixture``, one model;
-    without, a collection of models named as the DMO paper names them (see the module docstring)."""
+    without, a collection of models named as the DMO paper names them (see the module docstring). Its source
+    (``path``, or ``hub`` with ``revision`` and ``subfolder``) is the model's folder, or the collection's."""
 
     #: the mixture it was trained on, ``{domain: weight}``; without it, the entry is a collection of models named
     #: as the DMO paper names them (``<model>_mixed_general-25600++ocr-76800``), read into mixtures by their names
     mixture: dict[str, float] | None = None
     #: its training seed (default 0; a collection reads each model's seed from its name)
     seed: int | None = None
-    #: its folder, or the collection's (relative to the manifest)
-    path: Path | None = None
-    #: or its hub repository, ``org/name`` (fetched when first needed)
-    hub: str | None = None
-    #: the hub revision (default: main)
-    revision: str | None = None
-    #: a folder inside the hub repository that holds the model, or the collection
-    subfolder: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return _string_ref(value)
 
     @model_validator(mode="after")
-    def _one_source(self) -> TrainedRef:
+    def _one_source(self) -> TrainedRef:  # replaces ModelRef's, which it extends
         _check_source(self.path, self.hub, self.subfolder)
         if self.mixture is None and self.seed is not None:
             raise ValueError("a collection of trained models (no 'mixture') reads each model's seed from its name")
@@ -254,9 +242,7 @@ def load_manifest(path: str | Path, check_paths: bool = True) -> ExpertManifest:
     root = path.parent.resolve()
     base = manifest.base.resolved(root)
     experts = {d: r.resolved(root) for d, r in manifest.experts.items()}
-    trained = [
-        t.model_copy(update={"path": (root / t.path).resolve()}) if t.path is not None else t for t in manifest.trained
-    ]
+    trained = [t.resolved(root) for t in manifest.trained]
     data = (root / manifest.data.expanduser()).resolve() if manifest.data is not None else None
     manifest = manifest.model_copy(update={"base": base, "experts": experts, "trained": trained, "data": data})
     if check_paths:
