@@ -183,11 +183,12 @@ def surface_from_table(path: Path, space: SearchSpace, resolution: int) -> Surfa
     # A vertex's linear proxy is its expert, fingerprinted as the expert: the cache holds it as the expert's row.
     experts = df[(df["status"] == "ok") & (df["kind"] == "expert")]
     by_expert = experts.pivot_table(index="mixture", columns="benchmark", values="score", aggfunc="mean")
-    for m in lattice(space.domains, resolution):
-        (domain,) = [d for d in space.domains if m[d] == 1] or [None]
-        if domain is not None and m.id not in piv.index and domain in by_expert.index:
-            piv.loc[m.id] = by_expert.loc[domain]
-    ids = [m.id for m in lattice(space.domains, resolution)]
+    mixtures = lattice(space.domains, resolution)
+    for m in mixtures:
+        vertex = [d for d in space.domains if m[d] == 1]
+        if vertex and m.id not in piv.index and vertex[0] in by_expert.index:
+            piv.loc[m.id] = by_expert.loc[vertex[0]]
+    ids = [m.id for m in mixtures]
     missing = [i for i in ids if i not in piv.index or piv.loc[i, space.benchmarks].isna().any()]
     if missing:
         raise SystemExit(
