@@ -493,6 +493,73 @@ def test_adapters_load_with_peft(world: tuple[World, float]) -> None:
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # seeds differ
 
 
+def test_precomputed_inputs_are_what_the_model_computes(world: tuple[World, float]) -> None:
+    """A LoRA step takes the M-RoPE position ids and the frozen vision tower's output computed beforehand (once per
+    run, once per process): the same ids, the same loss and LoRA gradients, and the same answers as when the model
+    computes them itself from the pixels, on rows of different lengths and a non-zero adapter."""
+    from peft import get_peft_model
+
+    from dmo.tinyworld.train import (
+        Examples,
+        Positions,
+        collate,
+        encoder_outputs,
+        gather,
+        image_grid,
+        lora_config,
+        vision_features,
+    )
+
+    w, _ = world
+    base, processor = load_base(w.root)
+    picks = {d: sft_indices(SMALL, d, 12) for d in ("ocr", "counting", "general")}
+    plain = gather(w.root, processor, image_tokens(SMALL), picks)
+    assert len({len(s) for s in plain.input_ids}) > 1  # padding is exercised
+    torch.manual_seed(3)
+    model = get_peft_model(base, lora_config(SMALL))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    positions = Positions(model, processor, image_grid(processor, SMALL.image_size))
+    fast = Examples(**{**plain.__dict__, "features": vision_features(base, processor, plain.pixels, batch=7)})
+    idx = np.arange(len(plain))[::-1].copy()  # not the order the features were computed in
+
+    ref_batch = collate(processor, plain, idx)
+    ref_pos, _ = model.get_base_model().model.get_rope_index(
+        ref_batch["input_ids"], ref_batch["mm_token_type_ids"], ref_batch["image_grid_thw"], None,
+        attention_mask=ref_batch["attention_mask"],
+    )  # fmt: skip
+    fast_batch = collate(processor, fast, idx, positions)
+    assert "pixel_values" not in fast_batch and torch.equal(fast_batch["position_ids"], ref_pos)
+
+    def loss_and_grads(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads(ref_batch)
+    loss, grads = loss_and_grads(fast_batch)
+    assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * SMALL.text_layers
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-7)
+    assert any(g.abs().max() > 0 for n, g in grads.items() if "lora_A" in n)
+
+    rows = read_split(w.root, "ocr", "test")
+    pixels = load_pixels(w.root, "ocr", "test", rows)
+    batches = encode(processor, pixels, [r["question"] for r in rows], 16)
+    merged = model.merge_and_unload()
+    with_tower = generate_encoded(merged, processor, batches, 4)
+    precomputed = [
+        {**{k: v for k, v in b.items() if k != "pixel_values"},
+         "mm_encoder_outputs": encoder_outputs(vision_features(base, processor, pixels[i : i + 16]))}
+        for i, b in zip(range(0, len(rows), 16), batches)
+    ]  # fmt: skip
+    assert generate_encoded(merged, processor, precomputed, 4) == with_tower
+
+
 def test_load_base_is_offline_and_complete(world: tuple[World, float], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     w, _ = world

@@ -17,7 +17,6 @@ imported then). Layout under the root (``<cache>/tinyworld/<config key>`` by def
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import multiprocessing
 import os
@@ -277,26 +276,43 @@ def _trained_runs(world: World, space: str) -> list[tuple]:
     return runs
 
 
-def _step_experts(world: World, pool: _Pool, ui: _Progress) -> bool:
+def _step_trainings(world: World, spaces: Sequence[str], pool: _Pool, ui: _Progress) -> dict[str, float]:
+    """The base's evaluation, the experts and every requested space's ground truth, submitted to the pool at once:
+    a space's last runs then overlap the next one's first, instead of leaving a process idle at every boundary.
+
+    Returns, per group that had work (``experts``, ``ground_truth_<space>``), the seconds from this step's start to
+    its last run's end.
+    """
     from dmo.tinyworld.worker import eval_job
 
-    futures = []
+    start = time.perf_counter()
+    groups: dict[str, list[Future]] = {}
     base_eval = _eval_path(world, "base")
+    experts = []
     if not base_eval.exists():
-        futures.append(pool.submit(eval_job, str(world.root), world.config.model_dump_json(), None, str(base_eval)))
-    futures += _submit_lora(world, pool, _lora_jobs(world, _expert_runs(world)))
-    if not futures:
-        return False
-    _run_all(futures, ui.task("experts (+ base eval)", len(futures)))
-    return True
-
-
-def _step_ground_truth(world: World, space: str, pool: _Pool, ui: _Progress) -> bool:
-    runs = _lora_jobs(world, _trained_runs(world, space))
-    if not runs:
-        return False
-    _run_all(_submit_lora(world, pool, runs), ui.task(f"ground truth {space}", len(runs)))
-    return True
+        experts.append(pool.submit(eval_job, str(world.root), world.config.model_dump_json(), None, str(base_eval)))
+    experts += _submit_lora(world, pool, _lora_jobs(world, _expert_runs(world)))
+    if experts:
+        groups["experts"] = experts
+    for space in spaces:
+        runs = _lora_jobs(world, _trained_runs(world, space))
+        if runs:
+            groups[f"ground_truth_{space}"] = _submit_lora(world, pool, runs)
+    names = {"experts": "experts (+ base eval)", **{f"ground_truth_{s}": f"ground truth {s}" for s in spaces}}
+    bars = {g: ui.task(names[g], len(fs)) for g, fs in groups.items()}
+    group_of = {f: g for g, fs in groups.items() for f in fs}
+    left = {g: len(fs) for g, fs in groups.items()}
+    ended: dict[str, float] = {}
+    for g in groups:
+        bars[g](0)
+    for fut in as_completed(group_of):
+        fut.result()  # re-raise a worker's failure here
+        g = group_of[fut]
+        left[g] -= 1
+        bars[g](len(groups[g]) - left[g])
+        if not left[g]:
+            ended[g] = round(time.perf_counter() - start, 3)
+    return ended
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,9 +465,9 @@ def build_world(
             timed("validation", lambda: _step_validation(world))
             timed("processor", lambda: _step_processor(world, pool))
             timed("base", lambda: _step_base(world, pool, ui))
-            timed("experts", lambda: _step_experts(world, pool, ui))
-            for space in ground_truth:
-                timed(f"ground_truth_{space}", functools.partial(_step_ground_truth, world, space, pool, ui))
+            ended = _step_trainings(world, ground_truth, pool, ui)
+            for group in ("experts", *(f"ground_truth_{s}" for s in ground_truth)):
+                timings[group] = ended.get(group, previous.get(group))
     finally:
         pool.close()
     for key, value in previous.items():  # keep timings of spaces built by earlier calls

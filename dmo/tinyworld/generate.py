@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ def encode(
 
 @torch.inference_mode()
 def generate_encoded(
-    model: Any, processor: Any, batches: Sequence[dict[str, torch.Tensor]], max_new_tokens: int = 8
+    model: Any, processor: Any, batches: Sequence[Mapping[str, Any]], max_new_tokens: int = 8
 ) -> list[str]:
     """Greedy answers for batches made by :func:`encode` (stripped, special tokens removed)."""
     tokenizer = processor.tokenizer

@@ -4,6 +4,12 @@ Both run on CPU. Token ids are built once per distinct question/answer (there ar
 images come from the uint8 pixel cache, so a training step costs what the model costs: the processor, which
 would otherwise dominate, only normalises and patchifies each batch of pixels (one vectorised call).
 Loss is on the answer tokens and the closing ``<|im_end|>`` only, as in SFT.
+
+Two things a step would otherwise recompute are computed once: the M-RoPE position ids (a Python loop per row
+in transformers, a tenth of a LoRA step; they depend on the token layout only) and, in LoRA runs, the frozen
+vision tower's output (a sixth of a step; it depends on the base and the image only, so a worker computes it once
+per domain and reuses it for every run). Both are the same numbers the model computes itself (a test compares the
+trained adapters bit for bit), so they change the speed, not the world.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ IGNORE = -100
 class Examples:
     """Encoded training items: token ids (prompt + answer + <|im_end|>) and their images."""
 
-    pixels: np.ndarray  # (N, H, W, 3) uint8
+    pixels: np.ndarray | None  # (N, H, W, 3) uint8; None when ``features`` stand in for the images
     input_ids: list[list[int]]
     prompt_lens: list[int]
     domains: list[str]
+    #: The frozen vision tower's output for each image, (N, image tokens, hidden), when it was computed beforehand
+    #: (LoRA runs); None: the model runs its tower on the pixels at every step.
+    features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -108,15 +117,21 @@ def pretrain_indices(config: WorldConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def gather(root, processor: Any, image_tokens: int, picks: Mapping[str, np.ndarray]) -> Examples:
-    """Encode the train items ``picks[domain]`` (indices into each domain's train split)."""
+def gather(
+    root, processor: Any, image_tokens: int, picks: Mapping[str, np.ndarray], features: FeatureSource | None = None
+) -> Examples:
+    """Encode the train items ``picks[domain]`` (indices into each domain's train split); with ``features``, also
+    take each image's vision-tower output from it (``features(domain)``: the whole train pool's, in order)."""
     enc = Encoder(processor, image_tokens)
-    pixels, ids, plens, doms = [], [], [], []
+    pixels, ids, plens, doms, feats = [], [], [], [], []
     for domain, idx in picks.items():
         if len(idx) == 0:
             continue
         rows = read_split(root, domain, "train")
-        pixels.append(np.asarray(load_pixels(root, domain, "train", rows))[np.asarray(idx)])
+        if features is not None:
+            feats.append(features(domain)[torch.as_tensor(np.asarray(idx))])
+        else:
+            pixels.append(np.asarray(load_pixels(root, domain, "train", rows))[np.asarray(idx)])
         for i in idx:
             seq, plen = enc.encode(rows[i]["question"], rows[i]["answer"])
             ids.append(seq)
@@ -124,11 +139,86 @@ def gather(root, processor: Any, image_tokens: int, picks: Mapping[str, np.ndarr
             doms.append(domain)
     if not ids:
         raise DmoError("nothing to train on: every domain has zero samples")
-    return Examples(np.concatenate(pixels), ids, plens, doms)
+    return Examples(np.concatenate(pixels) if pixels else None, ids, plens, doms, torch.cat(feats) if feats else None)
 
 
-def collate(processor: Any, ex: Examples, idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels on the answer tokens only."""
+#: A domain's train-pool image features, ``(pool size, image tokens, hidden)``.
+FeatureSource = Callable[[str], torch.Tensor]
+
+
+def vision_features(model: Any, processor: Any, pixels: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """The vision tower's output (after the patch merger) for each ``(H, W, 3)`` uint8 image: (N, tokens, hidden).
+
+    Each image's rows are computed independently of the others in its batch, so these are the numbers the model
+    computes inside a training step, whatever the batching."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch):
+            chunk = np.array(pixels[start : start + batch])  # a copy: a memory-mapped cache is read-only
+            images = torch.from_numpy(chunk).permute(0, 3, 1, 2)
+            vision = processor.image_processor(images=images, return_tensors="pt")
+            feats = _vlm(model).get_image_features(vision["pixel_values"], vision["image_grid_thw"], return_dict=True)
+            out.append(torch.stack(list(feats.pooler_output)))
+    return torch.cat(out)
+
+
+def encoder_outputs(features: torch.Tensor) -> dict[str, Any]:
+    """``mm_encoder_outputs`` for a model's forward or ``generate``: the vision tower's output for a batch's images
+    (``(images, tokens, hidden)``, in the batch's order), which the model then takes instead of running its tower."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    # a tuple of tensors, as get_image_features returns it (the annotation says Tensor)
+    pooled = (features.flatten(0, 1),)
+    return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}  # type: ignore[arg-type]
+
+
+def _vlm(model: Any) -> Any:
+    """The ``Qwen2VLModel`` inside a bare or PEFT-wrapped model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model
+
+
+class Positions:
+    """M-RoPE position ids of right-padded rows, from ``get_rope_index`` once per token layout.
+
+    A row's ids depend only on where its image tokens sit and on its length (prompts differ in their questions
+    only), so a handful of layouts cover a whole run; padding gets 0, as ``get_rope_index`` gives it."""
+
+    def __init__(self, model: Any, processor: Any, grid_thw: torch.Tensor) -> None:
+        self._vlm = _vlm(model)
+        self._image = processor.image_token_id
+        self._grid = grid_thw.reshape(1, 3)
+        self._memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def row(self, seq: list[int]) -> torch.Tensor:
+        types = tuple(int(t == self._image) for t in seq)
+        if types not in self._memo:
+            ids = torch.tensor([seq])
+            with torch.no_grad():
+                pos, _ = self._vlm.get_rope_index(ids, torch.tensor([types]), image_grid_thw=self._grid)
+            self._memo[types] = pos[:, 0]
+        return self._memo[types]
+
+    def batch(self, seqs: list[list[int]], width: int) -> torch.Tensor:
+        out = torch.zeros((3, len(seqs), width), dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            out[:, r, : len(seq)] = self.row(seq)
+        return out
+
+
+def image_grid(processor: Any, image_size: int) -> torch.Tensor:
+    """The ``image_grid_thw`` row of one image of the world's size (every image has it)."""
+    blank = torch.zeros((1, 3, image_size, image_size), dtype=torch.uint8)
+    return processor.image_processor(images=blank, return_tensors="pt")["image_grid_thw"][0]
+
+
+def collate(
+    processor: Any, ex: Examples, idx: np.ndarray, positions: Positions | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels on the answer tokens only.
+
+    With ``positions``, the batch carries its position ids; with ``ex.features``, the vision tower's output in
+    place of the pixels (the model then skips its tower)."""
     pad = processor.tokenizer.pad_token_id
     seqs = [ex.input_ids[i] for i in idx]
     width = max(map(len, seqs))
@@ -139,16 +229,22 @@ def collate(processor: Any, ex: Examples, idx: np.ndarray) -> dict[str, torch.Te
         input_ids[r, : len(seq)] = torch.tensor(seq)
         labels[r, ex.prompt_lens[i] : len(seq)] = input_ids[r, ex.prompt_lens[i] : len(seq)]
         mask[r, : len(seq)] = 1
-    images = torch.from_numpy(np.ascontiguousarray(ex.pixels[idx])).permute(0, 3, 1, 2)
-    vision = processor.image_processor(images=images, return_tensors="pt")
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "mm_token_type_ids": (input_ids == processor.image_token_id).long(),
-        "pixel_values": vision["pixel_values"],
-        "image_grid_thw": vision["image_grid_thw"],
-        "labels": labels,
-    }
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if positions is not None:
+        batch["position_ids"] = positions.batch(seqs, width)
+    else:
+        batch["mm_token_type_ids"] = (input_ids == processor.image_token_id).long()
+    if ex.features is not None:
+        batch["mm_encoder_outputs"] = encoder_outputs(ex.features[torch.as_tensor(np.asarray(idx))])
+        if positions is None:
+            raise DmoError("precomputed image features need precomputed position ids")
+    else:
+        assert ex.pixels is not None
+        images = torch.from_numpy(np.ascontiguousarray(ex.pixels[idx])).permute(0, 3, 1, 2)
+        vision = processor.image_processor(images=images, return_tensors="pt")
+        batch["pixel_values"] = vision["pixel_values"]
+        batch["image_grid_thw"] = vision["image_grid_thw"]
+    return batch
 
 
 def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
@@ -181,8 +277,10 @@ def fit(
     warmup: float,
     seed: int,
     on_step: Callable[[int, int], None] | None = None,
+    image_size: int,
 ) -> TrainResult:
     """One epoch over ``ex`` in a seeded random order, AdamW with warmup + cosine decay."""
+    positions = Positions(model, processor, image_grid(processor, image_size))
     order = np.random.default_rng([seed, 7]).permutation(len(ex))
     batches = [order[i : i + batch] for i in range(0, len(order), batch)]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -192,7 +290,7 @@ def fit(
     losses = []
     start = time.perf_counter()
     for step, idx in enumerate(batches):
-        out = model(**collate(processor, ex, idx))
+        out = model(**collate(processor, ex, idx, positions))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -224,6 +322,7 @@ def pretrain(
         warmup=config.pretrain_warmup,
         seed=config.seed,
         on_step=on_step,
+        image_size=config.image_size,
     )
 
 
@@ -253,10 +352,13 @@ def train_lora(
     counts: Mapping[str, int],
     seed: int,
     image_tokens: int,
+    features: FeatureSource | None = None,
 ) -> tuple[Any, TrainResult]:
     """LoRA SFT on ``counts[d]`` samples of each domain ``d``; returns the PEFT model and the run's stats.
 
-    ``base`` is wrapped in place (PEFT injects its layers), so pass a fresh copy for every run.
+    ``base`` is wrapped in place (PEFT injects its layers), so pass a fresh copy for every run. ``features``: the
+    base's vision-tower output for each domain's train pool (see :func:`vision_features`), which a process running
+    many trainings computes once; None: computed here for this run's images.
     """
     from peft import get_peft_model
 
@@ -264,9 +366,21 @@ def train_lora(
     if unknown:
         raise DmoError(f"domain {unknown[0]!r} is not in this world ({list(config.domains)})")
     picks = {d: sft_indices(config, d, n) for d, n in counts.items() if n > 0}
-    ex = gather(root, processor, image_tokens, picks)
+    ex = gather(root, processor, image_tokens, picks, features)
+    if ex.features is None:
+        assert ex.pixels is not None
+        ex.features, ex.pixels = vision_features(base, processor, ex.pixels), None
     s = train_seed(config, seed)
     torch.manual_seed(s)  # LoRA A matrices are drawn from torch's global generator
     model = get_peft_model(base, lora_config(config))
-    result = fit(model, processor, ex, lr=config.lora_lr, batch=config.lora_batch, warmup=config.lora_warmup, seed=s)
+    result = fit(
+        model,
+        processor,
+        ex,
+        lr=config.lora_lr,
+        batch=config.lora_batch,
+        warmup=config.lora_warmup,
+        seed=s,
+        image_size=config.image_size,
+    )
     return model, result
