@@ -25,7 +25,7 @@ from dmo.tinyworld.properties import check_world
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", default="current", help="current (the default, format 5), v5 (the same) or v6")
+    parser.add_argument("--world", default="current", help="current (the default, format 6), v6 (the same) or v5")
     parser.add_argument("--small", action="store_true", help="the small test configuration of that world")
     parser.add_argument("--root", type=Path, help="a built world's folder (default: the cache folder of its key)")
     parser.add_argument("--spaces", default="3d,4d", help="comma-separated ground-truth spaces to judge")

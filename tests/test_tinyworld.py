@@ -46,15 +46,17 @@ def test_key_is_stable_and_sensitive() -> None:
 
 
 #: The keys format 5's code gave its default and small worlds (before format 6 existed): caches built then are reused.
+#: Format 6's default world keeps the key its ground truth was judged under.
 V5_KEY, V5_SMALL_KEY = "0c6005d995b1641f", "11b4c085477ecbf6"
 V6_KEY = "aa657b9b7356e1c8"  # candidate G of issue 22, whose ground truth was judged under this key
 
 
-def test_format_5_stays_the_default_under_its_key_and_format_6_is_built_by_name() -> None:
+def test_format_6_is_the_default_under_its_key_and_format_5_is_built_by_name() -> None:
     current, v5, v6 = WorldConfig(), WorldConfig.named("v5"), WorldConfig.named("v6")
-    assert current == WorldConfig.named("current") == v5 and current.format_version == 5 and v6.format_version == 6
+    assert current == WorldConfig.named("current") == v6 and v6.format_version == 6 and v5.format_version == 5
     assert v5.key() == V5_KEY and SMALL.key() == V5_SMALL_KEY == WorldConfig.named("v5", small=True).key()
     assert v6.key() == V6_KEY and WorldConfig.named("v6", small=True).key() not in (V5_SMALL_KEY, SMALL.key())
+    assert SMALL.format_version == 5  # the tests' small world keeps format 5's recipe
     assert (v5.pretrain_samples, v5.test_size, v5.pretrain_weights) == (32768, 200, None)
     assert (v6.pretrain_samples, v6.test_size, v6.pretrain_weights, v6.budget) == (
         10752,
@@ -77,7 +79,7 @@ def test_format_5_stays_the_default_under_its_key_and_format_6_is_built_by_name(
 
 def test_pretrain_doses_follow_the_weights_exactly() -> None:
     assert pretrain_doses(WorldConfig.named("v6")) == {"general": 1024, "counting": 512, "ocr": 8192, "chart": 1024}
-    assert pretrain_doses(WorldConfig()) == dict.fromkeys(render.DOMAINS, 8192)
+    assert pretrain_doses(WorldConfig.named("v5")) == dict.fromkeys(render.DOMAINS, 8192)
     rng = np.random.default_rng(7)
     for _ in range(50):
         weights = tuple(float(w) for w in rng.uniform(0, 3, size=4))
@@ -558,6 +560,31 @@ def test_precomputed_inputs_are_what_the_model_computes(world: tuple[World, floa
         for i, b in zip(range(0, len(rows), 16), batches)
     ]  # fmt: skip
     assert generate_encoded(merged, processor, precomputed, 4) == with_tower
+
+
+def test_vision_outputs_are_reused_only_for_the_same_tower(world: tuple[World, float]) -> None:
+    """Scoring reuses a benchmark's vision-tower outputs across models whose towers are equal (LoRA on the language
+    model only), with the answers of the full forward; a model with a different tower gets its own."""
+    from dmo.tinyworld.generate import VisionCache
+
+    w, _ = world
+    model, processor = load_base(w.root)
+    rows = read_split(w.root, "chart", "test")
+    batches = encode(processor, load_pixels(w.root, "chart", "test", rows), [r["question"] for r in rows], 16)
+    cache = VisionCache()
+    first = cache.batches(model, batches)
+    assert all("pixel_values" not in b and "mm_encoder_outputs" in b for b in first)
+    assert generate_encoded(model, processor, first, 4) == generate_encoded(model, processor, batches, 4)
+    with torch.no_grad():  # the language model changes: same tower, same entry
+        model.model.language_model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    assert cache.batches(model, batches) is first and len(cache) == 1
+    with torch.no_grad():  # the tower changes: a new entry, and the answers of the full forward
+        model.model.visual.blocks[0].mlp.fc1.weight.add_(0.05)
+    second = cache.batches(model, batches)
+    assert second is not first and len(cache) == 2
+    image = [b[0]["mm_encoder_outputs"]["image"].pooler_output[0] for b in (first, second)]
+    assert not torch.equal(*image)
+    assert generate_encoded(model, processor, second, 4) == generate_encoded(model, processor, batches, 4)
 
 
 def test_load_base_is_offline_and_complete(world: tuple[World, float], monkeypatch: pytest.MonkeyPatch) -> None:

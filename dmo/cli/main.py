@@ -49,8 +49,8 @@ def world_build(
     world: Annotated[
         str,
         typer.Option(
-            help="Which world: 'current' (the default, format 5), 'v5' (the same) "
-            "or 'v6' (format 6, where every benchmark moves)."
+            help="Which world: 'current' (the default: format 6, where every benchmark moves), 'v6' (the same) "
+            "or 'v5' (format 5, the default before it)."
         ),
     ] = "current",
 ) -> None:

@@ -10,6 +10,7 @@ layer calls once per model with the same images and questions, does that reuse i
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -136,6 +137,90 @@ class EncodingCache:
 
 _CACHE = EncodingCache()
 
+#: Vision towers up to this many parameters are fingerprinted by content (a fraction of a millisecond for the tiny
+#: world's), so that their output can be reused; a larger tower runs on every call.
+MAX_FINGERPRINTED = 5_000_000
+
+
+def vision_fingerprint(model: Any) -> bytes | None:
+    """A digest of the weights of ``model``'s vision tower, or None when it has none that a forward can skip
+    (transformers' ``mm_encoder_outputs``) or it is too large to digest on every call."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vlm = getattr(inner, "model", None)
+    tower = getattr(vlm, "visual", None)
+    if not isinstance(tower, torch.nn.Module) or not hasattr(vlm, "get_image_features"):
+        return None
+    if "mm_encoder_outputs" not in inspect.signature(inner.forward).parameters:
+        return None
+    params = list(tower.state_dict().items())
+    if sum(t.numel() for _, t in params) > MAX_FINGERPRINTED:
+        return None
+    h = hashlib.blake2b(digest_size=20)
+    for name, t in params:
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+class VisionCache:
+    """Encoded batches with the vision tower's output in place of their pixels, by (batches, tower weights).
+
+    Every proxy of a study whose experts adapt the language model only (LoRA on it, as in the DMO paper's recipe)
+    has the base's vision tower, so its output on a benchmark's images is computed once per process instead of
+    once per proxy, and so are the batches' M-RoPE position ids (they depend on the tokens only): the answers are the
+    same (the model takes the same numbers through ``mm_encoder_outputs`` and ``position_ids``), an evaluation about
+    half as long on the tiny world. Keyed by the content of the tower's weights, so a proxy that does change the
+    tower gets its own entry; bounded in bytes, least recently used out first.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, bytes], tuple[Encoded, list[dict[str, Any]], int]] = OrderedDict()
+        self._bytes = 0
+
+    def batches(self, model: Any, encoded: Encoded) -> Sequence[Mapping[str, Any]]:
+        digest = vision_fingerprint(model)
+        if digest is None or not all("pixel_values" in b and "image_grid_thw" in b for b in encoded):
+            return encoded
+        key = (id(encoded), digest)  # the entry holds ``encoded``, so its id cannot be reused while it lives
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key][1]
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out, size = [], 0
+        with torch.inference_mode():
+            for b in encoded:
+                feats = inner.model.get_image_features(b["pixel_values"], b["image_grid_thw"], return_dict=True)
+                pooled = feats.pooler_output  # what the forward reads; the tower's other outputs are not kept
+                size += sum(t.numel() * t.element_size() for t in pooled)
+                rest: dict[str, Any] = {k: v for k, v in b.items() if k != "pixel_values"}
+                rest["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+                if hasattr(inner, "_prepare_position_ids_for_generation"):
+                    # generate() would compute these M-RoPE ids (a Python loop per row) for every model again
+                    kw = {k: rest[k] for k in ("attention_mask", "mm_token_type_ids", "image_grid_thw") if k in rest}
+                    rest["position_ids"] = inner._prepare_position_ids_for_generation(rest["input_ids"], kw)
+                out.append(rest)
+        self._entries[key] = (encoded, out, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, _, old) = self._entries.popitem(last=False)
+            self._bytes -= old
+        return out
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_VISION = VisionCache()
+
+
+def with_vision_outputs(model: Any, encoded: Encoded) -> Sequence[Mapping[str, Any]]:
+    """``encoded`` with ``model``'s vision-tower output in place of the pixels, from the process-wide cache (see
+    :class:`VisionCache`); ``encoded`` itself when the model's tower cannot be skipped."""
+    return _VISION.batches(model, encoded)
+
 
 def generate(
     model: Any,
@@ -146,7 +231,8 @@ def generate(
     batch_size: int = 64,
 ) -> list[str]:
     """Answer each question about its image by greedy decoding; returns one stripped string per question."""
-    return generate_encoded(model, processor, _CACHE.encode(processor, images, questions, batch_size), max_new_tokens)
+    encoded = _CACHE.encode(processor, images, questions, batch_size)
+    return generate_encoded(model, processor, with_vision_outputs(model, encoded), max_new_tokens)
 
 
 def normalize(text: str) -> str:
