@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #
 # LATTICES: the 3d lattice of the default world at 1/16 (153 mixtures) and the 4d one at 1/8 (165 mixtures).
 LATTICES = {"3d": ("tiny-3d.yaml", 16), "4d": ("tiny-4d.yaml", 8)}
-# SAMPLERS: CMA-ES (dmo's default sampler) and TPE (Optuna's default sampler), dmo's settings of each.
+# SAMPLERS: CMA-ES (dmo's default sampler when this was written; TPE since format 6) and TPE (Optuna's default
+# sampler), dmo's settings of each.
 SAMPLERS = ("cmaes", "tpe")
 SEEDS = 20
 # OPTIONS: name -> (pruner, its parameters, stage schedule). "full" scores every proxy on every item in one go.

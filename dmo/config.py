@@ -276,8 +276,8 @@ class ConstraintSpec(Strict):
 class SamplerSpec(Strict):
     """The study's sampler (a string ``sampler: tpe`` names it with the defaults)."""
 
-    #: a registered sampler (``grid`` scores the space's candidates only); default: CMA-ES for one objective
-    name: str = "cmaes"
+    #: a registered sampler (``grid`` scores the space's candidates only); default: TPE (dmo.search.samplers)
+    name: str = "tpe"
     #: total trials of the study (``dmo study --n-trials`` overrides it)
     n_trials: int = Field(default=20, gt=0)
     #: the sampler's seed

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_smallest_space_has_defaults():
     space = parse_space({"domains": ["general", "ocr"], "mixtures": [{"general": 0.25, "ocr": 0.75}]})
     assert [m.id for m in space.candidates()] == ["general-0.25+ocr-0.75"]
-    assert space.merge.method == "linear" and space.sampler.name == "cmaes" and space.objective.aggregate == "mean"
+    assert space.merge.method == "linear" and space.sampler.name == "tpe" and space.objective.aggregate == "mean"
 
 
 @pytest.mark.parametrize(

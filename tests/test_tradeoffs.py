@@ -174,7 +174,7 @@ def test_a_reference_that_cannot_be_scored_stops_before_the_study_opens(tmp_path
 def test_the_default_sampler_and_the_hash_of_spaces_without_tradeoffs() -> None:
     assert space(None).sampler.name == "tpe"
     plain = parse_space({"name": "s", "domains": DOMAINS, "mixtures": {"preset": "paper-3d"}, "benchmarks": ["b1"]})
-    assert plain.sampler.name == "cmaes"
+    assert plain.sampler.name == "tpe"
     constrained = parse_space({"name": "s", "domains": DOMAINS, "mixtures": {"preset": "paper-3d"},
                                "benchmarks": ["b1"], "constraints": [{"benchmark": "b1", "min": 0.1}]})  # fmt: skip
     assert constrained.sampler.name == "tpe"

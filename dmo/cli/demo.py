@@ -90,7 +90,7 @@ def run_demo(
     small: bool = False,
     tasks: Sequence[Path] = (),
 ) -> Path:
-    """The README's main command: world -> references -> preset proxies -> study (CMA-ES by default) -> correlations."""
+    """The README's main command: world -> references -> preset proxies -> study (TPE by default) -> correlations."""
     from dmo.analysis.correlate import correlate
     from dmo.analysis.tables import render_correlation
 

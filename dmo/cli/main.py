@@ -101,7 +101,7 @@ def study(
     space_file: Annotated[Path, typer.Argument(metavar="SPACE", help="Search space YAML.")],
     sampler: Annotated[
         str | None,
-        typer.Option(help=f"{', '.join(sampler_names())} (default: the space's; cmaes if it names none)."),
+        typer.Option(help=f"{', '.join(sampler_names())} (default: the space's; tpe if it names none)."),
     ] = None,
     n_trials: Annotated[int | None, typer.Option(help="Total trials wanted (a resumed study runs the rest).")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite).")] = None,
@@ -391,7 +391,7 @@ def report(
 def demo(
     space_file: Annotated[Path | None, typer.Option("--space", help="Default: search_spaces/tiny-2d.yaml.")] = None,
     n_trials: Annotated[
-        int, typer.Option(help="Trials of the study (the space's sampler, CMA-ES by default) after the preset grid.")
+        int, typer.Option(help="Trials of the study (the space's sampler, TPE by default) after the preset grid.")
     ] = 12,
     small: Annotated[bool, typer.Option(help="Use the small test world (seconds).")] = False,
     tasks_dir: Annotated[list[Path], typer.Option(help=_TASKS_DIR_HELP)] = [],  # noqa: B006

@@ -44,9 +44,10 @@ class Traits:
 
 TRAITS: dict[str, Traits] = {}
 
-#: The default of a single-objective study: benchmarks/search_efficiency.py's rule (README, "Choosing a sampler").
-DEFAULT_SINGLE_OBJECTIVE = "cmaes"
-#: The default of a constrained single-objective study: CMA-ES takes no constraints; TPE, the previous default, does.
+#: The default of a single-objective study: benchmarks/search_efficiency.py's rule on the default tiny world's 3d
+#: lattice (docs/measurements/samplers.md; CMA-ES on format 5's world, TPE since format 6).
+DEFAULT_SINGLE_OBJECTIVE = "tpe"
+#: The default of a constrained single-objective study (TPE takes constraints; CMA-ES does not).
 DEFAULT_CONSTRAINED = "tpe"
 #: The default of a multi-objective study: the rule of benchmarks/pareto_samplers.py (hypervolume after its budget
 #: on the tiny world's 3d and 4d lattices, 20 seeds), results in benchmarks/results/pareto_samplers.json.
