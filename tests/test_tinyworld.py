@@ -501,16 +501,8 @@ def test_precomputed_inputs_are_what_the_model_computes(world: tuple[World, floa
     computes them itself from the pixels, on rows of different lengths and a non-zero adapter."""
     from peft import get_peft_model
 
-    from dmo.tinyworld.train import (
-        Examples,
-        Positions,
-        collate,
-        encoder_outputs,
-        gather,
-        image_grid,
-        lora_config,
-        vision_features,
-    )
+    from dmo.tinyworld.generate import encoder_outputs
+    from dmo.tinyworld.train import Examples, Positions, collate, gather, image_grid, lora_config, vision_features
 
     w, _ = world
     base, processor = load_base(w.root)

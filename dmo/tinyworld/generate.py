@@ -137,6 +137,22 @@ class EncodingCache:
 
 _CACHE = EncodingCache()
 
+
+def unwrapped(model: Any) -> Any:
+    """The transformers model inside a bare or PEFT-wrapped one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def encoder_outputs(features: torch.Tensor) -> dict[str, Any]:
+    """``mm_encoder_outputs`` for a model's forward or ``generate``: the vision tower's output for a batch's images
+    (``(images, tokens, hidden)``, in the batch's order), which the model then takes instead of running its tower."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    # a tuple of tensors, as get_image_features returns it (the annotation says Tensor)
+    pooled = (features.flatten(0, 1),)
+    return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}  # type: ignore[arg-type]
+
+
 #: Vision towers up to this many parameters are fingerprinted by content (a fraction of a millisecond for the tiny
 #: world's), so that their output can be reused; a larger tower runs on every call.
 MAX_FINGERPRINTED = 5_000_000
@@ -145,7 +161,7 @@ MAX_FINGERPRINTED = 5_000_000
 def vision_fingerprint(model: Any) -> bytes | None:
     """A digest of the weights of ``model``'s vision tower, or None when it has none that a forward can skip
     (transformers' ``mm_encoder_outputs``) or it is too large to digest on every call."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrapped(model)
     vlm = getattr(inner, "model", None)
     tower = getattr(vlm, "visual", None)
     if not isinstance(tower, torch.nn.Module) or not hasattr(vlm, "get_image_features"):
@@ -186,17 +202,15 @@ class VisionCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key][1]
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+        inner = unwrapped(model)
         out, size = [], 0
         with torch.inference_mode():
             for b in encoded:
                 feats = inner.model.get_image_features(b["pixel_values"], b["image_grid_thw"], return_dict=True)
-                pooled = feats.pooler_output  # what the forward reads; the tower's other outputs are not kept
-                size += sum(t.numel() * t.element_size() for t in pooled)
+                pooled = torch.stack(list(feats.pooler_output))  # what the forward reads; nothing else is kept
+                size += pooled.numel() * pooled.element_size()
                 rest: dict[str, Any] = {k: v for k, v in b.items() if k != "pixel_values"}
-                rest["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+                rest["mm_encoder_outputs"] = encoder_outputs(pooled)
                 if hasattr(inner, "_prepare_position_ids_for_generation"):
                     # generate() would compute these M-RoPE ids (a Python loop per row) for every model again
                     kw = {k: rest[k] for k in ("attention_mask", "mm_token_type_ids", "image_grid_thw") if k in rest}

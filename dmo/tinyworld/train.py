@@ -26,7 +26,7 @@ import torch
 from dmo.errors import DmoError
 from dmo.tinyworld.config import WorldConfig
 from dmo.tinyworld.data import load_pixels, read_split
-from dmo.tinyworld.generate import chat_prompt
+from dmo.tinyworld.generate import chat_prompt, encoder_outputs, unwrapped
 from dmo.tinyworld.render import DOMAINS
 
 #: LoRA goes on the language model's linear layers (attention and MLP); the vision tower and the patch merger stay
@@ -162,20 +162,9 @@ def vision_features(model: Any, processor: Any, pixels: np.ndarray, batch: int =
     return torch.cat(out)
 
 
-def encoder_outputs(features: torch.Tensor) -> dict[str, Any]:
-    """``mm_encoder_outputs`` for a model's forward or ``generate``: the vision tower's output for a batch's images
-    (``(images, tokens, hidden)``, in the batch's order), which the model then takes instead of running its tower."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    # a tuple of tensors, as get_image_features returns it (the annotation says Tensor)
-    pooled = (features.flatten(0, 1),)
-    return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}  # type: ignore[arg-type]
-
-
 def _vlm(model: Any) -> Any:
     """The ``Qwen2VLModel`` inside a bare or PEFT-wrapped model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model
+    return unwrapped(model).model
 
 
 class Positions:

@@ -143,7 +143,7 @@ def evaluate(model: Any, processor: Any, root: Path, config: WorldConfig) -> dic
     out = {}
     for domain in config.domains:
         batches, answers = test_batches(root, config, processor, domain)
-        # every model evaluated here has the base's vision tower: its output is computed once per process
+        # the models evaluated here share the base's vision tower: its output is computed once per process
         preds = generate_encoded(model, processor, with_vision_outputs(model, batches), config.max_new_tokens)
         out[domain] = round(accuracy(preds, answers), 6)
     return out
