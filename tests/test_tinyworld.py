@@ -622,6 +622,68 @@ def test_interrupted_output_is_rebuilt(world: tuple[World, float]) -> None:
     assert adapter.stat().st_mtime_ns == old_adapter  # the adapter was not retrained
 
 
+def _copy_pretrained(w: World, root: Path) -> World:
+    """A world at ``root`` that has ``w``'s data, processor and base, and nothing trained."""
+    import shutil
+
+    for part in ("data", "processor", "base"):
+        shutil.copytree(w.root / part, root / part)
+    return World(root, w.config)
+
+
+def test_a_space_gets_its_experts_and_one_seed_and_a_later_build_adds_the_rest(
+    world: tuple[World, float], tmp_path: Path
+) -> None:
+    """What ``dmo demo`` builds (its space's experts, one seed of its ground truth), listed as built so far; a full
+    build then trains only what is missing, and the first seed's adapters are the full build's, byte for byte."""
+    full, _ = world
+    w = _copy_pretrained(full, tmp_path / "w")
+    build_world(SMALL, root=w.root, ground_truth=("2d",), seeds=1, experts=("general", "ocr"), progress=False)
+    doc = yaml.safe_load(w.manifest_path.read_text())
+    assert set(doc["experts"]) == {"general", "ocr"} and not w.expert_dir("counting").exists()
+    assert [t["seed"] for t in doc["trained"]] == [0] * len(paper_2d())
+    assert not any(w.trained_dir(m, 1).exists() for m in paper_2d())
+    rows = w.info()["accuracy"]["trained"]["2d"]
+    assert [r["id"] for r in rows] == [m.id for m in paper_2d()] and all(set(r["seeds"]) == {"0"} for r in rows)
+    assert w.info()["mixture_effect"]["2d"]["ocr"]["across_seeds_mean"] is None  # no second seed to compare
+    for m in paper_2d():
+        a = (w.trained_dir(m, 0) / "adapter_model.safetensors").read_bytes()
+        assert a == (full.trained_dir(m, 0) / "adapter_model.safetensors").read_bytes()
+    first = {m.id: w.trained_dir(m, 0).stat().st_mtime_ns for m in paper_2d()}
+
+    build_world(SMALL, root=w.root, ground_truth=("2d",), progress=False)
+    doc = yaml.safe_load(w.manifest_path.read_text())
+    assert set(doc["experts"]) == set(SMALL.domains) and len(doc["trained"]) == len(paper_2d()) * SMALL.n_seeds
+    assert {m.id: w.trained_dir(m, 0).stat().st_mtime_ns for m in paper_2d()} == first  # not retrained
+    with pytest.raises(DmoError, match="seeds must be between 1 and"):
+        build_world(SMALL, root=w.root, seeds=SMALL.n_seeds + 1, progress=False)
+    with pytest.raises(DmoError, match="no domain 'maps'"):
+        build_world(SMALL, root=w.root, experts=("maps",), progress=False)
+
+
+def test_demo_builds_one_seed_and_says_the_seed_ceiling_is_missing(
+    world: tuple[World, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dmo demo --small`` on a cache with the pre-trained small world: the whole pipeline, one training seed."""
+    from typer.testing import CliRunner
+
+    from dmo.cli import app
+
+    full, _ = world
+    monkeypatch.setenv("DMO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DMO_RESULTS", str(tmp_path / "results"))
+    w = _copy_pretrained(full, default_root(SMALL))
+    result = CliRunner().invoke(app, ["demo", "--small", "--n-trials", "2"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "one training seed per mixture, so no seed ceiling" in out and "report:" in out
+    assert "best trained mixture" in out and "proxy's pick among the trained mixtures" in out
+    assert not w.expert_dir("counting").exists() and not w.trained_dir(paper_2d()[0], 1).exists()
+    scores = [json.loads(line) for line in (tmp_path / "results" / "tiny-2d" / "scores.jsonl").read_text().splitlines()]
+    trained = {(r["mixture"], r["seed"]) for r in scores if r["kind"] == "trained"}
+    assert trained == {(m.id, 0) for m in paper_2d()}
+
+
 def test_format_6_builds_by_name(tmp_path: Path) -> None:
     """``dmo world build --world v6``: format 6's world, under its own key, with its pre-training doses."""
     from typer.testing import CliRunner

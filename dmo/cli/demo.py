@@ -13,7 +13,8 @@ from rich.markup import escape
 from dmo.config import load_space
 from dmo.search.study import StudyResult
 from dmo.session import Scored, Session, score_references, write_results_report
-from dmo.tinyworld.source import TINYWORLD, TINYWORLD_SMALL
+from dmo.tinyworld.build import World, default_root
+from dmo.tinyworld.source import TINYWORLD, TINYWORLD_SMALL, world_config, world_experts
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "tiny-2d.yaml"
 
@@ -89,8 +90,13 @@ def run_demo(
     n_trials: int = 12,
     small: bool = False,
     tasks: Sequence[Path] = (),
+    seeds: int | None = 1,
 ) -> Path:
-    """The README's main command: world -> references -> preset proxies -> study (TPE by default) -> correlations."""
+    """The README's main command: world -> references -> preset proxies -> study (TPE by default) -> correlations.
+
+    ``seeds``: training seeds of each trained mixture the demo builds on the tiny world (None: all of the world's,
+    which the seed ceiling needs). A model trained by an earlier build is used whatever this says.
+    """
     from dmo.analysis.correlate import correlate
     from dmo.analysis.tables import render_correlation
 
@@ -98,8 +104,20 @@ def run_demo(
     space = load_space(space_file or DEFAULT_SPACE)
     if small and space.experts == TINYWORLD:
         space = space.model_copy(update={"experts": TINYWORLD_SMALL})
-    session = Session.open(space_file or DEFAULT_SPACE, space=space, tasks=tasks)
+    experts = None
+    if space.experts in (TINYWORLD, TINYWORLD_SMALL):
+        # built here rather than by the expert source, which trains every seed of the ground truth
+        config = world_config(space.experts)
+        tasks = [*tasks, *filter(None, [world_experts(config, space, seeds).tasks])]
+        experts = World(default_root(config), config).manifest_path
+    session = Session.open(space_file or DEFAULT_SPACE, space=space, tasks=tasks, experts=experts)
     console.print(f"[bold]dmo demo[/] on space [bold]{space.name}[/] with experts from {session.manifest.name}")
+    trained_seeds = {t.seed for t in session.references(("trained",))}
+    if experts is not None and len(trained_seeds) == 1:
+        console.print(
+            "ground truth: one training seed per mixture, so no seed ceiling (dmo demo --seeds 2 trains the second)",
+            highlight=False,
+        )
     print_scored(console, session, score_references(session))
     grid_space = space.model_copy(update={"sampler": space.sampler.model_copy(update={"name": "grid"})})
     grid = dataclasses.replace(session, space=grid_space).run_study()

@@ -256,19 +256,21 @@ def _submit_lora(world: World, pool: _Pool, runs: list[tuple]) -> list[Future]:
     ]
 
 
-def _expert_runs(world: World) -> list[tuple]:
+def _expert_runs(world: World, domains: Sequence[str]) -> list[tuple]:
     c = world.config
     return [
         ({d: c.budget}, 0, world.expert_dir(d), _eval_path(world, "experts", d), {"kind": "expert", "domain": d})
         for d in c.domains
+        if d in domains
     ]
 
 
-def _trained_runs(world: World, space: str) -> list[tuple]:
+def _trained_runs(world: World, space: str, seeds: int | None = None) -> list[tuple]:
+    """Every training of ``space``'s ground truth, seeds ``0..seeds-1`` (default: all of the world's)."""
     c = world.config
     runs = []
     for m in space_mixtures(space):
-        for s in range(c.n_seeds):
+        for s in range(c.n_seeds if seeds is None else seeds):
             meta = {"kind": "mixture", "space": space, "mixture": m.as_dict(), "id": m.id}
             runs.append(
                 (m.counts(c.budget), s, world.trained_dir(m, s), _eval_path(world, "trained", m.id, f"seed-{s}"), meta)
@@ -276,7 +278,9 @@ def _trained_runs(world: World, space: str) -> list[tuple]:
     return runs
 
 
-def _step_trainings(world: World, spaces: Sequence[str], pool: _Pool, ui: _Progress) -> dict[str, float]:
+def _step_trainings(
+    world: World, spaces: Sequence[str], pool: _Pool, ui: _Progress, seeds: int | None, experts: Sequence[str]
+) -> dict[str, float]:
     """The base's evaluation, the experts and every requested space's ground truth, submitted to the pool at once:
     a space's last runs then overlap the next one's first, instead of leaving a process idle at every boundary.
 
@@ -288,14 +292,14 @@ def _step_trainings(world: World, spaces: Sequence[str], pool: _Pool, ui: _Progr
     start = time.perf_counter()
     groups: dict[str, list[Future]] = {}
     base_eval = _eval_path(world, "base")
-    experts = []
+    jobs = []
     if not base_eval.exists():
-        experts.append(pool.submit(eval_job, str(world.root), world.config.model_dump_json(), None, str(base_eval)))
-    experts += _submit_lora(world, pool, _lora_jobs(world, _expert_runs(world)))
-    if experts:
-        groups["experts"] = experts
+        jobs.append(pool.submit(eval_job, str(world.root), world.config.model_dump_json(), None, str(base_eval)))
+    jobs += _submit_lora(world, pool, _lora_jobs(world, _expert_runs(world, experts)))
+    if jobs:
+        groups["experts"] = jobs
     for space in spaces:
-        runs = _lora_jobs(world, _trained_runs(world, space))
+        runs = _lora_jobs(world, _trained_runs(world, space, seeds))
         if runs:
             groups[f"ground_truth_{space}"] = _submit_lora(world, pool, runs)
     names = {"experts": "experts (+ base eval)", **{f"ground_truth_{s}": f"ground truth {s}" for s in spaces}}
@@ -324,13 +328,18 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _built_spaces(world: World) -> list[str]:
-    """Spaces whose every mixture has every seed's adapter on disk (built now or by an earlier call)."""
+    """Spaces whose every mixture has at least its first seed's adapter on disk (built now or by an earlier call;
+    ``dmo demo`` builds one seed)."""
     return [
         s
         for s in SPACES
         if _space_fits(world.config, s)
-        and all((r[2] / "adapter_model.safetensors").exists() for r in _trained_runs(world, s))
+        and all((r[2] / "adapter_model.safetensors").exists() for r in _trained_runs(world, s, seeds=1))
     ]
+
+
+def _has_adapter(path: Path) -> bool:
+    return (path / "adapter_model.safetensors").exists()
 
 
 def _space_fits(config: WorldConfig, space: str) -> bool:
@@ -338,12 +347,13 @@ def _space_fits(config: WorldConfig, space: str) -> bool:
 
 
 def manifest_text(world: World) -> str:
-    """``experts.yaml``: base, experts and every trained mixture adapter, paths relative to the manifest."""
+    """``experts.yaml``: base, the experts built so far and every trained mixture adapter of the spaces built so far,
+    paths relative to the manifest."""
     c = world.config
     trained, seen = [], set()
     for space in _built_spaces(world):
         for _counts, seed, out, _, meta in _trained_runs(world, space):
-            if (meta["id"], seed) in seen:
+            if (meta["id"], seed) in seen or not _has_adapter(out):
                 continue
             seen.add((meta["id"], seed))
             trained.append({"mixture": meta["mixture"], "seed": seed, "path": out.relative_to(world.root).as_posix()})
@@ -352,7 +362,7 @@ def manifest_text(world: World) -> str:
         "base": {"path": "base"},
         "kind": "lora",
         "budget": c.budget,
-        "experts": {d: {"path": f"experts/{d}"} for d in c.domains},
+        "experts": {d: {"path": f"experts/{d}"} for d in c.domains if _has_adapter(world.expert_dir(d))},
         "data": "data",  # each domain's validation split, for loss:<domain> benchmarks
         "trained": trained,
     }
@@ -379,7 +389,7 @@ def report(world: World, timings: dict[str, float | None]) -> dict:
                 for s in range(c.n_seeds)
             }
             seeds: dict[int, dict[str, float]] = {s: v for s, v in found.items() if v is not None}
-            if len(seeds) < len(found):
+            if not seeds:
                 continue
             mean = {d: round(sum(seeds[s][d] for s in seeds) / len(seeds), 6) for d in c.domains}
             rows.append(
@@ -394,15 +404,15 @@ def report(world: World, timings: dict[str, float | None]) -> dict:
         trained[space] = rows
         effect[space] = {}
         for d in space_mixtures(space)[0].domains:
-            seed_gaps = [
-                max(r["seeds"][str(s)][d] for s in range(c.n_seeds))
-                - min(r["seeds"][str(s)][d] for s in range(c.n_seeds))
+            seed_gaps = [  # over the mixtures trained with more than one seed (dmo demo trains one)
+                max(v[d] for v in r["seeds"].values()) - min(v[d] for v in r["seeds"].values())
                 for r in rows
+                if len(r["seeds"]) > 1
             ]
             effect[space][d] = {
                 "across_mixtures": _spread([r["mean"][d] for r in rows]),
-                "across_seeds_mean": round(sum(seed_gaps) / max(len(seed_gaps), 1), 6),
-                "across_seeds_max": round(max(seed_gaps, default=0.0), 6),
+                "across_seeds_mean": round(sum(seed_gaps) / len(seed_gaps), 6) if seed_gaps else None,
+                "across_seeds_max": round(max(seed_gaps), 6) if seed_gaps else None,
             }
     acc["trained"] = trained
     return {
@@ -435,8 +445,14 @@ def build_world(
     root: Path | None = None,
     ground_truth: Sequence[str] = ("2d",),
     progress: bool = True,
+    seeds: int | None = None,
+    experts: Sequence[str] | None = None,
 ) -> World:
     """Build whatever of the world is missing and return it; a complete world is returned at once.
+
+    ``seeds``: training seeds of each ``ground_truth`` mixture (default: the world's ``n_seeds``; fewer leave the
+    seed ceiling out, and a later call with more adds the missing ones). ``experts``: the domains whose experts to
+    train (default: all; a search space needs those of its domains only).
 
     Call it from under ``if __name__ == "__main__":`` in scripts: the pool uses the spawn start method.
     """
@@ -450,6 +466,13 @@ def build_world(
                 f"ground-truth space {space!r} needs domains {list(space_mixtures(space)[0].domains)}, "
                 f"this world has {list(config.domains)}"
             )
+    if seeds is not None and not 1 <= seeds <= config.n_seeds:
+        raise DmoError(f"seeds must be between 1 and the world's {config.n_seeds}, not {seeds}")
+    unknown = [d for d in experts or () if d not in config.domains]
+    if unknown:
+        raise DmoError(f"no domain {unknown[0]!r} in this world: its domains are {list(config.domains)}")
+    needed = sorted({*(experts if experts is not None else config.domains), *(
+        d for space in ground_truth for d in space_mixtures(space)[0].domains)})  # fmt: skip
     previous = (_read_json(world.info_path) or {}).get("timings_seconds", {})
     timings: dict[str, float | None] = {}
 
@@ -465,7 +488,7 @@ def build_world(
             timed("validation", lambda: _step_validation(world))
             timed("processor", lambda: _step_processor(world, pool))
             timed("base", lambda: _step_base(world, pool, ui))
-            ended = _step_trainings(world, ground_truth, pool, ui)
+            ended = _step_trainings(world, ground_truth, pool, ui, seeds, needed)
             for group in ("experts", *(f"ground_truth_{s}" for s in ground_truth)):
                 timings[group] = ended.get(group, previous.get(group))
     finally:

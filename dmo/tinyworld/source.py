@@ -21,20 +21,27 @@ def ground_truth_for(space: SearchSpace) -> tuple[str, ...]:
     return ()
 
 
-def _world(config: WorldConfig, space: SearchSpace) -> ExpertSet:
+def world_experts(config: WorldConfig, space: SearchSpace, seeds: int | None = None) -> ExpertSet:
+    """What ``space`` needs of the world, built if missing: the base, its domains' experts, its ground truth
+    (``seeds`` training seeds per mixture, default all) and the benchmarks' lmms-eval tasks."""
     from dmo.scoring.tasks import write_tiny_tasks
     from dmo.tinyworld.build import build_world
 
-    world = build_world(config, ground_truth=ground_truth_for(space))
+    world = build_world(config, ground_truth=ground_truth_for(space), seeds=seeds, experts=space.domains)
     tasks = world.root / "tasks"
     if not tasks.is_dir():
         write_tiny_tasks(world.root / "data", tasks, list(config.domains), max_new_tokens=config.max_new_tokens)
     return ExpertSet(load_manifest(world.manifest_path), tasks)
 
 
+def world_config(source: str) -> WorldConfig:
+    """The configuration behind a source name (``tinyworld`` or ``tinyworld-small``)."""
+    return WorldConfig.small() if source == TINYWORLD_SMALL else WorldConfig()
+
+
 def tiny_world(space: SearchSpace) -> ExpertSet:
-    return _world(WorldConfig(), space)
+    return world_experts(WorldConfig(), space)
 
 
 def tiny_world_small(space: SearchSpace) -> ExpertSet:
-    return _world(WorldConfig.small(), space)
+    return world_experts(WorldConfig.small(), space)
