@@ -126,8 +126,7 @@ def _utils_py(domains: Sequence[str], rel_root: str) -> str:
 
 from pathlib import Path
 
-from PIL import Image
-
+from dmo.tinyworld.data import read_image
 from dmo.tinyworld.generate import exact_match
 
 # The data root, relative to this file, so that the task folder and the data can move together.
@@ -135,8 +134,7 @@ DATA_ROOT = (Path(__file__).resolve().parent / {_q(rel_root)}).resolve()
 
 
 def _visual(domain, doc):
-    with Image.open(DATA_ROOT / domain / doc["image"]) as image:
-        return [image.convert("RGB")]
+    return [read_image(DATA_ROOT / domain / doc["image"])]
 
 
 {visual_fns}

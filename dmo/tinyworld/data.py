@@ -16,6 +16,7 @@ first items do not depend on its size, and domains can be rendered in parallel.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,15 @@ SPLITS: tuple[str, ...] = ("train", "test")
 #: Every split's random stream, by position; ``val`` comes after the splits ``write_domain`` writes, so that adding it
 #: changed no byte of an existing world (and no cache key).
 STREAMS: tuple[str, ...] = (*SPLITS, "val")
+
+
+@functools.lru_cache(maxsize=16384)
+def read_image(path: Path) -> Image.Image:
+    """An RGB image of the world's data, decoded once per process: lmms-eval asks for every benchmark image again
+    for every model it scores, and loads the task's hooks afresh each time (so they cannot keep a cache).
+    Callers share the image and must not change it."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def item_rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:

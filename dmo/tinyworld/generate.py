@@ -31,8 +31,9 @@ def chat_prompt(processor: Any, question: str) -> str:
 def _as_chw_uint8(image: ImageLike) -> torch.Tensor:
     # The image processor takes CHW tensors in one vectorised pass; PIL images go through a slower path.
     if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB"))
-    t = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) else image
+        t = torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB")))
+    else:
+        t = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) else image
     if t.ndim != 3:
         raise ValueError(f"expected one HWC or CHW image, got shape {tuple(t.shape)}")
     return t.permute(2, 0, 1).contiguous() if t.shape[-1] in (1, 3) and t.shape[0] not in (1, 3) else t
@@ -113,6 +114,10 @@ class EncodingCache:
         for q in questions:
             h.update(q.encode() + b"\0")
         for image in images:
+            if isinstance(image, Image.Image) and image.mode == "RGB":  # its bytes as they are: no copy to a tensor
+                h.update(f"pil{image.size}".encode())
+                h.update(image.tobytes())
+                continue
             t = _as_chw_uint8(image)
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
             h.update(t.numpy().tobytes())
