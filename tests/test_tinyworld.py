@@ -664,7 +664,8 @@ def test_a_space_gets_its_experts_and_one_seed_and_a_later_build_adds_the_rest(
 def test_demo_builds_one_seed_and_says_the_seed_ceiling_is_missing(
     world: tuple[World, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``dmo demo --small`` on a cache with the pre-trained small world: the whole pipeline, one training seed."""
+    """``dmo demo --small`` on a cache with the pre-trained small world: the whole pipeline, one training seed, the
+    proxies scored by a second process."""
     from typer.testing import CliRunner
 
     from dmo.cli import app
@@ -679,6 +680,7 @@ def test_demo_builds_one_seed_and_says_the_seed_ceiling_is_missing(
     assert "one training seed per mixture, so no seed ceiling" in out and "report:" in out
     assert "best trained mixture" in out and "proxy's pick among the trained mixtures" in out
     assert not w.expert_dir("counting").exists() and not w.trained_dir(paper_2d()[0], 1).exists()
+    assert not (w.root / "evals").exists()  # the demo scores through lmms-eval; world.json's tables wait for a build
     scores = [json.loads(line) for line in (tmp_path / "results" / "tiny-2d" / "scores.jsonl").read_text().splitlines()]
     trained = {(r["mixture"], r["seed"]) for r in scores if r["kind"] == "trained"}
     assert trained == {(m.id, 0) for m in paper_2d()}

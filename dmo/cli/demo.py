@@ -110,7 +110,7 @@ def run_demo(
     if space.experts in (TINYWORLD, TINYWORLD_SMALL):
         # built here rather than by the expert source, which trains every seed of the ground truth
         config = world_config(space.experts)
-        tasks = [*tasks, *filter(None, [world_experts(config, space, seeds).tasks])]
+        tasks = [*tasks, *filter(None, [world_experts(config, space, seeds, evaluate=False).tasks])]
         experts = World(default_root(config), config).manifest_path
     session = Session.open(space_file or DEFAULT_SPACE, space=space, tasks=tasks, experts=experts)
     console.print(f"[bold]dmo demo[/] on space [bold]{space.name}[/] with experts from {session.manifest.name}")

@@ -241,9 +241,13 @@ def _eval_path(world: World, *parts: str) -> Path:
     return world.root.joinpath("evals", *parts[:-1], parts[-1] + ".json")
 
 
-def _lora_jobs(world: World, runs: Iterable[tuple[dict[str, int], int, Path, Path, dict]]) -> list[tuple]:
-    """The (counts, seed, adapter dir, eval file, meta) runs whose adapter or evaluation is missing."""
-    return [r for r in runs if not (r[2] / "adapter_model.safetensors").exists() or not r[3].exists()]
+def _lora_jobs(
+    world: World, runs: Iterable[tuple[dict[str, int], int, Path, Path, dict]], evaluate: bool
+) -> list[tuple]:
+    """The (counts, seed, adapter dir, eval file or None, meta) runs whose adapter is missing, or their evaluation
+    when ``evaluate``."""
+    todo = [r for r in runs if not (r[2] / "adapter_model.safetensors").exists() or (evaluate and not r[3].exists())]
+    return [r if evaluate else (*r[:3], None, r[4]) for r in todo]
 
 
 def _submit_lora(world: World, pool: _Pool, runs: list[tuple]) -> list[Future]:
@@ -279,7 +283,13 @@ def _trained_runs(world: World, space: str, seeds: int | None = None) -> list[tu
 
 
 def _step_trainings(
-    world: World, spaces: Sequence[str], pool: _Pool, ui: _Progress, seeds: int | None, experts: Sequence[str]
+    world: World,
+    spaces: Sequence[str],
+    pool: _Pool,
+    ui: _Progress,
+    seeds: int | None,
+    experts: Sequence[str],
+    evaluate: bool,
 ) -> dict[str, float]:
     """The base's evaluation, the experts and every requested space's ground truth, submitted to the pool at once:
     a space's last runs then overlap the next one's first, instead of leaving a process idle at every boundary.
@@ -293,13 +303,13 @@ def _step_trainings(
     groups: dict[str, list[Future]] = {}
     base_eval = _eval_path(world, "base")
     jobs = []
-    if not base_eval.exists():
+    if evaluate and not base_eval.exists():
         jobs.append(pool.submit(eval_job, str(world.root), world.config.model_dump_json(), None, str(base_eval)))
-    jobs += _submit_lora(world, pool, _lora_jobs(world, _expert_runs(world, experts)))
+    jobs += _submit_lora(world, pool, _lora_jobs(world, _expert_runs(world, experts), evaluate))
     if jobs:
         groups["experts"] = jobs
     for space in spaces:
-        runs = _lora_jobs(world, _trained_runs(world, space, seeds))
+        runs = _lora_jobs(world, _trained_runs(world, space, seeds), evaluate)
         if runs:
             groups[f"ground_truth_{space}"] = _submit_lora(world, pool, runs)
     names = {"experts": "experts (+ base eval)", **{f"ground_truth_{s}": f"ground truth {s}" for s in spaces}}
@@ -447,12 +457,15 @@ def build_world(
     progress: bool = True,
     seeds: int | None = None,
     experts: Sequence[str] | None = None,
+    evaluate: bool = True,
 ) -> World:
     """Build whatever of the world is missing and return it; a complete world is returned at once.
 
     ``seeds``: training seeds of each ``ground_truth`` mixture (default: the world's ``n_seeds``; fewer leave the
     seed ceiling out, and a later call with more adds the missing ones). ``experts``: the domains whose experts to
-    train (default: all; a search space needs those of its domains only).
+    train (default: all; a search space needs those of its domains only). ``evaluate``: also evaluate every model
+    on every domain's test split, for ``world.json`` (``dmo demo`` leaves this to a later build: it scores the
+    models it needs through lmms-eval anyway).
 
     Call it from under ``if __name__ == "__main__":`` in scripts: the pool uses the spawn start method.
     """
@@ -488,7 +501,7 @@ def build_world(
             timed("validation", lambda: _step_validation(world))
             timed("processor", lambda: _step_processor(world, pool))
             timed("base", lambda: _step_base(world, pool, ui))
-            ended = _step_trainings(world, ground_truth, pool, ui, seeds, needed)
+            ended = _step_trainings(world, ground_truth, pool, ui, seeds, needed, evaluate)
             for group in ("experts", *(f"ground_truth_{s}" for s in ground_truth)):
                 timings[group] = ended.get(group, previous.get(group))
     finally:

@@ -21,13 +21,18 @@ def ground_truth_for(space: SearchSpace) -> tuple[str, ...]:
     return ()
 
 
-def world_experts(config: WorldConfig, space: SearchSpace, seeds: int | None = None) -> ExpertSet:
+def world_experts(
+    config: WorldConfig, space: SearchSpace, seeds: int | None = None, evaluate: bool = True
+) -> ExpertSet:
     """What ``space`` needs of the world, built if missing: the base, its domains' experts, its ground truth
-    (``seeds`` training seeds per mixture, default all) and the benchmarks' lmms-eval tasks."""
+    (``seeds`` training seeds per mixture, default all) and the benchmarks' lmms-eval tasks; ``evaluate``: see
+    :func:`~dmo.tinyworld.build.build_world`."""
     from dmo.scoring.tasks import write_tiny_tasks
     from dmo.tinyworld.build import build_world
 
-    world = build_world(config, ground_truth=ground_truth_for(space), seeds=seeds, experts=space.domains)
+    world = build_world(
+        config, ground_truth=ground_truth_for(space), seeds=seeds, experts=space.domains, evaluate=evaluate
+    )
     tasks = world.root / "tasks"
     if not tasks.is_dir():
         write_tiny_tasks(world.root / "data", tasks, list(config.domains), max_new_tokens=config.max_new_tokens)

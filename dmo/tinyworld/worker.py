@@ -166,9 +166,10 @@ def eval_job(root: str, config_json: str, adapter: str | None, out: str) -> dict
 
 
 def lora_job(
-    root: str, config_json: str, counts: dict[str, int], seed: int, out_dir: str, eval_out: str, meta: dict
+    root: str, config_json: str, counts: dict[str, int], seed: int, out_dir: str, eval_out: str | None, meta: dict
 ) -> dict:
-    """Train one LoRA adapter on ``counts`` samples per domain, save it to ``out_dir``, then evaluate it."""
+    """Train one LoRA adapter on ``counts`` samples per domain, save it to ``out_dir``, then evaluate it (unless
+    ``eval_out`` is None)."""
     from dmo.tinyworld.tokenizer import image_tokens
     from dmo.tinyworld.train import train_lora
 
@@ -191,10 +192,12 @@ def lora_job(
         with atomic_dir(out_dir, overwrite=True) as tmp:
             model.save_pretrained(str(tmp))
             (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if eval_out is None:
+            return record
         model = model.merge_and_unload()
         start = time.perf_counter()
         acc = evaluate(model, processor, root_p, config)
         result = {"accuracy": acc, "eval_seconds": round(time.perf_counter() - start, 3)}
         write_text(eval_out, json.dumps(result, indent=2, sort_keys=True) + "\n")
         return {**record, **result}
-    return eval_job(root, config_json, out_dir, eval_out)
+    return eval_job(root, config_json, out_dir, eval_out) if eval_out is not None else {}
