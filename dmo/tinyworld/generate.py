@@ -101,7 +101,7 @@ class EncodingCache:
 
     # The default world's four benchmarks (1000 items each) hold ~680 MB of pixel values. A study cycles through
     # its benchmarks for every proxy, and least-recently-used on a cycle longer than the cache misses every time:
-    # at 512 MB a 4d study re-encoded every benchmark for every proxy (2.4x slower scoring).
+    # at 512 MB a 4d study re-encoded every benchmark for every proxy (its scoring more than twice as slow).
     def __init__(self, max_bytes: int = 1024 * 2**20) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[int, bytes], tuple[Any, Encoded, int]] = OrderedDict()
