@@ -120,23 +120,27 @@ def run_demo(
             "ground truth: one training seed per mixture, so no seed ceiling (dmo demo --seeds 2 trains the second)",
             highlight=False,
         )
-    # The study's proxies need no reference score: a second process runs it while this one scores the references
-    # and the grid, one thread each (the tiny world's model gains nothing from a second thread; a second process
-    # halves the wall time of this phase).
-    child = multiprocessing.get_context("spawn").Process(
-        target=_run_study_quietly, args=(session.space, n_trials), name="dmo-demo-study"
-    )
-    child.start()
+    # On the tiny world (CPU), the study's proxies need no reference score: a second process runs it while this one
+    # scores the references and the grid, one thread each (the tiny model gains nothing from a second thread; a
+    # second process halves the wall time of this phase). Elsewhere one process does all, in turn: a second one
+    # would load a second model onto the same accelerator.
+    child = None
+    if experts is not None:
+        child = multiprocessing.get_context("spawn").Process(
+            target=_run_study_quietly, args=(session.space, n_trials), name="dmo-demo-study"
+        )
+        child.start()
     try:
-        with _one_thread():
+        with _one_thread() if child is not None else contextlib.nullcontext():
             print_scored(console, session, score_references(session))
             grid_space = space.model_copy(update={"sampler": space.sampler.model_copy(update={"name": "grid"})})
             grid = dataclasses.replace(session, space=grid_space).run_study()
-        if child.is_alive():
-            console.print(f"waiting for the {space.sampler.name} study ...", highlight=False)
-        child.join()
+        if child is not None:
+            if child.is_alive():
+                console.print(f"waiting for the {space.sampler.name} study ...", highlight=False)
+            child.join()
     finally:
-        if child.is_alive():
+        if child is not None and child.is_alive():
             child.terminate()
             child.join()
     # resumes the study: prints its progress and result, and runs whatever the second process did not
