@@ -400,7 +400,7 @@ def demo(
         typer.Option(
             min=1,
             help="Training seeds of each trained mixture it builds on the tiny world: 2 adds the seed ceiling to "
-            "the table (about 2 minutes more on 2 cores).",
+            "the table (about 3 minutes more on 2 cores).",
         ),
     ] = 1,
 ) -> None:
