@@ -671,6 +671,7 @@ def test_demo_builds_one_seed_and_says_the_seed_ceiling_is_missing(
     from dmo.cli import app
 
     full, _ = world
+    monkeypatch.chdir(tmp_path)  # nothing may be written outside the cache and the results folder
     monkeypatch.setenv("DMO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DMO_RESULTS", str(tmp_path / "results"))
     w = _copy_pretrained(full, default_root(SMALL))
@@ -681,6 +682,7 @@ def test_demo_builds_one_seed_and_says_the_seed_ceiling_is_missing(
     assert "best trained mixture" in out and "proxy's pick among the trained mixtures" in out
     assert not w.expert_dir("counting").exists() and not w.trained_dir(paper_2d()[0], 1).exists()
     assert not (w.root / "evals").exists()  # the demo scores through lmms-eval; world.json's tables wait for a build
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "results"]
     scores = [json.loads(line) for line in (tmp_path / "results" / "tiny-2d" / "scores.jsonl").read_text().splitlines()]
     trained = {(r["mixture"], r["seed"]) for r in scores if r["kind"] == "trained"}
     assert trained == {(m.id, 0) for m in paper_2d()}

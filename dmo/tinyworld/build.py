@@ -255,7 +255,7 @@ def _submit_lora(world: World, pool: _Pool, runs: list[tuple]) -> list[Future]:
 
     cj = world.config.model_dump_json()
     return [
-        pool.submit(lora_job, str(world.root), cj, counts, seed, str(out), str(ev), meta)
+        pool.submit(lora_job, str(world.root), cj, counts, seed, str(out), None if ev is None else str(ev), meta)
         for counts, seed, out, ev, meta in runs
     ]
 
