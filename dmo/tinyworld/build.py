@@ -246,7 +246,7 @@ def _lora_jobs(
 ) -> list[tuple]:
     """The (counts, seed, adapter dir, eval file or None, meta) runs whose adapter is missing, or their evaluation
     when ``evaluate``."""
-    todo = [r for r in runs if not (r[2] / "adapter_model.safetensors").exists() or (evaluate and not r[3].exists())]
+    todo = [r for r in runs if not _has_adapter(r[2]) or (evaluate and not r[3].exists())]
     return [r if evaluate else (*r[:3], None, r[4]) for r in todo]
 
 
@@ -343,8 +343,7 @@ def _built_spaces(world: World) -> list[str]:
     return [
         s
         for s in SPACES
-        if _space_fits(world.config, s)
-        and all((r[2] / "adapter_model.safetensors").exists() for r in _trained_runs(world, s, seeds=1))
+        if _space_fits(world.config, s) and all(_has_adapter(r[2]) for r in _trained_runs(world, s, seeds=1))
     ]
 
 
